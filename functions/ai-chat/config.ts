@@ -1,0 +1,134 @@
+/**
+ * The function's configuration, read from the environment once per cold start.
+ *
+ * Reading never throws: a broken variable is kept as a `problem` so that every request answers a clear 500
+ * (and logs it) instead of the whole function failing to initialise.
+ */
+
+export interface Customer {
+  customerId: string;
+  plan: string;
+  stripeCustomerId?: string;
+}
+
+export interface Plan {
+  /** Models the plan may call; absent means every model. */
+  models?: string[];
+}
+
+export interface FunctionConfig {
+  upstreamBaseUrl: string;
+  /** Bearer token for the upstream; absent when not configured (requests then answer 500). */
+  upstreamApiKey?: string;
+  upstreamTimeoutMs: number;
+  maxRequestBytes: number;
+  /** `request_payload` wraps `/ai-chat` answers as the seed tutorial does. */
+  responseEnvelope: "none" | "request_payload";
+  /** API Gateway key id → customer. */
+  customers: Record<string, Customer>;
+  plans: Record<string, Plan>;
+  moesif: { applicationId?: string; baseUri: string; timeoutMs: number; logBodies: boolean };
+  /** Problems found while reading the environment; non-empty means the function cannot serve. */
+  problems: string[];
+}
+
+export const DEFAULT_UPSTREAM_BASE_URL = "https://api.openai.com/v1";
+export const DEFAULT_MOESIF_BASE_URI = "https://api.moesif.net";
+
+export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): FunctionConfig {
+  const problems: string[] = [];
+
+  const positiveInt = (name: string, fallback: number): number => {
+    const raw = env[name];
+    if (raw === undefined || raw === "") return fallback;
+    const value = Number(raw);
+    if (!Number.isInteger(value) || value <= 0) {
+      problems.push(`${name} must be a positive integer, got "${raw}"`);
+      return fallback;
+    }
+    return value;
+  };
+
+  const json = <T>(name: string, check: (value: unknown) => string | undefined): T | undefined => {
+    const raw = env[name];
+    if (raw === undefined || raw === "") return undefined;
+    try {
+      const value = JSON.parse(raw) as unknown;
+      const problem = check(value);
+      if (problem) problems.push(`${name}: ${problem}`);
+      return problem ? undefined : (value as T);
+    } catch {
+      problems.push(`${name} is not valid JSON`);
+      return undefined;
+    }
+  };
+
+  const customers = json<Record<string, Customer>>("CUSTOMERS", checkCustomers) ?? {};
+  const plans = json<Record<string, Plan>>("PLANS", checkPlans) ?? {};
+  for (const [keyId, customer] of Object.entries(customers)) {
+    if (Object.keys(plans).length > 0 && !plans[customer.plan]) {
+      problems.push(`CUSTOMERS: key ${keyId} (customer ${customer.customerId}) is on plan "${customer.plan}", which PLANS does not define`);
+    }
+  }
+
+  const envelope = env.RESPONSE_ENVELOPE ?? "none";
+  if (envelope !== "none" && envelope !== "request_payload" && envelope !== "") {
+    problems.push(`RESPONSE_ENVELOPE must be "none" or "request_payload", got "${envelope}"`);
+  }
+
+  return {
+    upstreamBaseUrl: (env.UPSTREAM_BASE_URL || DEFAULT_UPSTREAM_BASE_URL).replace(/\/+$/, ""),
+    upstreamApiKey: readUpstreamKey(env),
+    upstreamTimeoutMs: positiveInt("UPSTREAM_TIMEOUT_MS", 28_000),
+    maxRequestBytes: positiveInt("MAX_REQUEST_BYTES", 1024 * 1024),
+    responseEnvelope: envelope === "request_payload" ? "request_payload" : "none",
+    customers,
+    plans,
+    moesif: {
+      applicationId: env.MOESIF_APPLICATION_ID || undefined,
+      baseUri: (env.MOESIF_BASE_URI || DEFAULT_MOESIF_BASE_URI).replace(/\/+$/, ""),
+      timeoutMs: positiveInt("METERING_TIMEOUT_MS", 1000),
+      logBodies: env.MOESIF_LOG_BODIES === "true",
+    },
+    problems,
+  };
+}
+
+/** `UPSTREAM_API_KEY`, or the seed tutorial's `Authorization` variable holding `Bearer …`. */
+function readUpstreamKey(env: NodeJS.ProcessEnv): string | undefined {
+  const direct = env.UPSTREAM_API_KEY?.trim();
+  if (direct) return direct;
+  const seed = env.Authorization?.trim();
+  if (!seed) return undefined;
+  const match = /^Bearer\s+(.+)$/i.exec(seed);
+  return (match ? match[1] : seed).trim() || undefined;
+}
+
+function checkCustomers(value: unknown): string | undefined {
+  if (!isRecord(value)) return "must be a JSON object of key id → {customerId, plan, stripeCustomerId}";
+  for (const [keyId, customer] of Object.entries(value)) {
+    if (!isRecord(customer)) return `entry ${keyId} must be an object`;
+    if (typeof customer.customerId !== "string" || !customer.customerId) return `entry ${keyId} needs a customerId`;
+    if (typeof customer.plan !== "string" || !customer.plan) return `entry ${keyId} needs a plan`;
+    if (customer.stripeCustomerId !== undefined && typeof customer.stripeCustomerId !== "string") {
+      return `entry ${keyId}: stripeCustomerId must be a string`;
+    }
+  }
+  return undefined;
+}
+
+function checkPlans(value: unknown): string | undefined {
+  if (!isRecord(value)) return "must be a JSON object of plan → {models?}";
+  for (const [name, plan] of Object.entries(value)) {
+    if (!isRecord(plan)) return `plan ${name} must be an object`;
+    const models = plan.models;
+    if (models !== undefined && (!Array.isArray(models) || !models.every((m) => typeof m === "string"))) {
+      return `plan ${name}: models must be an array of strings`;
+    }
+  }
+  return undefined;
+}
+
+export function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}

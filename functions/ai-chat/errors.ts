@@ -1,0 +1,111 @@
+/**
+ * Typed errors that carry an HTTP status, and the ONE place that turns them into OpenAI-shaped bodies:
+ * `{"error": {"message", "type", "param", "code"}}`.
+ */
+
+export type OpenAiErrorType =
+  | "invalid_request_error"
+  | "authentication_error"
+  | "permission_error"
+  | "not_found_error"
+  | "rate_limit_error"
+  | "api_error"
+  | "server_error";
+
+export interface OpenAiErrorBody {
+  error: { message: string; type: string; param: string | null; code: string | null };
+}
+
+/** Base class: every error the core raises on purpose is an `ApiError`. */
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly type: OpenAiErrorType,
+    readonly code: string | null = null,
+    readonly param: string | null = null,
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(message);
+    this.name = new.target.name;
+  }
+}
+
+export class BadRequestError extends ApiError {
+  constructor(message: string, param: string | null = null, code: string | null = null) {
+    super(400, message, "invalid_request_error", code, param);
+  }
+}
+
+export class PayloadTooLargeError extends ApiError {
+  constructor(limit: number) {
+    super(413, `Request body exceeds the ${limit}-byte limit.`, "invalid_request_error", "request_too_large");
+  }
+}
+
+export class ForbiddenError extends ApiError {
+  constructor(message: string) {
+    super(403, message, "permission_error", "forbidden");
+  }
+}
+
+export class NotFoundError extends ApiError {
+  constructor(message: string, code = "not_found", param: string | null = null) {
+    super(404, message, "invalid_request_error", code, param);
+  }
+}
+
+export class ModelNotFoundError extends NotFoundError {
+  constructor(model: string) {
+    super(`The model \`${model}\` does not exist or you do not have access to it.`, "model_not_found", "model");
+  }
+}
+
+/** The service itself is misconfigured (missing upstream key, unreadable CUSTOMERS…): the caller cannot fix it. */
+export class ConfigurationError extends ApiError {
+  constructor(message: string) {
+    super(500, message, "server_error", "service_misconfigured");
+  }
+}
+
+/** The upstream could not be reached, answered garbage or rejected our credentials. */
+export class UpstreamError extends ApiError {
+  constructor(message: string, code = "upstream_error") {
+    super(502, message, "api_error", code);
+  }
+}
+
+export class UpstreamTimeoutError extends ApiError {
+  constructor(timeoutMs: number) {
+    super(504, `The upstream model server did not answer within ${timeoutMs} ms.`, "api_error", "upstream_timeout");
+  }
+}
+
+export class RateLimitedError extends ApiError {
+  constructor(message: string, retryAfter?: string) {
+    super(429, message, "rate_limit_error", "rate_limit_exceeded", null, retryAfter ? { "Retry-After": retryAfter } : {});
+  }
+}
+
+/** Maps any error to an OpenAI-shaped body. Unknown errors become a 500 that reveals nothing about the fault. */
+export function toErrorResponse(err: unknown): { status: number; body: OpenAiErrorBody; headers: Record<string, string> } {
+  if (err instanceof ApiError) {
+    return {
+      status: err.status,
+      headers: err.headers,
+      body: { error: { message: err.message, type: err.type, param: err.param, code: err.code } },
+    };
+  }
+  return {
+    status: 500,
+    headers: {},
+    body: { error: { message: "The server had an error while processing your request.", type: "server_error", param: null, code: "internal_error" } },
+  };
+}
+
+/** True when `value` already has OpenAI's error shape, so an upstream error body can be passed through as is. */
+export function isOpenAiErrorBody(value: unknown): value is OpenAiErrorBody {
+  if (!value || typeof value !== "object") return false;
+  const error = (value as { error?: unknown }).error;
+  return !!error && typeof error === "object" && typeof (error as { message?: unknown }).message === "string";
+}

@@ -1,0 +1,145 @@
+/**
+ * A Moesif-compatible collector for the local stack and the tests: accepts what Moesif's collector API accepts
+ * (gzip or plain JSON on `POST /v1/events` and `/v1/events/batch`, app id in `X-Moesif-Application-Id`) and answers
+ * `GET /v1/config` and `GET /v1/rules` as Moesif does. Events go to an `EventStore`.
+ *
+ * `mode` lets tests make it misbehave: refuse (socket destroyed), hang, answer 500 or answer garbage.
+ */
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+import { gunzipSync } from "node:zlib";
+
+export interface StoredEvent {
+  transaction_id?: string;
+  user_id?: string;
+  company_id?: string;
+  session_token?: string;
+  metadata?: Record<string, unknown>;
+  request?: Record<string, unknown>;
+  response?: Record<string, unknown>;
+  [field: string]: unknown;
+}
+
+/** Where accepted events go. Duplicate transaction ids are ignored, as Moesif de-duplicates on them. */
+export interface EventStore {
+  add(events: StoredEvent[]): void;
+  all(): StoredEvent[];
+  close?(): void;
+}
+
+export class MemoryEventStore implements EventStore {
+  private readonly events = new Map<string, StoredEvent>();
+  private anonymous = 0;
+  add(events: StoredEvent[]): void {
+    for (const event of events) {
+      const key = event.transaction_id ?? `anonymous-${(this.anonymous += 1)}`;
+      if (!this.events.has(key)) this.events.set(key, event);
+    }
+  }
+  all(): StoredEvent[] {
+    return [...this.events.values()];
+  }
+}
+
+export type CollectorMode = "ok" | "refuse" | "hang" | "error" | "garbage";
+
+export interface CollectorOptions {
+  applicationId?: string;
+  port?: number;
+  host?: string;
+  store?: EventStore;
+}
+
+export class MoesifCollector {
+  mode: CollectorMode = "ok";
+  readonly store: EventStore;
+  /** Every decoded request body, exactly as it arrived: what a secret scan must look at. */
+  readonly rawPayloads: string[] = [];
+  readonly requests: Array<{ method: string; url: string; headers: http.IncomingHttpHeaders }> = [];
+  private server?: http.Server;
+
+  constructor(private readonly options: CollectorOptions = {}) {
+    this.store = options.store ?? new MemoryEventStore();
+  }
+
+  get url(): string {
+    const address = this.server?.address() as AddressInfo | null;
+    if (!address) throw new Error("collector is not listening");
+    return `http://${this.options.host ?? "127.0.0.1"}:${address.port}`;
+  }
+
+  events(): StoredEvent[] {
+    return this.store.all();
+  }
+
+  async start(): Promise<this> {
+    this.server = http.createServer((req, res) => this.handle(req, res));
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once("error", reject);
+      this.server!.listen(this.options.port ?? 0, this.options.host ?? "127.0.0.1", () => resolve());
+    });
+    return this;
+  }
+
+  async stop(): Promise<void> {
+    const server = this.server;
+    if (!server) return;
+    this.server = undefined;
+    server.closeAllConnections();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+
+  private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    if (this.mode === "refuse") {
+      req.socket.destroy();
+      return;
+    }
+    const chunks: Buffer[] = [];
+    req.on("data", (chunk: Buffer) => chunks.push(chunk));
+    req.on("end", () => {
+      this.requests.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers });
+      if (this.mode === "hang") return; // never answers; the client must give up on its own
+      if (this.mode === "error") return json(res, 500, { message: "collector failure" });
+      if (this.mode === "garbage") {
+        res.writeHead(200, { "Content-Type": "application/json" });
+        res.end("{not json<<");
+        return;
+      }
+      const appId = req.headers["x-moesif-application-id"];
+      if (this.options.applicationId && appId !== this.options.applicationId) {
+        return json(res, 401, { message: "Unauthorized: bad X-Moesif-Application-Id" });
+      }
+      const path = (req.url ?? "").split("?")[0];
+      if (req.method === "GET" && path === "/v1/config") {
+        res.setHeader("x-moesif-config-etag", "local");
+        return json(res, 200, { sample_rate: 100, user_sample_rate: {}, company_sample_rate: {}, user_rules: {}, company_rules: {}, regex_config: [] });
+      }
+      if (req.method === "GET" && path === "/v1/rules") return json(res, 200, []);
+      if (req.method === "POST" && (path === "/v1/events" || path === "/v1/events/batch")) {
+        let payload: unknown;
+        try {
+          const raw = Buffer.concat(chunks);
+          const text = (req.headers["content-encoding"] === "gzip" ? gunzipSync(raw) : raw).toString("utf8");
+          this.rawPayloads.push(text);
+          payload = JSON.parse(text);
+        } catch {
+          return json(res, 400, { message: "Body is not (gzip) JSON" });
+        }
+        const events = path === "/v1/events" ? [payload] : payload;
+        if (!Array.isArray(events) || events.some((e) => typeof e !== "object" || e === null)) {
+          return json(res, 400, { message: "Expected an event object (or an array of them for /batch)" });
+        }
+        this.store.add(events as StoredEvent[]);
+        res.writeHead(201);
+        res.end();
+        return;
+      }
+      json(res, 404, { message: "Not found" });
+    });
+  }
+}
+
+function json(res: http.ServerResponse, status: number, body: unknown): void {
+  res.writeHead(status, { "Content-Type": "application/json" });
+  res.end(JSON.stringify(body));
+}

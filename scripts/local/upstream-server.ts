@@ -1,0 +1,155 @@
+/**
+ * A deterministic OpenAI-compatible model server for the local stack, the tests and the benchmarks.
+ *
+ * `POST /v1/chat/completions` answers "Hello! You said: <last user message>" with `usage` counted by the same
+ * tokenizer the function uses. A request may ask for misbehaviour through an extra body field (unknown fields pass
+ * through the proxy untouched):
+ *
+ *   "mock": { "latency_ms": 200, "status": 503, "omit_usage": true, "retry_after": "7", "raw": "not json" }
+ *
+ * Tests can also install `server.override`, which takes over the raw socket response for faults a body field
+ * cannot describe (resets mid-body, slow trickles, huge bodies).
+ */
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+import { isRecord } from "../../functions/ai-chat/config";
+import { countTokens, encodingForModel, estimatePromptTokens } from "../../functions/ai-chat/usage";
+import type { ChatMessage } from "../../functions/ai-chat/validate";
+
+export interface MockDirectives {
+  latency_ms?: number;
+  status?: number;
+  omit_usage?: boolean;
+  retry_after?: string;
+  raw?: string;
+}
+
+export interface UpstreamServerOptions {
+  /** When set, requests must carry `Authorization: Bearer <apiKey>` or get 401. */
+  apiKey?: string;
+  port?: number;
+  host?: string;
+  models?: string[];
+}
+
+export interface ReceivedRequest {
+  method: string;
+  url: string;
+  headers: http.IncomingHttpHeaders;
+  body: string;
+}
+
+export type Override = (req: http.IncomingMessage, res: http.ServerResponse, body: string) => boolean | void;
+
+export class UpstreamServer {
+  readonly received: ReceivedRequest[] = [];
+  /** Return true (or nothing) after handling the response yourself; return false to fall through. */
+  override?: Override;
+  private server?: http.Server;
+  private counter = 0;
+
+  constructor(private readonly options: UpstreamServerOptions = {}) {}
+
+  get url(): string {
+    const address = this.server?.address() as AddressInfo | null;
+    if (!address) throw new Error("upstream server is not listening");
+    return `http://${this.options.host ?? "127.0.0.1"}:${address.port}/v1`;
+  }
+
+  async start(): Promise<this> {
+    this.server = http.createServer((req, res) => this.handle(req, res));
+    this.server.keepAliveTimeout = 65_000;
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once("error", reject);
+      this.server!.listen(this.options.port ?? 0, this.options.host ?? "127.0.0.1", () => resolve());
+    });
+    return this;
+  }
+
+  async stop(): Promise<void> {
+    const server = this.server;
+    if (!server) return;
+    this.server = undefined;
+    server.closeAllConnections();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+
+  private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const chunks: Buffer[] = [];
+    req.on("data", (chunk: Buffer) => chunks.push(chunk));
+    req.on("end", () => {
+      const body = Buffer.concat(chunks).toString("utf8");
+      this.received.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers, body });
+      try {
+        if (this.override && this.override(req, res, body) !== false) return;
+        this.route(req, res, body);
+      } catch (err) {
+        send(res, 500, { error: { message: `mock upstream failed: ${(err as Error).message}`, type: "server_error", param: null, code: null } });
+      }
+    });
+  }
+
+  private route(req: http.IncomingMessage, res: http.ServerResponse, body: string): void {
+    const path = (req.url ?? "").split("?")[0].replace(/^\/v1/, "");
+    if (this.options.apiKey && req.headers.authorization !== `Bearer ${this.options.apiKey}`) {
+      return send(res, 401, { error: { message: "Incorrect API key provided.", type: "invalid_request_error", param: null, code: "invalid_api_key" } });
+    }
+    if (req.method === "GET" && path === "/models") {
+      const models = this.options.models ?? ["gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo"];
+      return send(res, 200, { object: "list", data: models.map((id) => ({ id, object: "model", created: 1700000000, owned_by: "mock" })) });
+    }
+    if (req.method !== "POST" || path !== "/chat/completions") {
+      return send(res, 404, { error: { message: `Invalid URL (${req.method} ${req.url})`, type: "invalid_request_error", param: null, code: null } });
+    }
+    let request: Record<string, unknown>;
+    try {
+      const parsed = JSON.parse(body) as unknown;
+      if (!isRecord(parsed)) throw new Error("not an object");
+      request = parsed;
+    } catch {
+      return send(res, 400, { error: { message: "We could not parse the JSON body of your request.", type: "invalid_request_error", param: null, code: null } });
+    }
+    const mock: MockDirectives = isRecord(request.mock) ? (request.mock as MockDirectives) : {};
+    const respond = () => {
+      if (mock.raw !== undefined) {
+        res.writeHead(mock.status ?? 200, { "Content-Type": "text/plain" });
+        res.end(mock.raw);
+        return;
+      }
+      if (mock.status && mock.status >= 400) {
+        const headers: Record<string, string> = mock.retry_after ? { "Retry-After": mock.retry_after } : {};
+        return send(res, mock.status, { error: { message: `mock upstream error ${mock.status}`, type: "server_error", param: null, code: null } }, headers);
+      }
+      send(res, mock.status ?? 200, this.completion(request, mock));
+    };
+    if (mock.latency_ms && mock.latency_ms > 0) setTimeout(respond, mock.latency_ms);
+    else respond();
+  }
+
+  /** A deterministic completion whose `usage` matches what the function's tokenizer counts. */
+  completion(request: Record<string, unknown>, mock: MockDirectives = {}): Record<string, unknown> {
+    const model = typeof request.model === "string" ? request.model : "gpt-4o-mini";
+    const messages = (Array.isArray(request.messages) ? request.messages : []) as ChatMessage[];
+    const lastUser = [...messages].reverse().find((m) => m.role === "user");
+    const said = typeof lastUser?.content === "string" ? lastUser.content : "something";
+    const content = `Hello! You said: ${said.slice(0, 200)}`;
+    const prompt = estimatePromptTokens(messages, model);
+    const completion = countTokens(content, encodingForModel(model));
+    this.counter += 1;
+    return {
+      id: `chatcmpl-mock-${this.counter}`,
+      object: "chat.completion",
+      created: 1700000000,
+      model,
+      system_fingerprint: "fp_mock",
+      choices: [{ index: 0, message: { role: "assistant", content, refusal: null }, logprobs: null, finish_reason: "stop" }],
+      ...(mock.omit_usage ? {} : { usage: { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion } }),
+    };
+  }
+}
+
+function send(res: http.ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(text), ...headers });
+  res.end(text);
+}
