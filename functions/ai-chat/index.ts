@@ -10,9 +10,10 @@ import { NO_METER } from "./metering";
 import { MoesifMeter } from "./moesif";
 import { AxiosUpstreamClient } from "./upstream";
 
-export function createDeps(env: NodeJS.ProcessEnv = process.env): CoreDeps {
+/** Builds the production ports from the environment. `write` redirects log lines (tests, the local stack). */
+export function createDeps(env: NodeJS.ProcessEnv = process.env, options: { write?: (line: string) => void } = {}): CoreDeps {
   const config = loadFunctionConfig(env);
-  const log = createLogger({ level: env.LOG_LEVEL, secrets: [config.upstreamApiKey, config.moesif.applicationId] });
+  const log = createLogger({ level: env.LOG_LEVEL, secrets: [config.upstreamApiKey, config.moesif.applicationId], write: options.write });
   const upstream = new AxiosUpstreamClient({ baseUrl: config.upstreamBaseUrl, apiKey: config.upstreamApiKey, timeoutMs: config.upstreamTimeoutMs });
   const meter = config.moesif.applicationId
     ? new MoesifMeter({ ...config.moesif, applicationId: config.moesif.applicationId, log })

@@ -1,0 +1,61 @@
+import { expect } from "chai";
+import { BadRequestError, PayloadTooLargeError } from "../../functions/ai-chat/errors";
+import { parseChatCompletionRequest } from "../../functions/ai-chat/validate";
+
+const parse = (body: string | Buffer, max = 1024 * 1024) => parseChatCompletionRequest(typeof body === "string" ? Buffer.from(body) : body, max);
+
+function expectBadRequest(body: string | Buffer, param: string | null): void {
+  try {
+    parse(body);
+  } catch (err) {
+    expect(err).to.be.instanceOf(BadRequestError);
+    expect((err as BadRequestError).param).to.equal(param);
+    return;
+  }
+  expect.fail(`accepted ${String(body)}`);
+}
+
+describe("parseChatCompletionRequest", () => {
+  it("accepts a minimal request and keeps unknown fields", () => {
+    const parsed = parse('{"model":"m","messages":[{"role":"user","content":"hi"}],"x_custom":1}');
+    expect(parsed.x_custom).to.equal(1);
+  });
+
+  it("rejects bodies that are not a JSON object", () => {
+    for (const body of ["", "{", "[]", "null", "42", '"s"', "\u0000"]) expectBadRequest(body, null);
+  });
+
+  it("rejects invalid UTF-8", () => {
+    expectBadRequest(Buffer.from([0x7b, 0xff, 0xfe, 0x7d]), null);
+  });
+
+  it("names `model` when it is missing, empty or not a string", () => {
+    for (const model of [undefined, "", "  ", 3, null, ["m"]]) {
+      expectBadRequest(JSON.stringify({ model, messages: [{ role: "user", content: "x" }] }), "model");
+    }
+  });
+
+  it("names `messages` when it is missing, empty or not an array", () => {
+    for (const messages of [undefined, [], "hi", {}, null]) expectBadRequest(JSON.stringify({ model: "m", messages }), "messages");
+  });
+
+  it("names the message or role that is wrong", () => {
+    expectBadRequest(JSON.stringify({ model: "m", messages: ["hi"] }), "messages[0]");
+    expectBadRequest(JSON.stringify({ model: "m", messages: [{ role: "user", content: "a" }, { role: "wizard" }] }), "messages[1].role");
+    expectBadRequest(JSON.stringify({ model: "m", messages: [{ content: "no role" }] }), "messages[0].role");
+  });
+
+  it("says streaming is not enabled yet", () => {
+    try {
+      parse(JSON.stringify({ model: "m", messages: [{ role: "user", content: "a" }], stream: true }));
+      expect.fail("accepted stream: true");
+    } catch (err) {
+      expect((err as BadRequestError).param).to.equal("stream");
+      expect((err as BadRequestError).message).to.match(/streaming is not enabled/i);
+    }
+  });
+
+  it("answers 413 above the byte limit", () => {
+    expect(() => parse(JSON.stringify({ model: "m", messages: [{ role: "user", content: "x".repeat(200) }] }), 100)).to.throw(PayloadTooLargeError);
+  });
+});
