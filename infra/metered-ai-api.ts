@@ -1,21 +1,10 @@
 import { createHash } from "node:crypto";
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
+import { customersByKeyId, functionPlans, ROUTES, type RouteSpec } from "./function-env";
 import type { CustomerConfig, PlanConfig } from "./stack-config";
 
-/** One API Gateway route served by the function. */
-export interface RouteSpec {
-  /** Resource path without the stage, e.g. `/v1/chat/completions`. */
-  path: string;
-  method: "GET" | "POST";
-}
-
-/** The function's routes: the seed's `/ai-chat` and the OpenAI SDK paths below `<invoke URL>/v1`. */
-export const ROUTES: readonly RouteSpec[] = [
-  { path: "/ai-chat", method: "POST" },
-  { path: "/v1/chat/completions", method: "POST" },
-  { path: "/v1/models", method: "GET" },
-];
+export { ROUTES, type RouteSpec } from "./function-env";
 
 /** API Gateway's own limit for a REST integration unless raised by a quota request. */
 export const INTEGRATION_TIMEOUT_MS = 29_000;
@@ -227,23 +216,6 @@ export function logWritePolicy(logGroupArn: string): string {
     Version: "2012-10-17",
     Statement: [{ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroupArn}:*` }],
   });
-}
-
-/** The function's CUSTOMERS variable: API key id → customer. */
-export function customersByKeyId(
-  keys: Array<{ keyId: string; customerId: string; customer: CustomerConfig }>,
-): Record<string, { customerId: string; plan: string; stripeCustomerId?: string }> {
-  return Object.fromEntries(
-    keys.map(({ keyId, customerId, customer }) => [
-      keyId,
-      { customerId, plan: customer.plan, ...(customer.stripeCustomerId ? { stripeCustomerId: customer.stripeCustomerId } : {}) },
-    ]),
-  );
-}
-
-/** The function's PLANS variable: only what the function enforces (the model list). */
-export function functionPlans(plans: Record<string, PlanConfig>): Record<string, { models?: string[] }> {
-  return Object.fromEntries(Object.entries(plans).map(([name, plan]) => [name, plan.models ? { models: plan.models } : {}]));
 }
 
 /**

@@ -1,0 +1,253 @@
+import { expect } from "chai";
+import { execFile } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import OpenAI from "openai";
+import { quotaPeriodStart, TokenBucket } from "../../scripts/local/gateway";
+import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
+
+const run = promisify(execFile);
+const ROOT = path.resolve(__dirname, "../..");
+const TS_NODE = [path.join(ROOT, "node_modules/ts-node/dist/bin.js"), "--transpile-only"];
+
+const STACK_YAML = `
+config:
+  metered-ai-api:stageName: beta
+  metered-ai-api:plans:
+    starter:
+      rateLimit: 1
+      burstLimit: 3
+      quota: { limit: 5, period: DAY }
+      models: [gpt-4o-mini]
+      prices: { inputPer1k: 0.5, outputPer1k: 1.5 }
+    pro:
+      rateLimit: 1000
+      burstLimit: 1000
+  metered-ai-api:customers:
+    acme: { plan: starter, stripeCustomerId: cus_acme }
+    globex: { plan: pro, stripeCustomerId: cus_globex }
+`;
+
+function projectWith(yaml: string): { dir: string; dataDir: string } {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "metered-local-"));
+  fs.writeFileSync(path.join(dir, "Pulumi.test.yaml"), yaml);
+  return { dir, dataDir: path.join(dir, ".local") };
+}
+
+describe("local stack (gateway emulator + handler + model server + collector)", () => {
+  let project: { dir: string; dataDir: string };
+  let stack: LocalStack;
+  const logs: string[] = [];
+
+  const start = () => startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l) });
+  const post = (route: string, body: unknown, key?: string) =>
+    fetch(`${stack.baseUrl}${route}`, {
+      method: "POST",
+      headers: { "content-type": "application/json", ...(key ? { "x-api-key": key } : {}) },
+      body: typeof body === "string" ? body : JSON.stringify(body),
+    });
+
+  before(async () => {
+    project = projectWith(STACK_YAML);
+    stack = await start();
+  });
+  after(async () => {
+    await stack?.stop();
+    fs.rmSync(project.dir, { recursive: true, force: true });
+  });
+
+  it("keeps one generated key per customer in .local/api-keys.json", () => {
+    const saved = JSON.parse(fs.readFileSync(path.join(project.dataDir, "api-keys.json"), "utf8"));
+    expect(saved).to.deep.equal(stack.apiKeys);
+    expect(Object.keys(saved)).to.deep.equal(["acme", "globex"]);
+    expect(saved.acme).to.match(/^[A-Za-z0-9]{40}$/);
+  });
+
+  it("serves the official OpenAI client unchanged (baseURL = …/beta/v1, x-api-key header)", async () => {
+    const client = new OpenAI({ baseURL: `${stack.baseUrl}/v1`, apiKey: "unused", defaultHeaders: { "x-api-key": stack.apiKeys.globex }, maxRetries: 0 });
+    const completion = await client.chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "Hello from the SDK" }] });
+    expect(completion.choices[0].message.content).to.equal("Hello! You said: Hello from the SDK");
+    expect(completion.usage?.total_tokens).to.be.greaterThan(0);
+    const models = await client.models.list();
+    expect(models.data.map((m) => m.id)).to.include("gpt-4o");
+  });
+
+  it("surfaces function errors to the OpenAI client as typed API errors", async () => {
+    const client = new OpenAI({ baseURL: `${stack.baseUrl}/v1`, apiKey: "unused", defaultHeaders: { "x-api-key": stack.apiKeys.globex }, maxRetries: 0 });
+    try {
+      await client.chat.completions.create({ model: "gpt-4o", messages: [] });
+      expect.fail("accepted empty messages");
+    } catch (err) {
+      expect(err).to.be.instanceOf(OpenAI.BadRequestError);
+      expect((err as InstanceType<typeof OpenAI.BadRequestError>).param).to.equal("messages");
+    }
+  });
+
+  it("answers /ai-chat to raw HTTP, as curl would send it", async () => {
+    const response = await post("/ai-chat", { model: "gpt-4o-mini", messages: [{ role: "user", content: "curl" }] }, stack.apiKeys.globex);
+    expect(response.status).to.equal(200);
+    expect(response.headers.get("content-type")).to.equal("application/json");
+    expect(((await response.json()) as { object: string }).object).to.equal("chat.completion");
+  });
+
+  it("answers 403 Forbidden without a key and with a wrong key, as API Gateway does", async () => {
+    for (const key of [undefined, "not-a-real-key-0000000000000000000000000"]) {
+      const response = await post("/v1/chat/completions", { model: "gpt-4o", messages: [{ role: "user", content: "x" }] }, key);
+      expect(response.status).to.equal(403);
+      expect(await response.json()).to.deep.equal({ message: "Forbidden" });
+    }
+  });
+
+  it("answers 403 Missing Authentication Token for routes the API does not have", async () => {
+    const response = await post("/v1/embeddings", {}, stack.apiKeys.globex);
+    expect(response.status).to.equal(403);
+    expect(await response.json()).to.deep.equal({ message: "Missing Authentication Token" });
+  });
+
+  it("throttles past the burst with 429 Too Many Requests, then enforces the daily quota with 429 Limit Exceeded", async () => {
+    const body = { model: "gpt-4o-mini", messages: [{ role: "user", content: "burst" }] };
+    const burst = await Promise.all([1, 2, 3, 4].map(() => post("/v1/chat/completions", body, stack.apiKeys.acme)));
+    const statuses = burst.map((r) => r.status).sort();
+    expect(statuses).to.deep.equal([200, 200, 200, 429]);
+    const throttled = burst.find((r) => r.status === 429)!;
+    expect(await throttled.json()).to.deep.equal({ message: "Too Many Requests" });
+
+    // 3 of 5 used; refill (1 req/s) and use the remaining 2, then the quota is gone.
+    for (let i = 0; i < 2; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 1050));
+      expect((await post("/v1/chat/completions", body, stack.apiKeys.acme)).status).to.equal(200);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1050));
+    const exhausted = await post("/v1/chat/completions", body, stack.apiKeys.acme);
+    expect(exhausted.status).to.equal(429);
+    expect(await exhausted.json()).to.deep.equal({ message: "Limit Exceeded" });
+  });
+
+  it("keeps quota counters across a restart", async () => {
+    await stack.stop();
+    stack = await start();
+    const response = await post("/v1/chat/completions", { model: "gpt-4o-mini", messages: [{ role: "user", content: "again" }] }, stack.apiKeys.acme);
+    expect(response.status).to.equal(429);
+    expect(await response.json()).to.deep.equal({ message: "Limit Exceeded" });
+  });
+
+  it("stores exactly one event per request with the customer and token counts, and npm run usage agrees", async () => {
+    const fresh = projectWith(STACK_YAML);
+    const own = await startLocalStack({ stack: "test", projectDir: fresh.dir, dataDir: fresh.dataDir, port: 0, env: {}, write: () => undefined });
+    try {
+      const sums: Record<string, { prompt: number; completion: number; requests: number }> = {};
+      const requests = [
+        ["globex", "gpt-4o", "one"],
+        ["globex", "gpt-4o", "two two"],
+        ["globex", "gpt-4o-mini", "three three three"],
+        ["acme", "gpt-4o-mini", "four"],
+      ];
+      for (const [customer, model, text] of requests) {
+        const response = await fetch(`${own.baseUrl}/v1/chat/completions`, {
+          method: "POST",
+          headers: { "content-type": "application/json", "x-api-key": own.apiKeys[customer] },
+          body: JSON.stringify({ model, messages: [{ role: "user", content: text }] }),
+        });
+        const json = (await response.json()) as { usage: { prompt_tokens: number; completion_tokens: number } };
+        const key = `${customer}/${model}`;
+        sums[key] ??= { prompt: 0, completion: 0, requests: 0 };
+        sums[key].prompt += json.usage.prompt_tokens;
+        sums[key].completion += json.usage.completion_tokens;
+        sums[key].requests += 1;
+      }
+      const events = own.store!.all();
+      expect(events).to.have.length(requests.length);
+      expect(new Set(events.map((e) => e.transaction_id)).size).to.equal(requests.length);
+      expect(events.map((e) => e.user_id)).to.deep.equal(["globex", "globex", "globex", "acme"]);
+      expect(events[3].company_id).to.equal("cus_acme");
+
+      const { stdout } = await run(process.execPath, [...TS_NODE, path.join(ROOT, "scripts/usage.ts"), "--json", "--stack", "test", "--project-dir", fresh.dir], { cwd: ROOT });
+      const report = JSON.parse(stdout) as Array<{ customer: string; model: string; requests: number; prompt_tokens: number; completion_tokens: number; total_tokens: number; cost: number | null }>;
+      const fromReport = Object.fromEntries(report.map((r) => [`${r.customer}/${r.model}`, { prompt: r.prompt_tokens, completion: r.completion_tokens, requests: r.requests }]));
+      expect(fromReport).to.deep.equal(sums);
+      const acme = report.find((r) => r.customer === "acme")!;
+      expect(acme.cost).to.be.closeTo((sums["acme/gpt-4o-mini"].prompt / 1000) * 0.5 + (sums["acme/gpt-4o-mini"].completion / 1000) * 1.5, 1e-6);
+      expect(report.find((r) => r.customer === "globex")!.cost).to.equal(null);
+    } finally {
+      await own.stop();
+      fs.rmSync(fresh.dir, { recursive: true, force: true });
+    }
+  });
+
+  it("never writes a caller's key to the function log or the metering store", () => {
+    const everything = [...logs, ...stack.store!.all().map((e) => JSON.stringify(e))].join("\n");
+    for (const key of Object.values(stack.apiKeys)) expect(everything).to.not.include(key);
+  });
+});
+
+describe("npm start with bad input", () => {
+  const startCli = async (yaml: string | null, extraEnv: Record<string, string> = {}) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "metered-cli-"));
+    if (yaml !== null) fs.writeFileSync(path.join(dir, "Pulumi.test.yaml"), yaml);
+    try {
+      await run(process.execPath, [...TS_NODE, path.join(ROOT, "scripts/start.ts"), "--stack", "test", "--project-dir", dir], {
+        cwd: ROOT,
+        env: { ...process.env, PORT: "0", ...extraEnv },
+        timeout: 20_000,
+      });
+      return { code: 0, stderr: "" };
+    } catch (err) {
+      const failure = err as { code: number; stderr: string };
+      return { code: failure.code, stderr: failure.stderr };
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  };
+
+  const expectOneLine = (result: { code: number; stderr: string }, pattern: RegExp) => {
+    expect(result.code).to.equal(1);
+    const lines = result.stderr.trim().split("\n");
+    expect(lines, result.stderr).to.have.length(1);
+    expect(lines[0]).to.match(pattern);
+    expect(result.stderr).to.not.match(/\n\s+at /);
+  };
+
+  it("names a customer on an unknown plan", async () => {
+    expectOneLine(await startCli(STACK_YAML.replace("acme: { plan: starter", "acme: { plan: gold")), /customers\.acme\.plan.*unknown plan "gold"/);
+  });
+
+  it("names a bad quota period", async () => {
+    expectOneLine(await startCli(STACK_YAML.replace("period: DAY", "period: YEAR")), /plans\.starter\.quota\.period/);
+  });
+
+  it("says when the stack file cannot be read", async () => {
+    expectOneLine(await startCli(null), /cannot read the stack config .*Pulumi\.test\.yaml: ENOENT/);
+  });
+
+  it("says when the port is in use", async () => {
+    const blocker = net.createServer();
+    await new Promise<void>((resolve) => blocker.listen(0, "127.0.0.1", () => resolve()));
+    const port = (blocker.address() as net.AddressInfo).port;
+    try {
+      expectOneLine(await startCli(STACK_YAML, { PORT: String(port) }), new RegExp(`port ${port} is in use`));
+    } finally {
+      blocker.close();
+    }
+  });
+});
+
+describe("gateway emulator pieces", () => {
+  it("refills a token bucket at its rate up to its burst", () => {
+    const bucket = new TokenBucket(2, 3, 0);
+    expect([bucket.take(0), bucket.take(0), bucket.take(0), bucket.take(0)]).to.deep.equal([true, true, true, false]);
+    expect(bucket.take(499)).to.equal(false);
+    expect(bucket.take(500)).to.equal(true);
+    expect(bucket.take(10_000)).to.equal(true);
+  });
+
+  it("starts quota periods where API Gateway does", () => {
+    const wednesday = Date.UTC(2026, 10, 25, 15); // 2026-11-25 is a Wednesday
+    expect(quotaPeriodStart("DAY", 0, wednesday)).to.equal("2026-11-25");
+    expect(quotaPeriodStart("WEEK", 0, wednesday)).to.equal("2026-11-22");
+    expect(quotaPeriodStart("MONTH", 0, wednesday)).to.equal("2026-11-01");
+    expect(quotaPeriodStart("MONTH", 27, wednesday)).to.equal("2026-10-28");
+  });
+});
