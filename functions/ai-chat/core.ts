@@ -163,7 +163,7 @@ async function chatCompletion(
   metering: Metering,
   isSeedRoute: boolean,
 ): Promise<ProxyResponse> {
-  const chat: ChatCompletionRequest = parseChatCompletionRequest(request.body, deps.config.maxRequestBytes);
+  const chat: ChatCompletionRequest = parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"]);
   metering.model = chat.model;
   metering.requestBody = chat;
   const allowed = deps.config.plans[customer.plan]?.models;

@@ -43,6 +43,12 @@ export class PayloadTooLargeError extends ApiError {
   }
 }
 
+export class UnsupportedMediaTypeError extends ApiError {
+  constructor(contentType: string) {
+    super(415, `Unsupported Content-Type "${contentType.slice(0, 100)}"; send the request as application/json.`, "invalid_request_error", "unsupported_media_type");
+  }
+}
+
 export class ForbiddenError extends ApiError {
   constructor(message: string) {
     super(403, message, "permission_error", "forbidden");

@@ -1,4 +1,4 @@
-import { BadRequestError, PayloadTooLargeError } from "./errors";
+import { BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError } from "./errors";
 import { isRecord } from "./config";
 
 /** Roles the Chat Completions API accepts today. */
@@ -20,16 +20,22 @@ export interface ChatCompletionRequest {
 }
 
 /**
- * Parses and checks a chat-completions body. Only the fields the proxy relies on are checked; everything else is
- * the upstream's business and passes through untouched (the raw text is what gets forwarded).
+ * Parses and checks a chat-completions body: JSON content type, UTF-8, the fields the proxy relies on (model,
+ * messages, roles) and the types of the fields OpenAI documents. Unknown fields are the upstream's business and pass
+ * through untouched (the caller's bytes are what gets forwarded).
  */
-export function parseChatCompletionRequest(raw: Buffer, maxBytes: number): ChatCompletionRequest {
+export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, contentType?: string): ChatCompletionRequest {
+  if (contentType !== undefined && contentType.trim() !== "" && !JSON_CONTENT_TYPE.test(contentType)) {
+    throw new UnsupportedMediaTypeError(contentType);
+  }
   if (raw.length > maxBytes) throw new PayloadTooLargeError(maxBytes);
   if (raw.length === 0) throw new BadRequestError("The request body is empty; send a JSON chat-completions request.", null, "invalid_json");
 
   let text: string;
   try {
-    text = new TextDecoder("utf-8", { fatal: true }).decode(raw);
+    // ignoreBOM keeps a byte-order mark in the text, so JSON.parse rejects it: what is validated is exactly the
+    // bytes that are forwarded.
+    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(raw);
   } catch {
     throw new BadRequestError("The request body is not valid UTF-8.", null, "invalid_json");
   }
@@ -65,9 +71,8 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number): ChatC
       );
     }
   });
-  if (body.stream !== undefined && body.stream !== null && typeof body.stream !== "boolean") {
-    throw new BadRequestError("`stream` must be a boolean.", "stream", "invalid_type");
-  }
+  checkMessageFields(messages as Array<Record<string, unknown>>);
+  checkKnownFieldTypes(body);
   if (body.stream === true) {
     throw new BadRequestError(
       "Streaming is not enabled on this endpoint yet; send the request with `stream: false`.",
@@ -76,4 +81,78 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number): ChatC
     );
   }
   return body as ChatCompletionRequest;
+}
+
+/** `application/json`, optionally with parameters or a `+json` suffix type. */
+const JSON_CONTENT_TYPE = /^\s*application\/([\w.-]+\+)?json\s*(;|$)/i;
+
+type FieldCheck = (value: unknown) => boolean;
+const isString: FieldCheck = (v) => typeof v === "string";
+const isBoolean: FieldCheck = (v) => typeof v === "boolean";
+const isNumber: FieldCheck = (v) => typeof v === "number" && Number.isFinite(v);
+const isInteger: FieldCheck = (v) => Number.isInteger(v);
+const isPositiveInteger: FieldCheck = (v) => Number.isInteger(v) && (v as number) >= 1;
+const isObject: FieldCheck = (v) => isRecord(v);
+const isArray: FieldCheck = (v) => Array.isArray(v);
+const isStop: FieldCheck = (v) => typeof v === "string" || (Array.isArray(v) && v.every((s) => typeof s === "string"));
+const isToolChoice: FieldCheck = (v) => typeof v === "string" || isRecord(v);
+
+/**
+ * Types of the Chat Completions fields OpenAI documents. Only types are checked (ranges differ between
+ * OpenAI-compatible servers); `null` is accepted wherever OpenAI accepts it; unknown fields are not checked.
+ */
+const FIELD_TYPES: Record<string, [FieldCheck, string]> = {
+  temperature: [isNumber, "a number"],
+  top_p: [isNumber, "a number"],
+  n: [isPositiveInteger, "an integer of at least 1"],
+  max_tokens: [isPositiveInteger, "an integer of at least 1"],
+  max_completion_tokens: [isPositiveInteger, "an integer of at least 1"],
+  presence_penalty: [isNumber, "a number"],
+  frequency_penalty: [isNumber, "a number"],
+  seed: [isInteger, "an integer"],
+  top_logprobs: [isInteger, "an integer"],
+  logprobs: [isBoolean, "a boolean"],
+  stream: [isBoolean, "a boolean"],
+  store: [isBoolean, "a boolean"],
+  parallel_tool_calls: [isBoolean, "a boolean"],
+  user: [isString, "a string"],
+  stop: [isStop, "a string or an array of strings"],
+  stream_options: [isObject, "an object"],
+  response_format: [isObject, "an object"],
+  logit_bias: [isObject, "an object"],
+  metadata: [isObject, "an object"],
+  tools: [isArray, "an array"],
+  tool_choice: [isToolChoice, "a string or an object"],
+};
+
+function checkKnownFieldTypes(body: Record<string, unknown>): void {
+  for (const [field, [check, expected]] of Object.entries(FIELD_TYPES)) {
+    const value = body[field];
+    if (value === undefined || value === null) continue;
+    if (!check(value)) throw new BadRequestError(`\`${field}\` must be ${expected}.`, field, "invalid_type");
+  }
+}
+
+/** Content is a string, null, or an array of typed parts; `name` and `tool_call_id` are strings. */
+function checkMessageFields(messages: Array<Record<string, unknown>>): void {
+  messages.forEach((message, index) => {
+    const content = message.content;
+    const validContent =
+      content === undefined ||
+      content === null ||
+      typeof content === "string" ||
+      (Array.isArray(content) && content.every((part) => isRecord(part) && typeof part.type === "string"));
+    if (!validContent) {
+      throw new BadRequestError(
+        `\`messages[${index}].content\` must be a string or an array of content parts with a \`type\`.`,
+        `messages[${index}].content`,
+        "invalid_type",
+      );
+    }
+    for (const field of ["name", "tool_call_id"]) {
+      if (message[field] !== undefined && typeof message[field] !== "string") {
+        throw new BadRequestError(`\`messages[${index}].${field}\` must be a string.`, `messages[${index}].${field}`, "invalid_type");
+      }
+    }
+  });
 }

@@ -7,9 +7,12 @@ import { MoesifCollector } from "../../scripts/local/moesif-collector";
 import { UpstreamServer } from "../../scripts/local/upstream-server";
 import { chatBody, createApiGatewayEvent, createContext } from "../helpers/events";
 import { CUSTOMERS, PLANS, UPSTREAM_KEY } from "../helpers/fakes";
+import { recordForScan, registerSecret } from "../helpers/secret-scan";
 
 const CALLER_KEY = "caller-api-key-value-XYZ987654321";
 const APP_ID = "moesif-app-id-for-tests";
+const WRONG_UPSTREAM_KEY = "sk-wrong-key-value-1234";
+registerSecret(CALLER_KEY, UPSTREAM_KEY, APP_ID, WRONG_UPSTREAM_KEY);
 
 describe("ai-chat handler over the wire (loopback upstream + collector)", () => {
   let upstream: UpstreamServer;
@@ -38,6 +41,7 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
     const event = createApiGatewayEvent({ apiKey: CALLER_KEY, body: chatBody(), ...options });
     const started = Date.now();
     const result = await handler(event, createContext());
+    recordForScan("handler response", [result.body, JSON.stringify(result.headers ?? {})]);
     return { event, result, ms: Date.now() - started, json: JSON.parse(result.body) };
   };
 
@@ -55,6 +59,8 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
     collector = await new MoesifCollector({ applicationId: APP_ID }).start();
   });
   afterEach(async () => {
+    recordForScan("handler logs", logs);
+    recordForScan("collector payloads", collector.rawPayloads);
     await upstream.stop();
     await collector.stop();
   });
@@ -152,10 +158,29 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
     }
 
     it("maps an upstream 401 (bad service key) to 502 without leaking the key", async () => {
-      const { result, json } = await invoke(makeHandler({ UPSTREAM_API_KEY: "sk-wrong-key-value-1234" }));
+      const { result, json } = await invoke(makeHandler({ UPSTREAM_API_KEY: WRONG_UPSTREAM_KEY }));
       expect(result.statusCode).to.equal(502);
       expect(json.error.code).to.equal("upstream_auth_failed");
-      expect([result.body, ...logs, ...collector.rawPayloads].join("\n")).to.not.include("sk-wrong-key-value-1234");
+      expect([result.body, ...logs, ...collector.rawPayloads].join("\n")).to.not.include(WRONG_UPSTREAM_KEY);
+    });
+
+    it("maps a 502 from the upstream to 502", async () => {
+      const { result, json } = await invoke(makeHandler(), { body: chatBody({ mock: { status: 502 } }) });
+      expect(result.statusCode).to.equal(502);
+      expect(json.error.code).to.equal("upstream_failed");
+    });
+
+    it("refuses a huge upstream answer (over 5 MiB) with 502 and bills nothing", async () => {
+      upstream.override = (_req, res) => {
+        const huge = JSON.stringify({ id: "x", object: "chat.completion", choices: [{ message: { role: "assistant", content: "y".repeat(6 * 1024 * 1024) } }], usage: { prompt_tokens: 1, completion_tokens: 9, total_tokens: 10 } });
+        res.writeHead(200, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(huge) });
+        res.end(huge);
+      };
+      const { result, json, ms } = await invoke(makeHandler());
+      expect(result.statusCode).to.equal(502);
+      expect(json.error.code).to.equal("upstream_response_too_large");
+      expect(ms).to.be.lessThan(1500);
+      expect(collector.events()[0].metadata).to.include({ prompt_tokens: 0, completion_tokens: 0 });
     });
 
     it("passes an upstream 400 through", async () => {

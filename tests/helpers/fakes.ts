@@ -3,8 +3,10 @@ import type { CoreDeps, ProxyRequest } from "../../functions/ai-chat/core";
 import { createLogger } from "../../functions/ai-chat/logger";
 import type { UsageMeter, UsageRecord } from "../../functions/ai-chat/metering";
 import type { UpstreamClient, UpstreamRequest, UpstreamResponse } from "../../functions/ai-chat/upstream";
+import { recordForScan, registerSecret } from "./secret-scan";
 
 export const UPSTREAM_KEY = "sk-test-upstream-secret-0123456789";
+registerSecret(UPSTREAM_KEY);
 
 export const CUSTOMERS = {
   "key-id-alice": { customerId: "alice", plan: "starter", stripeCustomerId: "cus_alice" },
@@ -49,7 +51,7 @@ export function fakeDeps(options: { config?: FunctionConfig; upstream?: Upstream
     config: options.config ?? loadFunctionConfig(testEnv()),
     upstream: options.upstream ?? new FakeUpstream(() => jsonResponse(500, { error: { message: "no upstream in this test" } })),
     meter: options.meter ?? new RecordingMeter(),
-    log: createLogger({ level: "debug", secrets: [UPSTREAM_KEY], write: (line) => logs.push(line) }),
+    log: createLogger({ level: "debug", secrets: [UPSTREAM_KEY], write: (line) => { logs.push(line); recordForScan("core logs", [line]); } }),
     clock: Date.now,
   };
 }

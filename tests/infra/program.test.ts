@@ -3,16 +3,21 @@ import * as pulumi from "@pulumi/pulumi";
 import { MOESIF_STRIPE_EVENTS } from "../../infra/moesif-stripe-webhook";
 import { deploymentTrigger, logWritePolicy, ROUTES } from "../../infra/metered-ai-api";
 import { isSecretInput, promiseOf, recordingMocks, unsecret, type Recorded } from "../helpers/pulumi-mocks";
+import { recordForScan, registerSecret } from "../helpers/secret-scan";
+import { ROUTES as CORE_ROUTES } from "../../functions/ai-chat/core";
 
 const PROJECT = "metered-ai-api";
 const UPSTREAM_SECRET = "sk-upstream-secret-for-infra-tests";
 const WEBHOOK_URL = "https://api.moesif.net/example/stripe/webhook";
+const STRIPE_KEY = "sk_test_stripe_secret_for_infra_tests";
+registerSecret(UPSTREAM_SECRET, STRIPE_KEY, "moesif-app-id-secret");
 
 const baseConfig: Record<string, string> = {
   [`${PROJECT}:upstreamApiKey`]: UPSTREAM_SECRET,
   [`${PROJECT}:moesifApplicationId`]: "moesif-app-id-secret",
   [`${PROJECT}:moesifStripeWebhookUrl`]: WEBHOOK_URL,
   [`${PROJECT}:stageName`]: "beta",
+  "stripe:apiKey": STRIPE_KEY,
   [`${PROJECT}:logRetentionDays`]: "14",
   [`${PROJECT}:plans`]: JSON.stringify({
     starter: { rateLimit: 2, burstLimit: 5, quota: { limit: 1000, period: "MONTH" }, models: ["gpt-4o-mini"] },
@@ -146,6 +151,18 @@ describe("Pulumi program (infra/index.ts under mocks)", () => {
     expect(await promiseOf(program.apiKeys)).to.deep.equal({ acme: "key-value-metered-ai-api-key-acme", globex: "key-value-metered-ai-api-key-globex" });
     expect(await pulumi.isSecret(program.stripeWebhookSecret)).to.equal(true);
     expect(await promiseOf(program.stripeWebhookEndpointId)).to.equal("moesif-stripe-endpoint-id");
+  });
+
+  it("keeps secrets out of every non-secret output and resource input but the function environment", async () => {
+    const plainOutputs = [program.invokeUrl, program.aiChatUrl, program.openaiBaseUrl, program.apiKeyIds, program.usagePlanIds, program.functionName, program.stripeWebhookEndpointId];
+    for (const output of plainOutputs) expect(await pulumi.isSecret(output as pulumi.Output<unknown>)).to.equal(false);
+    const values = await Promise.all(plainOutputs.map((o) => promiseOf(o as pulumi.Output<unknown>)));
+    recordForScan("stack outputs", values.map((v) => JSON.stringify(v)));
+    recordForScan("resource inputs", created.filter((r) => r.type !== "aws:lambda/function:Function").map((r) => JSON.stringify(r.inputs)));
+  });
+
+  it("serves exactly the routes the function routes", () => {
+    expect(CORE_ROUTES.map((r) => `${r.method} ${r.route}`)).to.deep.equal(ROUTES.map((r) => `${r.method} ${r.path}`));
   });
 
   it("redeploys when the routes or the function change, and not otherwise", () => {

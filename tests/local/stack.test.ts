@@ -8,6 +8,7 @@ import { promisify } from "node:util";
 import OpenAI from "openai";
 import { quotaPeriodStart, TokenBucket } from "../../scripts/local/gateway";
 import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
+import { recordForScan, registerSecret } from "../helpers/secret-scan";
 
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, "../..");
@@ -53,8 +54,11 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
   before(async () => {
     project = projectWith(STACK_YAML);
     stack = await start();
+    registerSecret(...Object.values(stack.apiKeys));
   });
   after(async () => {
+    recordForScan("local stack logs", logs);
+    recordForScan("local stack collector", stack.collector?.rawPayloads ?? []);
     await stack?.stop();
     fs.rmSync(project.dir, { recursive: true, force: true });
   });

@@ -1,0 +1,97 @@
+import { expect } from "chai";
+import fs from "node:fs";
+import path from "node:path";
+import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
+import { rawRequest, tempProject } from "../helpers/local-project";
+import { recordForScan, registerSecret } from "../helpers/secret-scan";
+
+interface CorpusEntry {
+  name: string;
+  body?: string;
+  bodyBase64?: string;
+  generate?: { kind: string; count?: number; bytes?: number; depth?: number };
+  headers?: Record<string, string | string[] | null>;
+  customer?: string;
+  expect?: number;
+}
+
+const corpus = JSON.parse(fs.readFileSync(path.join(__dirname, "../data/bad-requests.json"), "utf8")) as CorpusEntry[];
+
+function bodyOf(entry: CorpusEntry): Buffer {
+  if (entry.bodyBase64 !== undefined) return Buffer.from(entry.bodyBase64, "base64");
+  if (entry.body !== undefined) return Buffer.from(entry.body, "utf8");
+  const g = entry.generate!;
+  const prefix = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":';
+  switch (g.kind) {
+    case "messages":
+      return Buffer.from(JSON.stringify({ model: "gpt-4o-mini", messages: Array.from({ length: g.count! }, (_, i) => ({ role: "user", content: `message ${i}` })) }));
+    case "content":
+      return Buffer.from(JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "user", content: "x".repeat(g.bytes!) }] }));
+    case "padding":
+      return Buffer.from(" ".repeat(g.bytes!) + '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}');
+    case "nested-arrays":
+      return Buffer.from("[".repeat(g.depth!) + "]".repeat(g.depth!));
+    case "nested-objects":
+      return Buffer.from('{"a":'.repeat(g.depth!) + "1" + "}".repeat(g.depth!));
+    case "nested-content":
+      return Buffer.from(prefix + "[".repeat(g.depth!) + "1" + "]".repeat(g.depth!) + "}]}");
+    case "nested-model":
+      return Buffer.from('{"messages":[{"role":"user","content":"x"}],"model":' + '{"m":'.repeat(g.depth!) + '"x"' + "}".repeat(g.depth!) + "}");
+    default:
+      throw new Error(`unknown generator ${g.kind}`);
+  }
+}
+
+describe("bad input corpus (tests/data/bad-requests.json) through the local stack", () => {
+  const project = tempProject();
+  let stack: LocalStack;
+  const logs: string[] = [];
+
+  before(async () => {
+    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l) });
+    registerSecret(...Object.values(stack.apiKeys));
+  });
+  after(async () => {
+    recordForScan("bad-input logs", logs);
+    recordForScan("bad-input collector", stack.collector!.rawPayloads);
+    await stack.stop();
+    project.remove();
+  });
+
+  it("holds at least 100 requests", () => {
+    expect(corpus.length).to.be.at.least(100);
+  });
+
+  it("answers every one with a 4xx in the OpenAI error shape, never calls the upstream, and bills nothing", async () => {
+    const failures: string[] = [];
+    for (const entry of corpus) {
+      const headers: Record<string, string | string[]> = { "x-api-key": stack.apiKeys[entry.customer ?? "pro"], "content-type": "application/json" };
+      for (const [name, value] of Object.entries(entry.headers ?? {})) {
+        if (value === null) delete headers[name];
+        else headers[name] = value;
+      }
+      const route = entry.name.startsWith("/ai-chat") ? "/ai-chat" : "/v1/chat/completions";
+      const response = await rawRequest(`${stack.baseUrl}${route}`, { headers, body: bodyOf(entry) });
+      recordForScan(`bad-input response ${entry.name}`, [response.body]);
+      let error: Record<string, unknown> | undefined;
+      try {
+        error = (JSON.parse(response.body) as { error?: Record<string, unknown> }).error;
+      } catch {
+        error = undefined;
+      }
+      const shaped = !!error && ["message", "type", "param", "code"].every((k) => k in error!) && typeof error.message === "string";
+      if (response.status < 400 || response.status >= 500 || !shaped || (entry.expect && response.status !== entry.expect)) {
+        failures.push(`${entry.name}: ${response.status} ${response.body.slice(0, 160)}`);
+      }
+    }
+    expect(failures, failures.join("\n")).to.deep.equal([]);
+    expect(stack.upstream!.received.map((r) => r.body.slice(0, 200))).to.deep.equal([]);
+
+    const events = stack.store!.all();
+    expect(events).to.have.length(corpus.length);
+    for (const event of events) {
+      expect(event.metadata).to.include({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
+      expect((event.response as { status: number }).status).to.be.within(400, 499);
+    }
+  });
+});
