@@ -12,28 +12,52 @@ import path from "node:path";
 import { deflateRawSync } from "node:zlib";
 import { bundleFunction } from "../infra/bundle";
 
-const root = path.resolve(__dirname, "..");
-const { outdir, entry } = bundleFunction(path.join(root, "functions/ai-chat/index.ts"), path.join(root, ".build/ai-chat"));
-
-const files = (dir: string): string[] =>
-  fs.readdirSync(dir, { withFileTypes: true }).flatMap((d) => (d.isDirectory() ? files(path.join(dir, d.name)) : [path.join(dir, d.name)]));
-const zipped = (file: string) => deflateRawSync(fs.readFileSync(file), { level: 9 }).length;
-
-const runs = Number(process.env.IMPORT_RUNS ?? 15);
-const times: number[] = [];
-for (let i = 0; i < runs; i++) {
-  const out = execFileSync(process.execPath, [
-    "-e",
-    `const t=process.hrtime.bigint();require(${JSON.stringify(entry)});console.log(Number(process.hrtime.bigint()-t)/1e6)`,
-  ]);
-  times.push(Number(out.toString().trim()));
+export interface BundleFigures {
+  entry: string;
+  outdir: string;
+  bytes: number;
+  zippedBytes: number;
+  archiveFiles: number;
+  archiveZippedBytes: number;
+  coldImportMs: number;
+  importRuns: number;
 }
-times.sort((a, b) => a - b);
 
-const kb = (n: number) => `${(n / 1024).toFixed(1)} kB`;
-const all = files(outdir);
-console.log(`bundle       ${path.relative(root, entry)}`);
-console.log(`bytes        ${fs.statSync(entry).size} (${kb(fs.statSync(entry).size)})`);
-console.log(`zipped       ${zipped(entry)} (${kb(zipped(entry))})`);
-console.log(`archive      ${all.length} files, ${kb(all.reduce((s, f) => s + zipped(f), 0))} deflated (tokenizer ranks load only when usage is missing)`);
-console.log(`cold import  median ${times[Math.floor(times.length / 2)].toFixed(1)} ms over ${runs} fresh processes (node ${process.version})`);
+/** Builds the bundle and measures it: size, deflated size, and median cold `require` time in fresh processes. */
+export function measureBundle(runs = Number(process.env.IMPORT_RUNS ?? 15)): BundleFigures {
+  const root = path.resolve(__dirname, "..");
+  const { outdir, entry } = bundleFunction(path.join(root, "functions/ai-chat/index.ts"), path.join(root, ".build/ai-chat"));
+  const files = (dir: string): string[] =>
+    fs.readdirSync(dir, { withFileTypes: true }).flatMap((d) => (d.isDirectory() ? files(path.join(dir, d.name)) : [path.join(dir, d.name)]));
+  const zipped = (file: string) => deflateRawSync(fs.readFileSync(file), { level: 9 }).length;
+  const times: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const out = execFileSync(process.execPath, [
+      "-e",
+      `const t=process.hrtime.bigint();require(${JSON.stringify(entry)});console.log(Number(process.hrtime.bigint()-t)/1e6)`,
+    ]);
+    times.push(Number(out.toString().trim()));
+  }
+  times.sort((a, b) => a - b);
+  const all = files(outdir);
+  return {
+    entry,
+    outdir,
+    bytes: fs.statSync(entry).size,
+    zippedBytes: zipped(entry),
+    archiveFiles: all.length,
+    archiveZippedBytes: all.reduce((sum, file) => sum + zipped(file), 0),
+    coldImportMs: times[Math.floor(times.length / 2)],
+    importRuns: runs,
+  };
+}
+
+if (require.main === module) {
+  const f = measureBundle();
+  const kb = (n: number) => `${(n / 1024).toFixed(1)} kB`;
+  console.log(`bundle       ${path.relative(process.cwd(), f.entry)}`);
+  console.log(`bytes        ${f.bytes} (${kb(f.bytes)})`);
+  console.log(`zipped       ${f.zippedBytes} (${kb(f.zippedBytes)})`);
+  console.log(`archive      ${f.archiveFiles} files, ${kb(f.archiveZippedBytes)} deflated (tokenizer ranks load only when usage is missing)`);
+  console.log(`cold import  median ${f.coldImportMs.toFixed(1)} ms over ${f.importRuns} fresh processes (node ${process.version})`);
+}
