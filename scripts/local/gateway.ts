@@ -7,7 +7,7 @@
  */
 import { randomUUID } from "node:crypto";
 import http from "node:http";
-import type { AddressInfo } from "node:net";
+import { close, listen, origin } from "./loopback";
 import type { APIGatewayProxyEvent, APIGatewayProxyResult, Context } from "aws-lambda";
 import type { PlanConfig, QuotaPeriod } from "../../infra/stack-config";
 
@@ -88,29 +88,21 @@ export class GatewayEmulator {
   }
 
   get baseUrl(): string {
-    const address = this.server?.address() as AddressInfo | null;
-    if (!address) throw new Error("gateway is not listening");
-    return `http://${this.options.host ?? "127.0.0.1"}:${address.port}/${this.options.stage}`;
+    return `${origin(this.server, this.options.host)}/${this.options.stage}`;
   }
 
   async start(): Promise<this> {
-    this.server = http.createServer((req, res) => {
+    const server = http.createServer((req, res) => {
       this.handle(req, res).catch(() => apiGatewayError(res, 500, "Internal server error"));
     });
-    this.server.keepAliveTimeout = 65_000;
-    await new Promise<void>((resolve, reject) => {
-      this.server!.once("error", reject);
-      this.server!.listen(this.options.port ?? 0, this.options.host ?? "127.0.0.1", () => resolve());
-    });
+    this.server = await listen(server, this.options.port ?? 0, this.options.host ?? "127.0.0.1");
     return this;
   }
 
   async stop(): Promise<void> {
     const server = this.server;
-    if (!server) return;
     this.server = undefined;
-    server.closeAllConnections();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
+    await close(server);
   }
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {

@@ -6,7 +6,7 @@
  * `mode` lets tests make it misbehave: refuse (socket destroyed), hang, answer 500 or answer garbage.
  */
 import http from "node:http";
-import type { AddressInfo } from "node:net";
+import { close, listen, origin } from "./loopback";
 import { gunzipSync } from "node:zlib";
 
 export interface StoredEvent {
@@ -63,9 +63,7 @@ export class MoesifCollector {
   }
 
   get url(): string {
-    const address = this.server?.address() as AddressInfo | null;
-    if (!address) throw new Error("collector is not listening");
-    return `http://${this.options.host ?? "127.0.0.1"}:${address.port}`;
+    return origin(this.server, this.options.host);
   }
 
   events(): StoredEvent[] {
@@ -73,20 +71,15 @@ export class MoesifCollector {
   }
 
   async start(): Promise<this> {
-    this.server = http.createServer((req, res) => this.handle(req, res));
-    await new Promise<void>((resolve, reject) => {
-      this.server!.once("error", reject);
-      this.server!.listen(this.options.port ?? 0, this.options.host ?? "127.0.0.1", () => resolve());
-    });
+    const server = http.createServer((req, res) => this.handle(req, res));
+    this.server = await listen(server, this.options.port ?? 0, this.options.host ?? "127.0.0.1");
     return this;
   }
 
   async stop(): Promise<void> {
     const server = this.server;
-    if (!server) return;
     this.server = undefined;
-    server.closeAllConnections();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
+    await close(server);
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {

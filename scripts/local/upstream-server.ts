@@ -11,7 +11,7 @@
  * cannot describe (resets mid-body, slow trickles, huge bodies).
  */
 import http from "node:http";
-import type { AddressInfo } from "node:net";
+import { close, listen, origin } from "./loopback";
 import { isRecord } from "../../functions/ai-chat/config";
 import { countTokens, encodingForModel, estimatePromptTokens } from "../../functions/ai-chat/usage";
 import type { ChatMessage } from "../../functions/ai-chat/validate";
@@ -51,27 +51,19 @@ export class UpstreamServer {
   constructor(private readonly options: UpstreamServerOptions = {}) {}
 
   get url(): string {
-    const address = this.server?.address() as AddressInfo | null;
-    if (!address) throw new Error("upstream server is not listening");
-    return `http://${this.options.host ?? "127.0.0.1"}:${address.port}/v1`;
+    return `${origin(this.server, this.options.host)}/v1`;
   }
 
   async start(): Promise<this> {
-    this.server = http.createServer((req, res) => this.handle(req, res));
-    this.server.keepAliveTimeout = 65_000;
-    await new Promise<void>((resolve, reject) => {
-      this.server!.once("error", reject);
-      this.server!.listen(this.options.port ?? 0, this.options.host ?? "127.0.0.1", () => resolve());
-    });
+    const server = http.createServer((req, res) => this.handle(req, res));
+    this.server = await listen(server, this.options.port ?? 0, this.options.host ?? "127.0.0.1");
     return this;
   }
 
   async stop(): Promise<void> {
     const server = this.server;
-    if (!server) return;
     this.server = undefined;
-    server.closeAllConnections();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
+    await close(server);
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {

@@ -238,6 +238,40 @@ describe("npm start with bad input", () => {
   });
 });
 
+describe("npm start lifecycle", () => {
+  it("prints the banner, serves, and exits 0 on SIGTERM", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "metered-cli-"));
+    fs.writeFileSync(path.join(dir, "Pulumi.test.yaml"), STACK_YAML);
+    const { spawn } = await import("node:child_process");
+    const child = spawn(process.execPath, [...TS_NODE, path.join(ROOT, "scripts/start.ts"), "--stack", "test", "--project-dir", dir], {
+      cwd: ROOT,
+      env: { ...process.env, PORT: "0", LOG_LEVEL: "warn" },
+    });
+    try {
+      let output = "";
+      const url = await new Promise<string>((resolve, reject) => {
+        child.stdout.on("data", (chunk: Buffer) => {
+          output += chunk.toString();
+          const match = /API \(stage beta\)\s+(\S+)/.exec(output);
+          if (match && output.includes("Ctrl-C stops")) resolve(match[1]);
+        });
+        child.once("exit", (code) => reject(new Error(`exited early with ${code}: ${output}`)));
+      });
+      expect(output).to.include("curl -s");
+      expect(output).to.include("new OpenAI({ baseURL:");
+      const keys = JSON.parse(fs.readFileSync(path.join(dir, ".local/api-keys.json"), "utf8")) as Record<string, string>;
+      const response = await fetch(`${url}/v1/models`, { headers: { "x-api-key": keys.globex } });
+      expect(response.status).to.equal(200);
+      const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+      child.kill("SIGTERM");
+      expect(await exited).to.equal(0);
+    } finally {
+      child.kill("SIGKILL");
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("gateway emulator pieces", () => {
   it("refills a token bucket at its rate up to its burst", () => {
     const bucket = new TokenBucket(2, 3, 0);
