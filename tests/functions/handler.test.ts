@@ -136,6 +136,18 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
   });
 
   describe("upstream faults on the wire", () => {
+    /** Every fault: OpenAI-shaped error, bounded time, one metering event billing nothing, no secret anywhere. */
+    const expectUnbilledFault = (outcome: Awaited<ReturnType<typeof invoke>>, status: number, maxMs = 1500 + 1000) => {
+      expect(outcome.result.statusCode).to.equal(status);
+      expect(outcome.json.error).to.have.keys("message", "type", "param", "code");
+      expect(outcome.ms).to.be.lessThan(maxMs);
+      const events = collector.events();
+      expect(events).to.have.length(1);
+      expect((events[0].response as { status: number }).status).to.equal(status);
+      expect(events[0].metadata).to.include({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
+      assertNoSecrets(outcome.result.body);
+    };
+
     const rows: Array<[string, Record<string, unknown> | undefined, number, string]> = [
       ["500", { status: 500 }, 502, "upstream_failed"],
       ["503", { status: 503 }, 502, "upstream_failed"],
@@ -158,16 +170,20 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
     }
 
     it("maps an upstream 401 (bad service key) to 502 without leaking the key", async () => {
-      const { result, json } = await invoke(makeHandler({ UPSTREAM_API_KEY: WRONG_UPSTREAM_KEY }));
+      const outcome = await invoke(makeHandler({ UPSTREAM_API_KEY: WRONG_UPSTREAM_KEY }));
+      const { result, json } = outcome;
       expect(result.statusCode).to.equal(502);
       expect(json.error.code).to.equal("upstream_auth_failed");
       expect([result.body, ...logs, ...collector.rawPayloads].join("\n")).to.not.include(WRONG_UPSTREAM_KEY);
+      expectUnbilledFault(outcome, 502);
     });
 
     it("maps a 502 from the upstream to 502", async () => {
-      const { result, json } = await invoke(makeHandler(), { body: chatBody({ mock: { status: 502 } }) });
+      const outcome = await invoke(makeHandler(), { body: chatBody({ mock: { status: 502 } }) });
+      const { result, json } = outcome;
       expect(result.statusCode).to.equal(502);
       expect(json.error.code).to.equal("upstream_failed");
+      expectUnbilledFault(outcome, 502);
     });
 
     it("refuses a huge upstream answer (over 5 MiB) with 502 and bills nothing", async () => {
@@ -188,9 +204,11 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
         res.writeHead(400, { "Content-Type": "application/json" });
         res.end(JSON.stringify({ error: { message: "temperature too high", type: "invalid_request_error", param: "temperature", code: null } }));
       };
-      const { result, json } = await invoke(makeHandler());
+      const outcome = await invoke(makeHandler());
+      const { result, json } = outcome;
       expect(result.statusCode).to.equal(400);
       expect(json.error.param).to.equal("temperature");
+      expectUnbilledFault(outcome, 400);
     });
 
     it("maps a connection reset mid-body to 502", async () => {
@@ -199,9 +217,11 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
         res.write('{"id":"chatcmpl-partial","choices":[');
         setTimeout(() => res.socket?.destroy(), 20);
       };
-      const { result, json } = await invoke(makeHandler());
+      const outcome = await invoke(makeHandler());
+      const { result, json } = outcome;
       expect(result.statusCode).to.equal(502);
       expect(json.error.code).to.equal("upstream_unreachable");
+      expectUnbilledFault(outcome, 502);
     });
 
     it("maps a refused connection to 502", async () => {
@@ -209,9 +229,11 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
       await new Promise<void>((resolve) => closed.listen(0, "127.0.0.1", () => resolve()));
       const port = (closed.address() as AddressInfo).port;
       await new Promise<void>((resolve) => closed.close(() => resolve()));
-      const { result, json } = await invoke(makeHandler({ UPSTREAM_BASE_URL: `http://127.0.0.1:${port}/v1` }));
+      const outcome = await invoke(makeHandler({ UPSTREAM_BASE_URL: `http://127.0.0.1:${port}/v1` }));
+      const { result, json } = outcome;
       expect(result.statusCode).to.equal(502);
       expect(json.error.code).to.equal("upstream_unreachable");
+      expectUnbilledFault(outcome, 502);
     });
 
     it("times out a slow trickle that never finishes", async () => {
@@ -220,9 +242,11 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
         const timer = setInterval(() => res.write(" "), 100);
         res.on("close", () => clearInterval(timer));
       };
-      const { result, ms } = await invoke(makeHandler({ UPSTREAM_TIMEOUT_MS: "600" }));
+      const outcome = await invoke(makeHandler({ UPSTREAM_TIMEOUT_MS: "600" }));
+      const { result, ms } = outcome;
       expect(result.statusCode).to.equal(504);
       expect(ms).to.be.lessThan(600 + 700);
+      expectUnbilledFault(outcome, 504, 600 + 700);
     });
   });
 

@@ -105,6 +105,14 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
     }
   });
 
+  it("answers 413 for bodies over API Gateway's 10 MB limit, before the function runs", async () => {
+    const eventsBefore = stack.store!.all().length;
+    const response = await post("/v1/chat/completions", "x".repeat(10 * 1024 * 1024 + 1), stack.apiKeys.globex);
+    expect(response.status).to.equal(413);
+    expect(await response.json()).to.deep.equal({ message: "Request Too Long" });
+    expect(stack.store!.all().length).to.equal(eventsBefore);
+  });
+
   it("answers 403 Missing Authentication Token for routes the API does not have", async () => {
     const response = await post("/v1/embeddings", {}, stack.apiKeys.globex);
     expect(response.status).to.equal(403);
