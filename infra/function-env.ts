@@ -35,3 +35,18 @@ export function functionPlans(plans: Record<string, PlanConfig>): Record<string,
   return Object.fromEntries(Object.entries(plans).map(([name, plan]) => [name, plan.models ? { models: plan.models } : {}]));
 }
 
+
+/** Lambda's limit on the total size of a function's environment variables. */
+export const LAMBDA_ENVIRONMENT_LIMIT_BYTES = 4096;
+/** Room kept for the other variables (upstream URL and key, Moesif settings, timeouts). */
+export const ENVIRONMENT_RESERVE_BYTES = 1024;
+
+/**
+ * Bytes CUSTOMERS and PLANS will take in the function's environment. API Gateway key ids are 10 characters, so the
+ * size is known before the keys exist, and a stack with too many customers fails at preview, naming the key, instead
+ * of at deploy time with an AWS error.
+ */
+export function customerEnvironmentBytes(customers: Record<string, CustomerConfig>, plans: Record<string, PlanConfig>): number {
+  const keys = Object.entries(customers).map(([customerId, customer], i) => ({ keyId: String(i).padStart(10, "k"), customerId, customer }));
+  return "CUSTOMERS".length + JSON.stringify(customersByKeyId(keys)).length + "PLANS".length + JSON.stringify(functionPlans(plans)).length;
+}

@@ -5,6 +5,8 @@
  * through this module, so a plan or customer means the same thing locally and on AWS.
  */
 
+import { customerEnvironmentBytes, ENVIRONMENT_RESERVE_BYTES, LAMBDA_ENVIRONMENT_LIMIT_BYTES } from "./function-env";
+
 export const PROJECT = "metered-ai-api";
 export const QUOTA_PERIODS = ["DAY", "WEEK", "MONTH"] as const;
 export type QuotaPeriod = (typeof QUOTA_PERIODS)[number];
@@ -68,6 +70,13 @@ export interface ParseOptions {
 export function parseStackConfig(values: Record<string, unknown>, options: ParseOptions): StackConfig {
   const plans = parsePlans(values.plans);
   const customers = parseCustomers(values.customers, plans);
+  const environmentBytes = customerEnvironmentBytes(customers, plans);
+  if (environmentBytes > LAMBDA_ENVIRONMENT_LIMIT_BYTES - ENVIRONMENT_RESERVE_BYTES) {
+    throw new StackConfigError(
+      "customers",
+      `${Object.keys(customers).length} customers need ${environmentBytes} bytes of the function's environment; Lambda allows ${LAMBDA_ENVIRONMENT_LIMIT_BYTES} in all. Shorten ids or split the stack (a customer store outside the environment is planned)`,
+    );
+  }
 
   const stageName = optionalString(values, "stageName") ?? "beta";
   if (!/^[A-Za-z0-9_-]{1,128}$/.test(stageName)) throw new StackConfigError("stageName", "use letters, digits, '-' and '_' only");

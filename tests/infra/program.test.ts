@@ -191,6 +191,7 @@ describe("Pulumi program (infra/index.ts under mocks)", () => {
       ["no plans", { [`${PROJECT}:plans`]: undefined }, /metered-ai-api:plans/],
       ["a missing upstream key", { [`${PROJECT}:upstreamApiKey`]: undefined }, /upstreamApiKey.*pulumi config set --secret/],
       ["an http webhook URL", { [`${PROJECT}:moesifStripeWebhookUrl`]: "http://insecure.example" }, /moesifStripeWebhookUrl.*https/],
+      ["more customers than the Lambda environment can hold", { [`${PROJECT}:customers`]: JSON.stringify(Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`customer-${i}`, { plan: "pro", stripeCustomerId: `cus_${"X".repeat(14)}` }]))) }, /metered-ai-api:customers.*40 customers need \d+ bytes/],
       ["an unknown architecture", { [`${PROJECT}:lambdaArchitecture`]: "sparc" }, /lambdaArchitecture/],
     ];
     for (const [name, change, message] of cases) {
