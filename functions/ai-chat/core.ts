@@ -173,7 +173,10 @@ async function chatCompletion(
   const upstream = await callUpstream(deps, metering, { method: "POST", path: "/chat/completions", body: request.body.toString("utf8") });
   const { text, json } = decodeJson(upstream.body);
   if (upstream.status >= 200 && upstream.status < 300) {
-    if (!isRecord(json)) throw new UpstreamError("The upstream model server returned a response that is not a JSON object.", "upstream_bad_response");
+    // A 2xx without `choices` (some servers answer errors with 200) delivered nothing, so it is not billed.
+    if (!isRecord(json) || !Array.isArray(json.choices)) {
+      throw new UpstreamError("The upstream model server returned a response that is not a chat completion.", "upstream_bad_response");
+    }
     const reported = extractUsage(json);
     metering.usage = reported ?? estimateUsage(chat.messages, json, chat.model);
     metering.usageEstimated = !reported;

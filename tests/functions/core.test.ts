@@ -119,6 +119,7 @@ describe("handleRequest (core)", () => {
       ["500 becomes 502", () => jsonResponse(500, { error: { message: "boom" } }), 502, "upstream_failed"],
       ["503 becomes 502", () => jsonResponse(503, "Service Unavailable"), 502, "upstream_failed"],
       ["a non-JSON 200 becomes 502", () => jsonResponse(200, "<html>oops</html>"), 502, "upstream_bad_response"],
+      ["a 200 carrying an error instead of choices becomes 502", () => jsonResponse(200, { error: { message: "model overloaded" } }), 502, "upstream_bad_response"],
       ["a connection error becomes 502", () => { throw new UpstreamError("could not connect", "upstream_unreachable"); }, 502, "upstream_unreachable"],
       ["a timeout becomes 504", () => { throw new UpstreamTimeoutError(28000); }, 504, "upstream_timeout"],
     ];
