@@ -251,8 +251,9 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
   });
 
   describe("Moesif faults never change the caller's answer", () => {
+    const described = { refuse: "refuses connections", hang: "hangs", error: "answers 500", garbage: "answers garbage" } as const;
     for (const mode of ["refuse", "hang", "error", "garbage"] as const) {
-      it(`answers 200 within METERING_TIMEOUT_MS when the collector ${mode === "error" ? "answers 500" : mode + "s"}`, async () => {
+      it(`answers 200 within METERING_TIMEOUT_MS when the collector ${described[mode]}`, async () => {
         collector.mode = mode;
         const handler = makeHandler();
         const { result, ms } = await invoke(handler);
