@@ -1,6 +1,7 @@
 import type { Customer, FunctionConfig } from "./config";
 import { isRecord } from "./config";
 import {
+  ApiError,
   ConfigurationError,
   ForbiddenError,
   ModelNotFoundError,
@@ -14,7 +15,7 @@ import { describeError, redact, type Logger } from "./logger";
 import { transactionIdFor, type UsageMeter } from "./metering";
 import type { UpstreamClient, UpstreamResponse } from "./upstream";
 import { NO_USAGE, estimateUsage, extractUsage, type TokenUsage } from "./usage";
-import { parseChatCompletionRequest, type ChatCompletionRequest } from "./validate";
+import { parseChatCompletionRequest } from "./validate";
 
 /** A request in the core's terms: already decoded from whatever transport carried it. */
 export interface ProxyRequest {
@@ -163,14 +164,14 @@ async function chatCompletion(
   metering: Metering,
   isSeedRoute: boolean,
 ): Promise<ProxyResponse> {
-  const chat: ChatCompletionRequest = parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"]);
+  const { request: chat, text: requestText } = parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"]);
   metering.model = chat.model;
   metering.requestBody = chat;
   const allowed = deps.config.plans[customer.plan]?.models;
   if (allowed && !allowed.includes(chat.model)) throw new ModelNotFoundError(chat.model);
 
-  // The caller's bytes go upstream unchanged, so fields this proxy does not know pass through untouched.
-  const upstream = await callUpstream(deps, metering, { method: "POST", path: "/chat/completions", body: request.body.toString("utf8") });
+  // The caller's text goes upstream unchanged, so fields this proxy does not know pass through untouched.
+  const upstream = await callUpstream(deps, metering, { method: "POST", path: "/chat/completions", body: requestText });
   const { text, json } = decodeJson(upstream.body);
   if (upstream.status >= 200 && upstream.status < 300) {
     // A 2xx without `choices` (some servers answer errors with 200) delivered nothing, so it is not billed.
@@ -184,7 +185,7 @@ async function chatCompletion(
     const body = isSeedRoute && deps.config.responseEnvelope === "request_payload" ? `{"request_payload":${text}}` : text;
     return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body };
   }
-  return upstreamFailure(upstream, json, deps, metering);
+  return upstreamFailure(upstream, text, json, deps, metering);
 }
 
 async function listModels(customer: Customer, deps: CoreDeps, metering: Metering): Promise<ProxyResponse> {
@@ -202,7 +203,7 @@ async function listModels(customer: Customer, deps: CoreDeps, metering: Metering
     metering.responseBody = json;
     return { statusCode: 200, headers: { ...JSON_HEADERS }, body: text };
   }
-  return upstreamFailure(upstream, json, deps, metering);
+  return upstreamFailure(upstream, text, json, deps, metering);
 }
 
 async function callUpstream(deps: CoreDeps, metering: Metering, request: Parameters<UpstreamClient["send"]>[0]): Promise<UpstreamResponse> {
@@ -220,30 +221,24 @@ async function callUpstream(deps: CoreDeps, metering: Metering, request: Paramet
  * Maps a non-2xx upstream answer. Client errors the caller can fix pass through; the service's own credential and
  * server problems become 502, because the caller cannot fix them. No completion was delivered, so usage stays zero.
  */
-function upstreamFailure(upstream: UpstreamResponse, json: unknown, deps: CoreDeps, metering: Metering): ProxyResponse {
+function upstreamFailure(upstream: UpstreamResponse, text: string, json: unknown, deps: CoreDeps, metering: Metering): ProxyResponse {
   const status = upstream.status;
   if (status === 401 || status === 403 || status === 407) {
     deps.log.error("upstream_rejected_credentials", { upstream_status: status });
     throw new UpstreamError("The upstream model server rejected this service's credentials.", "upstream_auth_failed");
   }
   if (status === 429) {
-    const code = isOpenAiErrorBody(json) && typeof json.error.code === "string" ? json.error.code : undefined;
-    const error = new RateLimitedError("The upstream model server is rate limiting requests; retry later.", upstream.headers["retry-after"]);
-    if (code === "insufficient_quota") deps.log.error("upstream_insufficient_quota", { upstream_status: status });
-    throw error;
+    if (isOpenAiErrorBody(json) && json.error.code === "insufficient_quota") deps.log.error("upstream_insufficient_quota", { upstream_status: status });
+    throw new RateLimitedError("The upstream model server is rate limiting requests; retry later.", upstream.headers["retry-after"]);
   }
   if (status >= 400 && status < 500) {
-    if (isOpenAiErrorBody(json)) {
-      // Defensive: an upstream that echoes the credential it was given must not leak it.
-      const secrets = deps.config.upstreamApiKey ? [deps.config.upstreamApiKey] : [];
-      const body = JSON.parse(redact(JSON.stringify(json), secrets)) as unknown;
-      metering.responseBody = body;
-      return { statusCode: status, headers: { ...JSON_HEADERS }, body: JSON.stringify(body) };
+    if (!isOpenAiErrorBody(json)) {
+      throw new ApiError(status, `The upstream model server refused the request (HTTP ${status}).`, "invalid_request_error", "upstream_error");
     }
-    const { body } = toErrorResponse(new UpstreamError(`The upstream model server refused the request (HTTP ${status}).`));
-    body.error.type = "invalid_request_error";
-    metering.responseBody = body;
-    return { statusCode: status, headers: { ...JSON_HEADERS }, body: JSON.stringify(body) };
+    // Defensive: an upstream that echoes the credential it was given must not leak it.
+    const body = redact(text, deps.config.upstreamApiKey ? [deps.config.upstreamApiKey] : []);
+    metering.responseBody = JSON.parse(body) as unknown;
+    return { statusCode: status, headers: { ...JSON_HEADERS }, body };
   }
   throw new UpstreamError(`The upstream model server failed (HTTP ${status}).`, "upstream_failed");
 }

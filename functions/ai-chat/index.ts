@@ -5,6 +5,7 @@
 import type { APIGatewayProxyEvent, APIGatewayProxyResult, Context } from "aws-lambda";
 import { loadFunctionConfig } from "./config";
 import { handleRequest, type CoreDeps, type ProxyRequest } from "./core";
+import { toErrorResponse } from "./errors";
 import { createLogger, describeError } from "./logger";
 import { NO_METER } from "./metering";
 import { MoesifMeter } from "./moesif";
@@ -36,11 +37,8 @@ export function createHandler(makeDeps: () => CoreDeps = () => createDeps()) {
     } catch (err) {
       // Unreachable by design (the core never throws); kept so that a bug can never fail the invocation.
       console.error(JSON.stringify({ level: "error", message: "handler_failed", error: describeError(err) }));
-      return {
-        statusCode: 500,
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ error: { message: "The server had an error while processing your request.", type: "server_error", param: null, code: "internal_error" } }),
-      };
+      const { status, body } = toErrorResponse(err);
+      return { statusCode: status, headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
     }
   };
 }

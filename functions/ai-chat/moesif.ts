@@ -157,11 +157,6 @@ export class MoesifMeter implements UsageMeter {
       });
   }
 
-  /** Events waiting to be re-sent (for tests and diagnostics). */
-  get pendingCount(): number {
-    return this.pending.length;
-  }
-
   async record(record: UsageRecord): Promise<void> {
     let event: MoesifEvent;
     try {

@@ -19,12 +19,22 @@ export interface ChatCompletionRequest {
   [field: string]: unknown;
 }
 
+/** A validated request and the exact text it was parsed from (what goes upstream). */
+export interface ParsedChatCompletion {
+  request: ChatCompletionRequest;
+  text: string;
+}
+
+// ignoreBOM keeps a byte-order mark in the text, so JSON.parse rejects it: what is validated is exactly the text
+// that is forwarded. Without `stream`, decode() keeps no state between calls, so one decoder serves every request.
+const UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
 /**
  * Parses and checks a chat-completions body: JSON content type, UTF-8, the fields the proxy relies on (model,
  * messages, roles) and the types of the fields OpenAI documents. Unknown fields are the upstream's business and pass
- * through untouched (the caller's bytes are what gets forwarded).
+ * through untouched (the caller's text is what gets forwarded).
  */
-export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, contentType?: string): ChatCompletionRequest {
+export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, contentType?: string): ParsedChatCompletion {
   if (contentType !== undefined && contentType.trim() !== "" && !JSON_CONTENT_TYPE.test(contentType)) {
     throw new UnsupportedMediaTypeError(contentType);
   }
@@ -33,9 +43,7 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, conten
 
   let text: string;
   try {
-    // ignoreBOM keeps a byte-order mark in the text, so JSON.parse rejects it: what is validated is exactly the
-    // bytes that are forwarded.
-    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(raw);
+    text = UTF8.decode(raw);
   } catch {
     throw new BadRequestError("The request body is not valid UTF-8.", null, "invalid_json");
   }
@@ -80,7 +88,7 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, conten
       "streaming_not_supported",
     );
   }
-  return body as ChatCompletionRequest;
+  return { request: body as ChatCompletionRequest, text };
 }
 
 /** `application/json`, optionally with parameters or a `+json` suffix type. */

@@ -2,7 +2,7 @@ import { expect } from "chai";
 import { BadRequestError, PayloadTooLargeError } from "../../functions/ai-chat/errors";
 import { parseChatCompletionRequest } from "../../functions/ai-chat/validate";
 
-const parse = (body: string | Buffer, max = 1024 * 1024) => parseChatCompletionRequest(typeof body === "string" ? Buffer.from(body) : body, max);
+const parse = (body: string | Buffer, max = 1024 * 1024) => parseChatCompletionRequest(typeof body === "string" ? Buffer.from(body) : body, max).request;
 
 function expectBadRequest(body: string | Buffer, param: string | null): void {
   try {
