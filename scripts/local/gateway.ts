@@ -7,7 +7,7 @@
  */
 import { randomUUID } from "node:crypto";
 import http from "node:http";
-import { close, listen, origin } from "./loopback";
+import { LoopbackServer, readBody, sendJson } from "./loopback";
 import type { APIGatewayProxyEvent, APIGatewayProxyResult, Context } from "aws-lambda";
 import type { PlanConfig, QuotaPeriod } from "../../infra/stack-config";
 
@@ -76,36 +76,26 @@ export function quotaPeriodStart(period: QuotaPeriod, offset: number, now: numbe
   return new Date(start).toISOString().slice(0, 10);
 }
 
-export class GatewayEmulator {
-  private server?: http.Server;
+export class GatewayEmulator extends LoopbackServer {
   private readonly byValue: Map<string, GatewayKey>;
   private readonly buckets = new Map<string, TokenBucket>();
   private readonly clock: () => number;
 
   constructor(private readonly options: GatewayOptions) {
+    super(options);
     this.byValue = new Map(options.keys.map((key) => [key.value, key]));
     this.clock = options.clock ?? Date.now;
   }
 
   get baseUrl(): string {
-    return `${origin(this.server, this.options.host)}/${this.options.stage}`;
+    return `${this.origin}/${this.options.stage}`;
   }
 
-  async start(): Promise<this> {
-    const server = http.createServer((req, res) => {
-      this.handle(req, res).catch(() => apiGatewayError(res, 500, "Internal server error"));
-    });
-    this.server = await listen(server, this.options.port ?? 0, this.options.host ?? "127.0.0.1");
-    return this;
+  protected handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    this.serve(req, res).catch(() => apiGatewayError(res, 500, "Internal server error"));
   }
 
-  async stop(): Promise<void> {
-    const server = this.server;
-    this.server = undefined;
-    await close(server);
-  }
-
-  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  private async serve(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const started = this.clock();
     const url = new URL(req.url ?? "/", "http://localhost");
     const prefix = `/${this.options.stage}`;
@@ -228,7 +218,8 @@ function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   ]);
 }
 
-function lambdaContext(requestId: string, started: number, timeoutMs: number): Context {
+/** A Lambda-like invocation context: the request id and a deadline `timeoutMs` after `started`. */
+export function lambdaContext(requestId: string, started: number, timeoutMs: number): Context {
   return {
     callbackWaitsForEmptyEventLoop: true,
     functionName: "ai-chat-local",
@@ -260,9 +251,7 @@ function apiGatewayError(res: http.ServerResponse, status: number, message: stri
     res.destroy();
     return;
   }
-  const body = JSON.stringify({ message });
-  res.writeHead(status, { "Content-Type": "application/json", "Content-Length": String(Buffer.byteLength(body)), "x-amzn-ErrorType": errorType(status) });
-  res.end(body);
+  sendJson(res, status, { message }, { "x-amzn-ErrorType": errorType(status) });
 }
 
 function errorType(status: number): string {
@@ -271,19 +260,4 @@ function errorType(status: number): string {
 
 function headerValue(value: string | string[] | undefined): string | undefined {
   return Array.isArray(value) ? value[value.length - 1] : value;
-}
-
-function readBody(req: http.IncomingMessage, limit: number): Promise<Buffer | "too large"> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    let tooLarge = false;
-    req.on("data", (chunk: Buffer) => {
-      size += chunk.length;
-      if (size > limit) tooLarge = true;
-      else chunks.push(chunk);
-    });
-    req.on("end", () => resolve(tooLarge ? "too large" : Buffer.concat(chunks)));
-    req.on("error", reject);
-  });
 }

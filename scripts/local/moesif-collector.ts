@@ -6,7 +6,7 @@
  * `mode` lets tests make it misbehave: refuse (socket destroyed), hang, answer 500 or answer garbage.
  */
 import http from "node:http";
-import { close, listen, origin } from "./loopback";
+import { LoopbackServer, readBody, sendJson as json } from "./loopback";
 import { gunzipSync } from "node:zlib";
 
 export interface StoredEvent {
@@ -24,7 +24,6 @@ export interface StoredEvent {
 export interface EventStore {
   add(events: StoredEvent[]): void;
   all(): StoredEvent[];
-  close?(): void;
 }
 
 export class MemoryEventStore implements EventStore {
@@ -50,46 +49,32 @@ export interface CollectorOptions {
   store?: EventStore;
 }
 
-export class MoesifCollector {
+export class MoesifCollector extends LoopbackServer {
   mode: CollectorMode = "ok";
   readonly store: EventStore;
   /** Every decoded request body, exactly as it arrived: what a secret scan must look at. */
   readonly rawPayloads: string[] = [];
   readonly requests: Array<{ method: string; url: string; headers: http.IncomingHttpHeaders }> = [];
-  private server?: http.Server;
 
   constructor(private readonly options: CollectorOptions = {}) {
+    super(options);
     this.store = options.store ?? new MemoryEventStore();
   }
 
   get url(): string {
-    return origin(this.server, this.options.host);
+    return this.origin;
   }
 
   events(): StoredEvent[] {
     return this.store.all();
   }
 
-  async start(): Promise<this> {
-    const server = http.createServer((req, res) => this.handle(req, res));
-    this.server = await listen(server, this.options.port ?? 0, this.options.host ?? "127.0.0.1");
-    return this;
-  }
-
-  async stop(): Promise<void> {
-    const server = this.server;
-    this.server = undefined;
-    await close(server);
-  }
-
-  private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+  protected handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     if (this.mode === "refuse") {
       req.socket.destroy();
       return;
     }
-    const chunks: Buffer[] = [];
-    req.on("data", (chunk: Buffer) => chunks.push(chunk));
-    req.on("end", () => {
+    readBody(req).then((body) => {
       this.requests.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers });
       if (this.mode === "hang") return; // never answers; the client must give up on its own
       if (this.mode === "error") return json(res, 500, { message: "collector failure" });
@@ -111,8 +96,7 @@ export class MoesifCollector {
       if (req.method === "POST" && (path === "/v1/events" || path === "/v1/events/batch")) {
         let payload: unknown;
         try {
-          const raw = Buffer.concat(chunks);
-          const text = (req.headers["content-encoding"] === "gzip" ? gunzipSync(raw) : raw).toString("utf8");
+          const text = (req.headers["content-encoding"] === "gzip" ? gunzipSync(body) : body).toString("utf8");
           this.rawPayloads.push(text);
           payload = JSON.parse(text);
         } catch {
@@ -128,11 +112,6 @@ export class MoesifCollector {
         return;
       }
       json(res, 404, { message: "Not found" });
-    });
+    }).catch(() => (res.headersSent ? res.destroy() : json(res, 500, { message: "collector failure" })));
   }
-}
-
-function json(res: http.ServerResponse, status: number, body: unknown): void {
-  res.writeHead(status, { "Content-Type": "application/json" });
-  res.end(JSON.stringify(body));
 }

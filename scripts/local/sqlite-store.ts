@@ -22,6 +22,7 @@ export interface UsageRow {
 export class SqliteStore implements EventStore {
   readonly db: Database.Database;
   private readonly insert: Database.Statement;
+  private readonly takeQuotaStatement: Database.Statement;
 
   constructor(file: string) {
     if (file !== ":memory:") fs.mkdirSync(path.dirname(file), { recursive: true });
@@ -50,6 +51,10 @@ export class SqliteStore implements EventStore {
         used         INTEGER NOT NULL,
         PRIMARY KEY (key_id, period_start)
       );`);
+    this.takeQuotaStatement = this.db.prepare(
+      `INSERT INTO quota_usage (key_id, period_start, used) VALUES (?, ?, 1)
+       ON CONFLICT (key_id, period_start) DO UPDATE SET used = used + 1 WHERE used < ?`,
+    );
     // Moesif de-duplicates on transaction_id; so does this store.
     this.insert = this.db.prepare(`INSERT OR IGNORE INTO events
       (transaction_id, received_at, request_time, user_id, company_id, plan, model, status, prompt_tokens, completion_tokens, total_tokens, usage_estimated, event)
@@ -101,16 +106,8 @@ export class SqliteStore implements EventStore {
 
   /** Adds one request to a key's quota period unless that would pass `limit`. Returns whether it was admitted. */
   takeQuota(keyId: string, periodStart: string, limit: number): boolean {
-    const take = this.db.transaction(() => {
-      const row = this.db.prepare("SELECT used FROM quota_usage WHERE key_id = ? AND period_start = ?").get(keyId, periodStart) as { used: number } | undefined;
-      const used = row?.used ?? 0;
-      if (used >= limit) return false;
-      this.db
-        .prepare("INSERT INTO quota_usage (key_id, period_start, used) VALUES (?, ?, 1) ON CONFLICT (key_id, period_start) DO UPDATE SET used = used + 1")
-        .run(keyId, periodStart);
-      return true;
-    });
-    return take();
+    // One atomic upsert: the row is created at 1, or incremented only while below the limit.
+    return this.takeQuotaStatement.run(keyId, periodStart, limit).changes === 1;
   }
 
   close(): void {

@@ -11,7 +11,7 @@
  * cannot describe (resets mid-body, slow trickles, huge bodies).
  */
 import http from "node:http";
-import { close, listen, origin } from "./loopback";
+import { LoopbackServer, readBody, sendJson as send } from "./loopback";
 import { isRecord } from "../../functions/ai-chat/config";
 import { countTokens, encodingForModel, estimatePromptTokens } from "../../functions/ai-chat/usage";
 import type { ChatMessage } from "../../functions/ai-chat/validate";
@@ -41,36 +41,23 @@ export interface ReceivedRequest {
 
 export type Override = (req: http.IncomingMessage, res: http.ServerResponse, body: string) => boolean | void;
 
-export class UpstreamServer {
+export class UpstreamServer extends LoopbackServer {
   readonly received: ReceivedRequest[] = [];
   /** Return true (or nothing) after handling the response yourself; return false to fall through. */
   override?: Override;
-  private server?: http.Server;
   private counter = 0;
 
-  constructor(private readonly options: UpstreamServerOptions = {}) {}
+  constructor(private readonly options: UpstreamServerOptions = {}) {
+    super(options);
+  }
 
   get url(): string {
-    return `${origin(this.server, this.options.host)}/v1`;
+    return `${this.origin}/v1`;
   }
 
-  async start(): Promise<this> {
-    const server = http.createServer((req, res) => this.handle(req, res));
-    this.server = await listen(server, this.options.port ?? 0, this.options.host ?? "127.0.0.1");
-    return this;
-  }
-
-  async stop(): Promise<void> {
-    const server = this.server;
-    this.server = undefined;
-    await close(server);
-  }
-
-  private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
-    const chunks: Buffer[] = [];
-    req.on("data", (chunk: Buffer) => chunks.push(chunk));
-    req.on("end", () => {
-      const body = Buffer.concat(chunks).toString("utf8");
+  protected handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    readBody(req).then((raw) => {
+      const body = raw.toString("utf8");
       this.received.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers, body });
       try {
         if (this.override && this.override(req, res, body) !== false) return;
@@ -78,7 +65,7 @@ export class UpstreamServer {
       } catch (err) {
         send(res, 500, { error: { message: `mock upstream failed: ${(err as Error).message}`, type: "server_error", param: null, code: null } });
       }
-    });
+    }).catch(() => res.destroy());
   }
 
   private route(req: http.IncomingMessage, res: http.ServerResponse, body: string): void {
@@ -138,10 +125,4 @@ export class UpstreamServer {
       ...(mock.omit_usage ? {} : { usage: { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion } }),
     };
   }
-}
-
-function send(res: http.ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
-  const text = JSON.stringify(body);
-  res.writeHead(status, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(text), ...headers });
-  res.end(text);
 }

@@ -1,4 +1,5 @@
 import type { APIGatewayProxyEvent, Context } from "aws-lambda";
+import { lambdaContext } from "../../scripts/local/gateway";
 
 let counter = 0;
 
@@ -76,22 +77,9 @@ export function createApiGatewayEvent(options: EventOptions = {}): APIGatewayPro
   } as APIGatewayProxyEvent;
 }
 
+/** The context the local stack's emulator gives the handler, with a fresh request id. */
 export function createContext(overrides: Partial<Context> = {}): Context {
-  return {
-    callbackWaitsForEmptyEventLoop: true,
-    functionName: "ai-chat",
-    functionVersion: "$LATEST",
-    invokedFunctionArn: "arn:aws:lambda:us-east-1:123456789012:function:ai-chat",
-    memoryLimitInMB: "512",
-    awsRequestId: `aws-${Date.now()}`,
-    logGroupName: "/aws/lambda/ai-chat",
-    logStreamName: "stream",
-    getRemainingTimeInMillis: () => 29_000,
-    done: () => undefined,
-    fail: () => undefined,
-    succeed: () => undefined,
-    ...overrides,
-  };
+  return { ...lambdaContext(`aws-${Date.now()}`, Date.now(), 29_000), ...overrides };
 }
 
 export const chatBody = (overrides: Record<string, unknown> = {}) => ({
