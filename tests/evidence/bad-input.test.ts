@@ -1,9 +1,8 @@
 import { expect } from "chai";
 import fs from "node:fs";
 import path from "node:path";
-import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
-import { rawRequest, tempProject } from "../helpers/local-project";
-import { recordForScan, registerSecret } from "../helpers/secret-scan";
+import { rawRequest, useLocalStack } from "../helpers/local-project";
+import { recordForScan } from "../helpers/secret-scan";
 
 interface CorpusEntry {
   name: string;
@@ -43,20 +42,7 @@ function bodyOf(entry: CorpusEntry): Buffer {
 }
 
 describe("bad input corpus (tests/data/bad-requests.json) through the local stack", () => {
-  const project = tempProject();
-  let stack: LocalStack;
-  const logs: string[] = [];
-
-  before(async () => {
-    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l) });
-    registerSecret(...Object.values(stack.apiKeys));
-  });
-  after(async () => {
-    recordForScan("bad-input logs", logs);
-    recordForScan("bad-input collector", stack.collector!.rawPayloads);
-    await stack.stop();
-    project.remove();
-  });
+  const local = useLocalStack("bad-input");
 
   it("holds at least 100 requests", () => {
     expect(corpus.length).to.be.at.least(100);
@@ -65,13 +51,13 @@ describe("bad input corpus (tests/data/bad-requests.json) through the local stac
   it("answers every one with a 4xx in the OpenAI error shape, never calls the upstream, and bills nothing", async () => {
     const failures: string[] = [];
     for (const entry of corpus) {
-      const headers: Record<string, string | string[]> = { "x-api-key": stack.apiKeys[entry.customer ?? "pro"], "content-type": "application/json" };
+      const headers: Record<string, string | string[]> = { "x-api-key": local.stack.apiKeys[entry.customer ?? "pro"], "content-type": "application/json" };
       for (const [name, value] of Object.entries(entry.headers ?? {})) {
         if (value === null) delete headers[name];
         else headers[name] = value;
       }
       const route = entry.name.startsWith("/ai-chat") ? "/ai-chat" : "/v1/chat/completions";
-      const response = await rawRequest(`${stack.baseUrl}${route}`, { headers, body: bodyOf(entry) });
+      const response = await rawRequest(`${local.stack.baseUrl}${route}`, { headers, body: bodyOf(entry) });
       recordForScan(`bad-input response ${entry.name}`, [response.body]);
       let error: Record<string, unknown> | undefined;
       try {
@@ -85,9 +71,9 @@ describe("bad input corpus (tests/data/bad-requests.json) through the local stac
       }
     }
     expect(failures, failures.join("\n")).to.deep.equal([]);
-    expect(stack.upstream!.received.map((r) => r.body.slice(0, 200))).to.deep.equal([]);
+    expect(local.stack.upstream!.received.map((r) => r.body.slice(0, 200))).to.deep.equal([]);
 
-    const events = stack.store!.all();
+    const events = local.stack.store!.all();
     expect(events).to.have.length(corpus.length);
     for (const event of events) {
       expect(event.metadata).to.include({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });

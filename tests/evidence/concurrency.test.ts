@@ -2,28 +2,13 @@ import { expect } from "chai";
 import { execFile } from "node:child_process";
 import path from "node:path";
 import { promisify } from "node:util";
-import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
-import { tempProject } from "../helpers/local-project";
-import { recordForScan, registerSecret } from "../helpers/secret-scan";
+import { useLocalStack } from "../helpers/local-project";
 
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, "../..");
 
 describe("1,000 requests at concurrency 50 through the local stack", () => {
-  const project = tempProject();
-  let stack: LocalStack;
-  const logs: string[] = [];
-
-  before(async () => {
-    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: { LOG_LEVEL: "warn" }, write: (l) => logs.push(l) });
-    registerSecret(...Object.values(stack.apiKeys));
-  });
-  after(async () => {
-    recordForScan("concurrency logs", logs);
-    recordForScan("concurrency collector", stack.collector!.rawPayloads);
-    await stack.stop();
-    project.remove();
-  });
+  const local = useLocalStack("concurrency", { LOG_LEVEL: "warn" });
 
   it("meters every request exactly once, and per-customer token sums equal the upstream's usage and the usage report", async () => {
     const TOTAL = 1000;
@@ -35,9 +20,9 @@ describe("1,000 requests at concurrency 50 through the local stack", () => {
       while (next < TOTAL) {
         const i = next++;
         const customer = customers[i % customers.length];
-        const response = await fetch(`${stack.baseUrl}/v1/chat/completions`, {
+        const response = await fetch(`${local.stack.baseUrl}/v1/chat/completions`, {
           method: "POST",
-          headers: { "content-type": "application/json", "x-api-key": stack.apiKeys[customer] },
+          headers: { "content-type": "application/json", "x-api-key": local.stack.apiKeys[customer] },
           // Varying text so token counts differ per request.
           body: JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "user", content: `request ${i} ${"word ".repeat(i % 17)}` }] }),
         });
@@ -51,7 +36,7 @@ describe("1,000 requests at concurrency 50 through the local stack", () => {
     };
     await Promise.all(Array.from({ length: CONCURRENCY }, worker));
 
-    const events = stack.store!.all();
+    const events = local.stack.store!.all();
     expect(events).to.have.length(TOTAL);
     expect(new Set(events.map((e) => e.transaction_id)).size).to.equal(TOTAL);
     const fromEvents: typeof expected = {};
@@ -63,7 +48,7 @@ describe("1,000 requests at concurrency 50 through the local stack", () => {
     }
     expect(fromEvents).to.deep.equal(expected);
 
-    const { stdout } = await run(process.execPath, [path.join(ROOT, "node_modules/ts-node/dist/bin.js"), "--transpile-only", path.join(ROOT, "scripts/usage.ts"), "--json", "--stack", "test", "--project-dir", project.dir], { cwd: ROOT });
+    const { stdout } = await run(process.execPath, [path.join(ROOT, "node_modules/ts-node/dist/bin.js"), "--transpile-only", path.join(ROOT, "scripts/usage.ts"), "--json", "--stack", "test", "--project-dir", local.projectDir], { cwd: ROOT });
     const report = JSON.parse(stdout) as Array<{ customer: string; requests: number; prompt_tokens: number; completion_tokens: number }>;
     const fromReport = Object.fromEntries(report.map((r) => [r.customer, { requests: r.requests, prompt: r.prompt_tokens, completion: r.completion_tokens }]));
     expect(fromReport).to.deep.equal(expected);

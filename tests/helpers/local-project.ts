@@ -2,6 +2,8 @@ import fs from "node:fs";
 import http from "node:http";
 import os from "node:os";
 import path from "node:path";
+import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
+import { recordForScan, registerSecret } from "./secret-scan";
 
 /** A stack file for evidence tests: one tightly scoped plan, one roomy plan. */
 export const EVIDENCE_STACK_YAML = `
@@ -47,4 +49,31 @@ export function rawRequest(url: string, options: { method?: string; headers?: Re
     req.on("error", reject);
     req.end(options.body);
   });
+}
+
+/**
+ * A local stack on a throwaway project for one `describe` block: started before its tests, stopped after. Its keys
+ * join the suite's secret scan, and its log lines and metering payloads are scanned.
+ */
+export function useLocalStack(name: string, env: NodeJS.ProcessEnv = {}): { readonly stack: LocalStack; readonly projectDir: string } {
+  const project = tempProject();
+  const logs: string[] = [];
+  let stack: LocalStack | undefined;
+  before(async () => {
+    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env, write: (l) => logs.push(l) });
+    registerSecret(...Object.values(stack.apiKeys));
+  });
+  after(async () => {
+    recordForScan(`${name} logs`, logs);
+    recordForScan(`${name} collector`, stack?.collector?.rawPayloads ?? []);
+    await stack?.stop();
+    project.remove();
+  });
+  return {
+    get stack() {
+      if (!stack) throw new Error("the local stack starts in a before() hook");
+      return stack;
+    },
+    projectDir: project.dir,
+  };
 }

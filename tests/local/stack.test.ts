@@ -8,6 +8,7 @@ import { promisify } from "node:util";
 import OpenAI from "openai";
 import { quotaPeriodStart, TokenBucket } from "../../scripts/local/gateway";
 import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
+import { tempProject } from "../helpers/local-project";
 import { recordForScan, registerSecret } from "../helpers/secret-scan";
 
 const run = promisify(execFile);
@@ -32,14 +33,9 @@ config:
     globex: { plan: pro, stripeCustomerId: cus_globex }
 `;
 
-function projectWith(yaml: string): { dir: string; dataDir: string } {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "metered-local-"));
-  fs.writeFileSync(path.join(dir, "Pulumi.test.yaml"), yaml);
-  return { dir, dataDir: path.join(dir, ".local") };
-}
 
 describe("local stack (gateway emulator + handler + model server + collector)", () => {
-  let project: { dir: string; dataDir: string };
+  let project: ReturnType<typeof tempProject>;
   let stack: LocalStack;
   const logs: string[] = [];
 
@@ -52,7 +48,7 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
     });
 
   before(async () => {
-    project = projectWith(STACK_YAML);
+    project = tempProject(STACK_YAML);
     stack = await start();
     registerSecret(...Object.values(stack.apiKeys));
   });
@@ -60,7 +56,7 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
     recordForScan("local stack logs", logs);
     recordForScan("local stack collector", stack.collector?.rawPayloads ?? []);
     await stack?.stop();
-    fs.rmSync(project.dir, { recursive: true, force: true });
+    project.remove();
   });
 
   it("keeps one generated key per customer in .local/api-keys.json", () => {
@@ -147,7 +143,7 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
   });
 
   it("stores exactly one event per request with the customer and token counts, and npm run usage agrees", async () => {
-    const fresh = projectWith(STACK_YAML);
+    const fresh = tempProject(STACK_YAML);
     const own = await startLocalStack({ stack: "test", projectDir: fresh.dir, dataDir: fresh.dataDir, port: 0, env: {}, write: () => undefined });
     try {
       const sums: Record<string, { prompt: number; completion: number; requests: number }> = {};
@@ -185,7 +181,7 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
       expect(report.find((r) => r.customer === "globex")!.cost).to.equal(null);
     } finally {
       await own.stop();
-      fs.rmSync(fresh.dir, { recursive: true, force: true });
+      fresh.remove();
     }
   });
 
