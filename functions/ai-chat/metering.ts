@@ -1,5 +1,6 @@
 import { createHash } from "node:crypto";
 import type { Customer } from "./config";
+import type { Cost } from "../shared/pricing";
 import type { TokenUsage } from "./usage";
 
 /**
@@ -18,9 +19,15 @@ export interface UsageRecord {
   apiKeyId?: string;
   customer?: Customer;
   sourceIp?: string;
+  /** API Gateway stage (from the request context, never from client headers). */
+  stage?: string;
+  /** The model the request named, whenever it named one (also on early 4xx answers). */
   model?: string;
+  /** The validated (or estimated) usage billed for this request: the only usage a meter may sum. */
   usage: TokenUsage;
   usageEstimated: boolean;
+  /** What this request costs in the plan's currency (integer micro-units); absent on plans without prices. */
+  cost?: Cost;
   upstreamStatus?: number;
   upstreamMs?: number;
   status: number;

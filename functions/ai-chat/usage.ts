@@ -3,10 +3,17 @@ import type { TiktokenBPE } from "js-tiktoken/lite";
 import { isRecord } from "./config";
 import type { ChatMessage } from "./validate";
 
+/**
+ * Validated token counts: non-negative safe integers, `total_tokens` always recomputed as prompt + completion.
+ * `cached_tokens` (part of the prompt) and `reasoning_tokens` (part of the completion) are set only when the
+ * upstream reported them; pricing uses them, meters may show them.
+ */
 export interface TokenUsage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;
+  cached_tokens?: number;
+  reasoning_tokens?: number;
 }
 
 /** Zero usage: what a request that produced no completion is metered at. */
