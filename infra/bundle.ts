@@ -5,6 +5,13 @@ import { buildSync } from "esbuild";
 /** Tokenizer ranks (megabytes of data) ship beside the bundle and load only when a usage estimate is needed. */
 const LAZY_RANKS = ["o200k_base", "cl100k_base"] as const;
 
+export interface BundleOptions {
+  /** Extra files written next to `index.js` after bundling (e.g. `plans.json`): name → content. */
+  files?: Record<string, string>;
+  /** Copy the tokenizer ranks (megabytes) the ai-chat function loads lazily. @default true */
+  tokenizerRanks?: boolean;
+}
+
 export interface BundleResult {
   /** Directory holding `index.js` and its lazily loaded data: what the Lambda archive contains. */
   outdir: string;
@@ -15,8 +22,12 @@ export interface BundleResult {
 /**
  * Bundles a function's `index.ts` with esbuild into `outdir` (minified CommonJS for nodejs22.x).
  * Runs inside the Pulumi program so that `pulumi up` alone builds what it deploys.
+ *
+ * `@aws-sdk/*` stays out of the bundle: "Runtime versions nodejs18.x and later include version 3 of the SDK ... you
+ * don't need to include the SDK library in your .zip file" (https://docs.aws.amazon.com/lambda/latest/dg/nodejs-package.html).
+ * Bundling @aws-sdk/client-ssm would add 632 kB (175 kB zipped) to a 295 kB bundle for one GetParameters call.
  */
-export function bundleFunction(entryTs: string, outdir: string): BundleResult {
+export function bundleFunction(entryTs: string, outdir: string, options: BundleOptions = {}): BundleResult {
   fs.rmSync(outdir, { recursive: true, force: true });
   fs.mkdirSync(outdir, { recursive: true });
   const entry = path.join(outdir, "index.js");
@@ -30,10 +41,14 @@ export function bundleFunction(entryTs: string, outdir: string): BundleResult {
     minify: true,
     sourcemap: false,
     legalComments: "none",
-    external: LAZY_RANKS.map((name) => `js-tiktoken/ranks/${name}`),
+    external: ["@aws-sdk/*", ...LAZY_RANKS.map((name) => `js-tiktoken/ranks/${name}`)],
     logLevel: "error",
   });
-  copyRanks(outdir);
+  if (options.tokenizerRanks !== false) copyRanks(outdir);
+  for (const [name, content] of Object.entries(options.files ?? {})) {
+    if (name.includes("/") || name.includes("\\") || name.startsWith(".")) throw new Error(`bundle file names are plain names (got ${name})`);
+    fs.writeFileSync(path.join(outdir, name), content);
+  }
   return { outdir, entry };
 }
 

@@ -1,18 +1,25 @@
 /**
  * The ONLY place the program reads Pulumi config. Returns a validated, typed StackConfig; a bad value fails the
  * program with a message naming the key (see stack-config.ts for the rules and defaults).
+ *
+ * The defaults live twice on purpose: in `Pulumi.yaml` (`default:`), because the CLI treats every project key
+ * without one as required and stops before the program runs (pulumi/pulumi v3.248.0
+ * sdk/go/common/workspace/config.go:314, `!foundOnStack && !hasValue && !hasDefault` → "Stack '…' is missing
+ * configuration value"), and in stack-config.ts, because unit tests and the local stack never go through the CLI.
+ * tests/infra/pulumi-yaml.test.ts keeps the two equal.
  */
 import * as pulumi from "@pulumi/pulumi";
 import { parseStackConfig, StackConfigError, type StackConfig } from "./stack-config";
 
 export interface DeployConfig extends StackConfig {
-  /** Bearer key for the upstream model server. */
+  /** Bearer key for the upstream model server (secret). */
   upstreamApiKey: pulumi.Output<string>;
-  /** Moesif Collector Application Id. */
+  /** Moesif Collector Application Id (secret). */
   moesifApplicationId: pulumi.Output<string>;
 }
 
-const PLAIN_KEYS = [
+/** Every plain (non-secret, scalar) key the program reads. */
+export const PLAIN_KEYS = [
   "stageName",
   "upstreamBaseUrl",
   "moesifBaseUri",
@@ -26,21 +33,29 @@ const PLAIN_KEYS = [
   "lambdaTimeoutSeconds",
   "lambdaArchitecture",
   "logRetentionDays",
+  "reservedConcurrency",
+  "stageThrottleRateLimit",
+  "stageThrottleBurstLimit",
+  "manageApiGatewayAccount",
 ] as const;
+/** Structured keys (YAML maps). */
+export const OBJECT_KEYS = ["plans", "customers"] as const;
+/** Secret keys: no `default:` is possible for them (a default is stored unencrypted and fails the CLI's check). */
+export const SECRET_KEYS = ["upstreamApiKey", "moesifApplicationId"] as const;
 
 export function loadConfig(): DeployConfig {
   const config = new pulumi.Config();
   const values: Record<string, unknown> = {};
   for (const key of PLAIN_KEYS) values[key] = config.get(key);
-  for (const key of ["plans", "customers"]) {
+  for (const key of OBJECT_KEYS) {
     try {
       values[key] = config.getObject(key);
     } catch {
       throw new StackConfigError(key, "is not valid structured config (YAML map)");
     }
   }
-  const parsed = parseStackConfig(values, { forDeploy: true });
-  const secret = (key: string, hint: string) => {
+  const parsed = parseStackConfig(values, { forDeploy: true, stack: pulumi.getStack() });
+  const secret = (key: (typeof SECRET_KEYS)[number], hint: string) => {
     if (config.get(key) === undefined) throw new StackConfigError(key, `is required: pulumi config set --secret ${key} ${hint}`);
     return config.requireSecret(key);
   };

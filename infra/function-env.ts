@@ -1,8 +1,10 @@
 /**
- * What the function is told about routes, customers and plans: pure helpers shared by the Pulumi program and the
- * local stack, so both configure the function identically. (No Pulumi imports: the local stack loads this.)
+ * What the function is told about routes, customers, plans and its settings: pure helpers shared by the Pulumi
+ * program and the local stack, so both configure the function identically. (No Pulumi imports: the local stack
+ * loads this.)
  */
-import type { CustomerConfig, PlanConfig } from "./stack-config";
+import type { ModelPrice } from "../functions/shared/pricing";
+import type { CustomerConfig, PlanConfig, StackConfig } from "./stack-config";
 
 /** One API Gateway route served by the function. */
 export interface RouteSpec {
@@ -18,6 +20,21 @@ export const ROUTES: readonly RouteSpec[] = [
   { path: "/v1/models", method: "GET" },
 ];
 
+/** The plans file the program writes next to the bundled `index.js` (the function resolves it against /var/task). */
+export const PLANS_FILE = "plans.json";
+
+/** Lambda's limit on the total size of a function's environment variables. */
+export const LAMBDA_ENVIRONMENT_LIMIT_BYTES = 4096;
+
+/** API Gateway API key ids are 10 characters (e.g. `9n1exu7mz8`): the size of CUSTOMERS is known before the keys exist. */
+export const API_KEY_ID_LENGTH = 10;
+
+/** What the function knows about a plan: the models it may call and, when it bills, its prices (micro-units). */
+export interface FunctionPlan {
+  models?: string[];
+  pricing?: { currency: string; prices: Record<string, ModelPrice> };
+}
+
 /** The function's CUSTOMERS variable: API key id → customer. */
 export function customersByKeyId(
   keys: Array<{ keyId: string; customerId: string; customer: CustomerConfig }>,
@@ -30,23 +47,73 @@ export function customersByKeyId(
   );
 }
 
-/** The function's PLANS variable: only what the function enforces (the model list). */
-export function functionPlans(plans: Record<string, PlanConfig>): Record<string, { models?: string[] }> {
-  return Object.fromEntries(Object.entries(plans).map(([name, plan]) => [name, plan.models ? { models: plan.models } : {}]));
+/**
+ * The function's plans (`plans.json` on AWS, the `PLANS` variable locally): what the function enforces and prices.
+ * A billing plan without a `models` list may call exactly its priced models.
+ */
+export function functionPlans(plans: Record<string, PlanConfig>): Record<string, FunctionPlan> {
+  return Object.fromEntries(
+    Object.entries(plans).map(([name, plan]) => {
+      const entry: FunctionPlan = {};
+      const models = plan.models ?? (plan.prices ? Object.keys(plan.prices) : undefined);
+      if (models) entry.models = models;
+      if (plan.prices) entry.pricing = { currency: plan.currency ?? "usd", prices: plan.prices };
+      return [name, entry];
+    }),
+  );
 }
 
+/**
+ * The stack name as it may appear in resource names: Lambda, IAM and SSM names reject some characters Pulumi
+ * allows in stack names (`.` for Lambda and IAM), so anything but letters, digits, `-` and `_` becomes `-`.
+ */
+export function sanitizeStackName(stack: string): string {
+  return stack.replace(/[^A-Za-z0-9_-]/g, "-").slice(0, 64) || "stack";
+}
 
-/** Lambda's limit on the total size of a function's environment variables. */
-export const LAMBDA_ENVIRONMENT_LIMIT_BYTES = 4096;
-/** Room kept for the other variables (upstream URL and key, Moesif settings, timeouts). */
-export const ENVIRONMENT_RESERVE_BYTES = 1024;
+/** The SSM SecureString parameters holding the function's secrets (names shared by the program and the size check). */
+export function secretParameterNames(stack: string): { upstreamApiKey: string; moesifApplicationId: string } {
+  const base = `/metered-ai-api/${sanitizeStackName(stack)}`;
+  return { upstreamApiKey: `${base}/upstream-api-key`, moesifApplicationId: `${base}/moesif-application-id` };
+}
 
 /**
- * Bytes CUSTOMERS and PLANS will take in the function's environment. API Gateway key ids are 10 characters, so the
- * size is known before the keys exist, and a stack with too many customers fails at preview, naming the key, instead
- * of at deploy time with an AWS error.
+ * The function's environment on AWS, except CUSTOMERS (keyed by the API key ids API Gateway assigns). No secret is
+ * in it: the upstream key and the Moesif application id are SSM parameters, named here and read at the first
+ * request; anyone with `lambda:GetFunctionConfiguration` sees only their names.
  */
-export function customerEnvironmentBytes(customers: Record<string, CustomerConfig>, plans: Record<string, PlanConfig>): number {
-  const keys = Object.entries(customers).map(([customerId, customer], i) => ({ keyId: String(i).padStart(10, "k"), customerId, customer }));
-  return "CUSTOMERS".length + JSON.stringify(customersByKeyId(keys)).length + "PLANS".length + JSON.stringify(functionPlans(plans)).length;
+export function functionEnvironment(config: StackConfig, stack: string): Record<string, string> {
+  const parameters = secretParameterNames(stack);
+  return {
+    UPSTREAM_BASE_URL: config.upstreamBaseUrl,
+    UPSTREAM_API_KEY_PARAMETER: parameters.upstreamApiKey,
+    UPSTREAM_TIMEOUT_MS: String(config.upstreamTimeoutMs),
+    MAX_REQUEST_BYTES: String(config.maxRequestBytes),
+    RESPONSE_ENVELOPE: config.responseEnvelope,
+    MOESIF_APPLICATION_ID_PARAMETER: parameters.moesifApplicationId,
+    MOESIF_BASE_URI: config.moesifBaseUri,
+    MOESIF_LOG_BODIES: String(config.logBodies),
+    METERING_TIMEOUT_MS: String(config.meteringTimeoutMs),
+    PLANS_FILE,
+  };
+}
+
+/** The CUSTOMERS variable's value. */
+export function customersVariable(keyIds: Record<string, string>, customers: Record<string, CustomerConfig>): string {
+  return JSON.stringify(customersByKeyId(Object.entries(customers).map(([customerId, customer]) => ({ keyId: keyIds[customerId], customerId, customer }))));
+}
+
+/** The environment the stack will deploy, with placeholder key ids of API Gateway's length. */
+export function plannedEnvironment(config: StackConfig, stack: string): Record<string, string> {
+  const keyIds = Object.fromEntries(Object.keys(config.customers).map((id, i) => [id, String(i).padStart(API_KEY_ID_LENGTH, "k")]));
+  return { ...functionEnvironment(config, stack), CUSTOMERS: customersVariable(keyIds, config.customers) };
+}
+
+/**
+ * Bytes of an environment as Lambda counts them against its 4 KB: the JSON-serialised variables map, UTF-8, with
+ * every quote inside a JSON-valued variable escaped (LocalStack's size check, validated against AWS, does the same:
+ * `json.dumps(variables)` in localstack/localstack#6862).
+ */
+export function environmentBytes(variables: Record<string, string>): number {
+  return Buffer.byteLength(JSON.stringify(variables), "utf8");
 }

@@ -143,7 +143,11 @@ export function renderGatewayBody(spec: GatewayResponseSpec, request: { method: 
 
 /**
  * The `application/json` response template for API Gateway: the same JSON with `{method}` / `{path}` as
- * `$context.httpMethod` / `$context.path`.
+ * `$context.httpMethod` / `$context.path`. Gateway response templates are not VTL: "a non-VTL mapping template
+ * supporting only simple variable substitutions", which "can access `$context` variable values" (API Gateway
+ * developer guide, api-gateway-gatewayResponse-definition). Substitution is verbatim, not JSON-escaped: a path with
+ * a raw `"` or `\` would make that one body invalid JSON (clients percent-encode both; `$context.path` is the
+ * path as received, with the stage, e.g. `/beta/v1/chat/completion`).
  */
 export function gatewayResponseTemplate(spec: GatewayResponseSpec): string {
   return JSON.stringify(spec.body).split("{method}").join("$context.httpMethod").split("{path}").join("$context.path");

@@ -1,37 +1,47 @@
 /**
- * Composition root: config → components → stack outputs. `pulumi up` builds the function bundle itself.
+ * Composition root: config → components → stack outputs. `pulumi up` builds both function bundles itself.
  */
 import path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
 import { bundleFunction } from "./bundle";
 import { loadConfig } from "./config";
+import { functionEnvironment, functionPlans, PLANS_FILE, sanitizeStackName, secretParameterNames } from "./function-env";
 import { MeteredAiApi } from "./metered-ai-api";
 import { MoesifStripeWebhook } from "./moesif-stripe-webhook";
 
 const config = loadConfig();
+const stack = pulumi.getStack();
 const root = path.resolve(__dirname, "..");
-const bundle = bundleFunction(path.join(root, "functions", "ai-chat", "index.ts"), path.join(root, ".build", "ai-chat"));
+// One build directory per stack: plans.json differs between stacks.
+const buildDir = path.join(root, ".build", "stacks", sanitizeStackName(stack));
+const archive = (dir: string) => new pulumi.asset.AssetArchive({ ".": new pulumi.asset.FileArchive(dir) });
 
+// The plans (with prices) ship as a file beside index.js: as a variable they would eat into Lambda's 4 KB
+// environment, which CUSTOMERS still needs.
+const chat = bundleFunction(path.join(root, "functions", "ai-chat", "index.ts"), path.join(buildDir, "ai-chat"), {
+  files: { [PLANS_FILE]: JSON.stringify(functionPlans(config.plans)) },
+});
+const authorizer = bundleFunction(path.join(root, "functions", "authorizer", "index.ts"), path.join(buildDir, "authorizer"), { tokenizerRanks: false });
+
+const parameters = secretParameterNames(stack);
 const api = new MeteredAiApi("metered-ai-api", {
-  code: new pulumi.asset.AssetArchive({ ".": new pulumi.asset.FileArchive(bundle.outdir) }),
+  code: archive(chat.outdir),
+  authorizerCode: archive(authorizer.outdir),
   stageName: config.stageName,
   plans: config.plans,
   customers: config.customers,
-  environment: {
-    UPSTREAM_BASE_URL: config.upstreamBaseUrl,
-    UPSTREAM_API_KEY: config.upstreamApiKey,
-    UPSTREAM_TIMEOUT_MS: String(config.upstreamTimeoutMs),
-    MAX_REQUEST_BYTES: String(config.maxRequestBytes),
-    RESPONSE_ENVELOPE: config.responseEnvelope,
-    MOESIF_APPLICATION_ID: config.moesifApplicationId,
-    ...(config.moesifBaseUri ? { MOESIF_BASE_URI: config.moesifBaseUri } : {}),
-    MOESIF_LOG_BODIES: String(config.logBodies),
-    METERING_TIMEOUT_MS: String(config.meteringTimeoutMs),
-  },
+  environment: functionEnvironment(config, stack),
+  secretParameters: [
+    { name: parameters.upstreamApiKey, value: config.upstreamApiKey, description: "metered-ai-api: the upstream's API key" },
+    { name: parameters.moesifApplicationId, value: config.moesifApplicationId, description: "metered-ai-api: Moesif Collector Application Id" },
+  ],
   memoryMb: config.lambdaMemoryMb,
   timeoutSeconds: config.lambdaTimeoutSeconds,
   architecture: config.lambdaArchitecture,
   logRetentionDays: config.logRetentionDays,
+  reservedConcurrency: config.reservedConcurrency,
+  stageThrottle: { rateLimit: config.stageThrottleRateLimit, burstLimit: config.stageThrottleBurstLimit },
+  manageApiGatewayAccount: config.manageApiGatewayAccount,
 });
 
 const webhook = new MoesifStripeWebhook("moesif-stripe", { url: config.moesifStripeWebhookUrl! });
@@ -40,12 +50,20 @@ const webhook = new MoesifStripeWebhook("moesif-stripe", { url: config.moesifStr
 export const invokeUrl = api.invokeUrl;
 /** The seed tutorial's endpoint. */
 export const aiChatUrl = pulumi.interpolate`${api.invokeUrl}/ai-chat`;
-/** `baseURL` for the official OpenAI SDKs (send the key in `x-api-key`). */
+/** `baseURL` for the official OpenAI SDKs (the key as their `apiKey`, or in `x-api-key`). */
 export const openaiBaseUrl = pulumi.interpolate`${api.invokeUrl}/v1`;
 /** Customer id → API key value. `pulumi stack output apiKeys --show-secrets`. */
 export const apiKeys = api.apiKeyValues;
 export const apiKeyIds = api.apiKeyIds;
 export const usagePlanIds = api.usagePlanIds;
 export const functionName = api.functionName;
+/** `aws logs tail <functionLogGroupName>`: the function's log group (auto-named, so stacks never collide). */
+export const functionLogGroupName = api.functionLogGroupName;
+export const authorizerFunctionName = api.authorizerFunctionName;
+/** The stage's JSON access log. */
+export const accessLogGroupName = api.accessLogGroupName;
+/** Where the secrets live (names only). */
+export const upstreamApiKeyParameter = parameters.upstreamApiKey;
+export const moesifApplicationIdParameter = parameters.moesifApplicationId;
 export const stripeWebhookEndpointId = webhook.endpointId;
 export const stripeWebhookSecret = webhook.signingSecret;

@@ -1,17 +1,68 @@
 import { createHash } from "node:crypto";
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
-import { customersByKeyId, functionPlans, ROUTES, type RouteSpec } from "./function-env";
-import type { CustomerConfig, PlanConfig } from "./stack-config";
+import { customersVariable, ROUTES, sanitizeStackName } from "./function-env";
+import { GATEWAY_RESPONSES, gatewayResponseParameters, gatewayResponseTemplate, KEEPS_STATUS } from "./gateway-responses";
+import { INTEGRATION_TIMEOUT_MS, type CustomerConfig, type PlanConfig } from "./stack-config";
 
 export { ROUTES, type RouteSpec } from "./function-env";
+export { INTEGRATION_TIMEOUT_MS } from "./stack-config";
 
-/** API Gateway's own limit for a REST integration unless raised by a quota request. */
-export const INTEGRATION_TIMEOUT_MS = 29_000;
+/**
+ * The stage variable the authorizer names as its identity source. Why not "no identity source": the AWS provider
+ * defaults `identitySource` to `method.request.header.Authorization` (terraform-provider-aws
+ * internal/service/apigateway/authorizer.go, `Default: "method.request.header.Authorization"`) and the API refuses
+ * an empty one (hashicorp/terraform-provider-aws#12069), so "none" cannot be expressed. A header source would make
+ * API Gateway answer 401 without calling the authorizer whenever that header is missing ("If a specified identify
+ * source is missing, null, or empty, API Gateway returns a 401 Unauthorized response without calling the authorizer
+ * Lambda function", API Gateway developer guide, configure-api-gateway-lambda-authorization-with-console), which
+ * would lock out x-api-key-only or Bearer-only clients. A stage variable the stage always sets is present on every
+ * request. With caching disabled (TTL 0, below) it is only checked, never used as a cache key; caching must stay
+ * off, or every caller would share one cached key.
+ */
+export const AUTHORIZER_STAGE_VARIABLE = "apiKeyAuthorizer";
+
+/**
+ * The stage's access log line (JSON; API Gateway requires `$context.requestId`). Only the API key's id, never the
+ * key (`$context.identity.apiKey`). Caller-controlled strings (user agent, raw path) are left out: API Gateway
+ * substitutes them unescaped, and one quote would break the line's JSON; `$context.error.messageString` is the
+ * quoted form API Gateway provides for exactly this reason.
+ */
+export const ACCESS_LOG_FORMAT =
+  "{" +
+  [
+    `"requestId":"$context.requestId"`,
+    `"extendedRequestId":"$context.extendedRequestId"`,
+    `"requestTimeEpoch":"$context.requestTimeEpoch"`,
+    `"ip":"$context.identity.sourceIp"`,
+    `"httpMethod":"$context.httpMethod"`,
+    `"resourcePath":"$context.resourcePath"`,
+    `"status":"$context.status"`,
+    `"protocol":"$context.protocol"`,
+    `"responseLength":"$context.responseLength"`,
+    `"apiKeyId":"$context.identity.apiKeyId"`,
+    `"errorType":"$context.error.responseType"`,
+    `"errorMessage":$context.error.messageString`,
+    `"authorizerLatencyMs":"$context.authorizer.latency"`,
+    `"integrationLatencyMs":"$context.integration.latency"`,
+    `"integrationStatus":"$context.integration.status"`,
+    `"responseLatencyMs":"$context.responseLatency"`,
+  ].join(",") +
+  "}";
+
+/** One SSM SecureString parameter the function may read. */
+export interface SecretParameterArgs {
+  /** Full parameter name, e.g. `/metered-ai-api/dev/upstream-api-key`. */
+  name: string;
+  value: pulumi.Input<string>;
+  description?: string;
+}
 
 export interface MeteredAiApiArgs {
-  /** Deployed function code: a directory archive with `index.js` exporting `handler`. */
+  /** Deployed function code: a directory archive with `index.js` exporting `handler` (and `plans.json`). */
   code: pulumi.Input<pulumi.asset.Archive>;
+  /** The API key authorizer's code: a directory archive with `index.js` exporting `handler`. */
+  authorizerCode: pulumi.Input<pulumi.asset.Archive>;
   /** Stage name in the invoke URL. @default "beta" */
   stageName?: string;
   /** Usage plans by name: throttle, quota and allowed models. */
@@ -19,28 +70,44 @@ export interface MeteredAiApiArgs {
   /** Customers by id; each gets an API key on its plan. */
   customers: Record<string, CustomerConfig>;
   /**
-   * Function environment besides CUSTOMERS and PLANS (which the component writes from the keys it creates).
-   * Secret values stay secret: the whole environment becomes a secret output.
+   * Function environment besides CUSTOMERS (which the component writes from the keys it creates). Plain strings
+   * only: secrets go in `secretParameters`, so the environment never holds one.
    */
-  environment: pulumi.Input<Record<string, pulumi.Input<string>>>;
+  environment: Record<string, string>;
+  /** SSM SecureString parameters created for the function, which its role may read (and nothing else). */
+  secretParameters?: SecretParameterArgs[];
   /** @default 512 */
   memoryMb?: number;
   /** @default 29 */
   timeoutSeconds?: number;
   /** @default "arm64" */
   architecture?: "arm64" | "x86_64";
-  /** CloudWatch retention for the function's log group. @default 30 */
+  /** CloudWatch retention of the function's, the authorizer's and the access log groups. @default 30 */
   logRetentionDays?: number;
+  /** Reserved concurrency of the function; -1 leaves it unreserved. @default -1 */
+  reservedConcurrency?: number;
+  /** Stage-wide default method throttle, a ceiling above the plans. @default { rateLimit: 10000, burstLimit: 5000 } */
+  stageThrottle?: { rateLimit: number; burstLimit: number };
+  /**
+   * Set the region's API Gateway CloudWatch role (access logs need it). The setting is region-wide and has no
+   * delete; the role and the setting are retained on `pulumi destroy`. @default true
+   */
+  manageApiGatewayAccount?: boolean;
 }
 
 /**
- * The metered API: the ai-chat Lambda, a REGIONAL REST API whose every method requires an API key, a stage, one
- * usage plan per plan and one API key per customer.
+ * The metered API: the ai-chat Lambda (secrets from SSM), a REQUEST authorizer that accepts the key as
+ * `x-api-key` or `Authorization: Bearer`, a REGIONAL REST API whose every method requires an API key, OpenAI-shaped
+ * gateway responses, a stage with JSON access logs and a throttle ceiling, one usage plan per plan and one API key
+ * per customer.
  */
 export class MeteredAiApi extends pulumi.ComponentResource {
   /** Stage base URL, e.g. `https://abc.execute-api.us-east-1.amazonaws.com/beta`. */
   public readonly invokeUrl: pulumi.Output<string>;
   public readonly functionName: pulumi.Output<string>;
+  public readonly functionLogGroupName: pulumi.Output<string>;
+  public readonly authorizerFunctionName: pulumi.Output<string>;
+  public readonly accessLogGroupName: pulumi.Output<string>;
   public readonly restApiId: pulumi.Output<string>;
   /** Customer id → API key id. */
   public readonly apiKeyIds: pulumi.Output<Record<string, string>>;
@@ -53,32 +120,51 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     super("metered-ai-api:index:MeteredAiApi", name, {}, opts);
     const parent = { parent: this };
     const stageName = args.stageName ?? "beta";
-    const functionName = `${name}-${pulumi.getStack()}-ai-chat`.slice(0, 64);
+    const retentionInDays = args.logRetentionDays ?? 30;
+    // Human-readable names where AWS does not require them to be unique (API, plans, keys). Names AWS does require
+    // unique per account and region (functions, roles, log groups) are left to Pulumi's auto-naming, so two
+    // backends with a stack of the same name cannot collide.
+    const label = `${name}-${sanitizeStackName(pulumi.getStack())}`;
 
     // Keys first: the function's CUSTOMERS map is keyed by the ids API Gateway assigns them.
     const apiKeys = Object.entries(args.customers).map(([customerId, customer]) => ({
       customerId,
       customer,
-      key: new aws.apigateway.ApiKey(`${name}-key-${customerId}`, { name: `${name}-${pulumi.getStack()}-${customerId}`, enabled: true, description: `metered-ai-api customer ${customerId}` }, parent),
+      key: new aws.apigateway.ApiKey(
+        `${name}-key-${customerId}`,
+        { name: `${label}-${customerId}`, enabled: true, description: `metered-ai-api customer ${customerId}` },
+        parent,
+      ),
     }));
 
-    const logGroup = new aws.cloudwatch.LogGroup(`${name}-logs`, { name: `/aws/lambda/${functionName}`, retentionInDays: args.logRetentionDays ?? 30 }, parent);
+    const parameters = (args.secretParameters ?? []).map(
+      (p) =>
+        new aws.ssm.Parameter(
+          `${name}-param-${p.name.split("/").pop()}`,
+          { name: p.name, type: aws.ssm.ParameterType.SecureString, value: p.value, description: p.description },
+          parent,
+        ),
+    );
+
+    // --- the ai-chat function ---
+    const logGroup = new aws.cloudwatch.LogGroup(`${name}-fn-logs`, { namePrefix: `/aws/lambda/${label}-ai-chat-`, retentionInDays }, parent);
     const role = new aws.iam.Role(`${name}-role`, { assumeRolePolicy: lambdaAssumeRolePolicy() }, parent);
-    // Basic execution only, scoped to this function's log group (the managed AWSLambdaBasicExecutionRole allows "*").
-    const rolePolicy = new aws.iam.RolePolicy(`${name}-logs-policy`, { role: role.id, policy: logGroup.arn.apply(logWritePolicy) }, parent);
-
+    // Its own log group and exactly its parameters; no AWSLambdaBasicExecutionRole (it allows every log group).
+    const rolePolicy = new aws.iam.RolePolicy(
+      `${name}-policy`,
+      {
+        role: role.id,
+        policy: pulumi.all([logGroup.arn, pulumi.all(parameters.map((p) => p.arn))]).apply(([logArn, parameterArns]) => functionPolicy(logArn, parameterArns)),
+      },
+      parent,
+    );
     const environment = pulumi
-      .all([args.environment, pulumi.all(apiKeys.map(({ key }) => key.id))])
-      .apply(([env, ids]) => ({
-        ...env,
-        CUSTOMERS: JSON.stringify(customersByKeyId(apiKeys.map(({ customerId, customer }, i) => ({ keyId: ids[i], customerId, customer })))),
-        PLANS: JSON.stringify(functionPlans(args.plans)),
-      }));
-
+      .all(apiKeys.map(({ key }) => key.id))
+      .apply((ids) => ({ ...args.environment, CUSTOMERS: customersVariable(Object.fromEntries(apiKeys.map(({ customerId }, i) => [customerId, ids[i]])), args.customers) }));
     const fn = new aws.lambda.Function(
       `${name}-fn`,
       {
-        name: functionName,
+        description: `metered-ai-api chat proxy (${label})`,
         runtime: aws.lambda.Runtime.NodeJS22dX,
         architectures: [args.architecture ?? "arm64"],
         handler: "index.handler",
@@ -86,15 +172,87 @@ export class MeteredAiApi extends pulumi.ComponentResource {
         role: role.arn,
         memorySize: args.memoryMb ?? 512,
         timeout: args.timeoutSeconds ?? 29,
+        reservedConcurrentExecutions: args.reservedConcurrency ?? -1,
         environment: { variables: environment },
         loggingConfig: { logFormat: "Text", logGroup: logGroup.name },
       },
-      { parent: this, dependsOn: [rolePolicy, logGroup] },
+      { parent: this, dependsOn: [rolePolicy, logGroup, ...parameters] },
     );
 
+    // --- the API key authorizer ---
+    const authorizerLogGroup = new aws.cloudwatch.LogGroup(`${name}-authorizer-logs`, { namePrefix: `/aws/lambda/${label}-authorizer-`, retentionInDays }, parent);
+    const authorizerRole = new aws.iam.Role(`${name}-authorizer-role`, { assumeRolePolicy: lambdaAssumeRolePolicy() }, parent);
+    const authorizerPolicy = new aws.iam.RolePolicy(`${name}-authorizer-policy`, { role: authorizerRole.id, policy: authorizerLogGroup.arn.apply((arn) => functionPolicy(arn, [])) }, parent);
+    const authorizerFn = new aws.lambda.Function(
+      `${name}-authorizer`,
+      {
+        description: `metered-ai-api API key authorizer (${label})`,
+        runtime: aws.lambda.Runtime.NodeJS22dX,
+        architectures: ["arm64"],
+        handler: "index.handler",
+        code: args.authorizerCode,
+        role: authorizerRole.arn,
+        // No I/O, no dependencies: the smallest size is enough, and it runs once per request.
+        memorySize: 128,
+        timeout: 5,
+        // It logs nothing itself; WARN drops the START/REPORT lines Lambda writes per invocation at INFO ("By default,
+        // Lambda sets the system log level to INFO ... sends start and report log messages", Lambda developer guide,
+        // monitoring-cloudwatchlogs-log-level). Log-level filtering requires the JSON format.
+        loggingConfig: { logFormat: "JSON", systemLogLevel: "WARN", applicationLogLevel: "WARN", logGroup: authorizerLogGroup.name },
+      },
+      { parent: this, dependsOn: [authorizerPolicy, authorizerLogGroup] },
+    );
+
+    // Everything a deployment snapshots is tracked here with the exact args its resource is built from; the
+    // deployment trigger hashes them, so any edit to a method, integration, resource, authorizer, gateway response or
+    // API setting redeploys, without a hand-maintained list.
+    const snapshot: Record<string, pulumi.Input<unknown>> = {};
+    const tracked = <T>(logicalName: string, resourceArgs: T): T => {
+      snapshot[logicalName] = resourceArgs as pulumi.Input<unknown>;
+      return resourceArgs;
+    };
+
+    const apiName = `${name}-api`;
     const api = new aws.apigateway.RestApi(
-      `${name}-api`,
-      { name: `${name}-${pulumi.getStack()}`, endpointConfiguration: { types: "REGIONAL" }, apiKeySource: "HEADER" },
+      apiName,
+      tracked(apiName, {
+        name: label,
+        endpointConfiguration: { types: "REGIONAL" },
+        // The key comes from the authorizer's usageIdentifierKey, so it may arrive as `x-api-key` or as
+        // `Authorization: Bearer` ("AUTHORIZER: You have a Lambda authorizer return the API key as part of the
+        // authorization response", API Gateway developer guide, api-gateway-api-key-source).
+        apiKeySource: "AUTHORIZER",
+        // Every body reaches the function base64-encoded and byte-exact (so invalid UTF-8 is seen and refused, not
+        // replaced). Answers are unaffected: a proxy result with isBase64Encoded false is sent as the text it is
+        // (the developer guide's lambda-proxy-binary-media example with binary media types "*/*" returns
+        // "<h1>This is text</h1>" without isBase64Encoded).
+        binaryMediaTypes: ["*/*"],
+      }),
+      parent,
+    );
+
+    const authorizerName = `${name}-authorizer-key`;
+    const authorizer = new aws.apigateway.Authorizer(
+      authorizerName,
+      tracked(authorizerName, {
+        restApi: api.id,
+        name: `${label}-api-key`,
+        type: "REQUEST",
+        authorizerUri: authorizerFn.invokeArn,
+        identitySource: `stageVariables.${AUTHORIZER_STAGE_VARIABLE}`,
+        authorizerResultTtlInSeconds: 0,
+      }),
+      parent,
+    );
+    // Only this API's authorizer may invoke the authorizer function.
+    const authorizerPermission = new aws.lambda.Permission(
+      `${name}-authorizer-permission`,
+      {
+        action: "lambda:InvokeFunction",
+        function: authorizerFn.name,
+        principal: "apigateway.amazonaws.com",
+        sourceArn: pulumi.interpolate`${api.executionArn}/authorizers/${authorizer.id}`,
+      },
       parent,
     );
 
@@ -105,28 +263,39 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       const existing = resources.get(path);
       if (existing) return existing.id;
       const slash = path.lastIndexOf("/");
+      const resourceName = `${name}-res${path.replace(/\//g, "-")}`;
       const resource = new aws.apigateway.Resource(
-        `${name}-res${path.replace(/\//g, "-")}`,
-        { restApi: api.id, parentId: resourceFor(path.slice(0, slash)), pathPart: path.slice(slash + 1) },
+        resourceName,
+        tracked(resourceName, { restApi: api.id, parentId: resourceFor(path.slice(0, slash)), pathPart: path.slice(slash + 1) }),
         parent,
       );
       resources.set(path, resource);
       return resource.id;
     };
 
-    const methods: aws.apigateway.Method[] = [];
-    const integrations: aws.apigateway.Integration[] = [];
+    const snapshotParts: pulumi.Resource[] = [authorizer];
+    const permissions: pulumi.Resource[] = [authorizerPermission];
     for (const route of ROUTES) {
       const slug = `${route.method.toLowerCase()}${route.path.replace(/\//g, "-")}`;
       const resourceId = resourceFor(route.path);
+      const methodName = `${name}-method-${slug}`;
       const method = new aws.apigateway.Method(
-        `${name}-method-${slug}`,
-        { restApi: api.id, resourceId, httpMethod: route.method, authorization: "NONE", apiKeyRequired: true },
+        methodName,
+        tracked(methodName, {
+          restApi: api.id,
+          resourceId,
+          httpMethod: route.method,
+          authorization: "CUSTOM",
+          authorizerId: authorizer.id,
+          // The authorizer finds the key; API Gateway still checks it against the usage plans (throttle, quota).
+          apiKeyRequired: true,
+        }),
         parent,
       );
+      const integrationName = `${name}-integration-${slug}`;
       const integration = new aws.apigateway.Integration(
-        `${name}-integration-${slug}`,
-        {
+        integrationName,
+        tracked(integrationName, {
           restApi: api.id,
           resourceId,
           httpMethod: method.httpMethod,
@@ -135,39 +304,97 @@ export class MeteredAiApi extends pulumi.ComponentResource {
           integrationHttpMethod: "POST",
           uri: fn.invokeArn,
           timeoutMilliseconds: INTEGRATION_TIMEOUT_MS,
-        },
+        }),
         parent,
       );
-      methods.push(method);
-      integrations.push(integration);
+      snapshotParts.push(method, integration);
       // Scoped to this API, this stage and this method + path: nothing else may invoke the function.
-      new aws.lambda.Permission(
-        `${name}-permission-${slug}`,
-        {
-          action: "lambda:InvokeFunction",
-          function: fn.name,
-          principal: "apigateway.amazonaws.com",
-          sourceArn: pulumi.interpolate`${api.executionArn}/${stageName}/${route.method}${route.path}`,
-        },
-        parent,
+      permissions.push(
+        new aws.lambda.Permission(
+          `${name}-permission-${slug}`,
+          {
+            action: "lambda:InvokeFunction",
+            function: fn.name,
+            principal: "apigateway.amazonaws.com",
+            sourceArn: pulumi.interpolate`${api.executionArn}/${stageName}/${route.method}${route.path}`,
+          },
+          parent,
+        ),
       );
     }
 
-    // A REST API serves a snapshot taken by a Deployment; without a trigger that changes with the routes,
-    // `pulumi up` would update methods and integrations that the stage never serves.
+    // API Gateway's own answers (bad key, unknown route, throttle, quota, …) in OpenAI's error shape.
+    for (const spec of GATEWAY_RESPONSES) {
+      const responseName = `${name}-response-${spec.responseType.toLowerCase().replace(/_/g, "-")}`;
+      snapshotParts.push(
+        new aws.apigateway.Response(
+          responseName,
+          tracked(responseName, {
+            restApiId: api.id,
+            responseType: spec.responseType,
+            // DEFAULT_4XX/5XX keep API Gateway's status: setting theirs would change every other 4XX/5XX response's
+            // status too (developer guide, supported-gateway-response-types).
+            ...(KEEPS_STATUS.has(spec.responseType) ? {} : { statusCode: String(spec.statusCode) }),
+            responseTemplates: { "application/json": gatewayResponseTemplate(spec) },
+            responseParameters: gatewayResponseParameters(spec),
+          }),
+          parent,
+        ),
+      );
+    }
+
+    // A REST API serves a snapshot taken by a Deployment; gateway responses, too, take effect only when deployed.
+    // Removing a route changes this hash as well: the new deployment (without the route) goes live on the stage
+    // before Pulumi deletes the route's method, integration and permission (deletes run after every create and
+    // update), so no deployed route is ever left without its permission. Depending on the permissions means a new
+    // route is never served before it may invoke the function.
     const deployment = new aws.apigateway.Deployment(
       `${name}-deployment`,
-      { restApi: api.id, description: "metered-ai-api", triggers: { redeployment: fn.invokeArn.apply((arn) => deploymentTrigger(ROUTES, arn)) } },
-      { parent: this, dependsOn: [...methods, ...integrations] },
+      { restApi: api.id, description: "metered-ai-api", triggers: { redeployment: pulumi.output(snapshot).apply(deploymentTrigger) } },
+      { parent: this, dependsOn: [...resources.values(), ...snapshotParts, ...permissions] },
     );
-    const stage = new aws.apigateway.Stage(`${name}-stage`, { restApi: api.id, deployment: deployment.id, stageName }, parent);
+
+    // --- access logs: the region's API Gateway CloudWatch role must be set first ---
+    const accountDependencies: pulumi.Resource[] = [];
+    if (args.manageApiGatewayAccount ?? true) {
+      // Region-wide settings with no delete (terraform-provider-aws account.go: "There is no API for deleting
+      // account or resetting it"); retained so that destroying this stack never leaves the region pointing at a
+      // deleted role, which would break logging for every other API in the region.
+      const retained = { parent: this, retainOnDelete: true };
+      const cloudwatchRole = new aws.iam.Role(`${name}-apigateway-cloudwatch-role`, { assumeRolePolicy: apiGatewayAssumeRolePolicy() }, retained);
+      const attachment = new aws.iam.RolePolicyAttachment(
+        `${name}-apigateway-cloudwatch-policy`,
+        { role: cloudwatchRole.name, policyArn: aws.iam.ManagedPolicy.AmazonAPIGatewayPushToCloudWatchLogs },
+        retained,
+      );
+      accountDependencies.push(new aws.apigateway.Account(`${name}-apigateway-account`, { cloudwatchRoleArn: cloudwatchRole.arn }, { ...retained, dependsOn: [attachment] }));
+    }
+    const accessLogGroup = new aws.cloudwatch.LogGroup(`${name}-access-logs`, { namePrefix: `/aws/apigateway/${label}-access-`, retentionInDays }, parent);
+    const stage = new aws.apigateway.Stage(
+      `${name}-stage`,
+      {
+        restApi: api.id,
+        deployment: deployment.id,
+        stageName,
+        variables: { [AUTHORIZER_STAGE_VARIABLE]: "on" },
+        accessLogSettings: { destinationArn: accessLogGroup.arn, format: ACCESS_LOG_FORMAT },
+      },
+      { parent: this, dependsOn: accountDependencies },
+    );
+    const throttle = args.stageThrottle ?? { rateLimit: 10_000, burstLimit: 5_000 };
+    // Every method of the stage ("*/*"): all callers together never exceed this, whatever their plans allow.
+    new aws.apigateway.MethodSettings(
+      `${name}-stage-throttle`,
+      { restApi: api.id, stageName: stage.stageName, methodPath: "*/*", settings: { throttlingRateLimit: throttle.rateLimit, throttlingBurstLimit: throttle.burstLimit } },
+      parent,
+    );
 
     const usagePlans = Object.entries(args.plans).map(([planName, plan]) => ({
       planName,
       usagePlan: new aws.apigateway.UsagePlan(
         `${name}-plan-${planName}`,
         {
-          name: `${name}-${pulumi.getStack()}-${planName}`,
+          name: `${label}-${planName}`,
           apiStages: [{ apiId: api.id, stage: stage.stageName }],
           throttleSettings: { rateLimit: plan.rateLimit, burstLimit: plan.burstLimit },
           ...(plan.quota ? { quotaSettings: { limit: plan.quota.limit, period: plan.quota.period, offset: plan.quota.offset } } : {}),
@@ -177,11 +404,28 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     }));
     const planIdByName = new Map(usagePlans.map(({ planName, usagePlan }) => [planName, usagePlan.id]));
     for (const { customerId, customer, key } of apiKeys) {
-      new aws.apigateway.UsagePlanKey(`${name}-plan-key-${customerId}`, { keyId: key.id, keyType: "API_KEY", usagePlanId: planIdByName.get(customer.plan)! }, parent);
+      new aws.apigateway.UsagePlanKey(
+        `${name}-plan-key-${customerId}`,
+        { keyId: key.id, keyType: "API_KEY", usagePlanId: planIdByName.get(customer.plan)! },
+        {
+          parent: this,
+          // keyId, keyType and usagePlanId are ForceNew (terraform-provider-aws usage_plan_key.go schema): a plan
+          // change replaces this association. Created first (Pulumi's default), the new one would put the key on a
+          // second usage plan of the same stage, which API Gateway refuses; so delete the old one first. The key
+          // itself (aws.apigateway.ApiKey) does not depend on the plan and is untouched.
+          deleteBeforeReplace: true,
+          // `value` is the key itself, a computed output the provider does not mark sensitive (usage_plan_key.go:
+          // `value` is Computed only, unlike ApiKey's), so the state would hold every key in plain text.
+          additionalSecretOutputs: ["value"],
+        },
+      );
     }
 
     this.invokeUrl = stage.invokeUrl;
     this.functionName = fn.name;
+    this.functionLogGroupName = logGroup.name;
+    this.authorizerFunctionName = authorizerFn.name;
+    this.accessLogGroupName = accessLogGroup.name;
     this.restApiId = api.id;
     this.apiKeyIds = recordOf(apiKeys.map(({ customerId, key }) => [customerId, key.id]));
     // Mocks (and some providers) do not mark ApiKey.value secret; never rely on that.
@@ -190,6 +434,9 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     this.registerOutputs({
       invokeUrl: this.invokeUrl,
       functionName: this.functionName,
+      functionLogGroupName: this.functionLogGroupName,
+      authorizerFunctionName: this.authorizerFunctionName,
+      accessLogGroupName: this.accessLogGroupName,
       restApiId: this.restApiId,
       apiKeyIds: this.apiKeyIds,
       apiKeyValues: this.apiKeyValues,
@@ -202,7 +449,7 @@ function recordOf(entries: Array<[string, pulumi.Output<string>]>): pulumi.Outpu
   return pulumi.all(entries.map(([, value]) => value)).apply((values) => Object.fromEntries(entries.map(([k], i) => [k, values[i]])));
 }
 
-/** Trust policy letting Lambda assume the function's role. */
+/** Trust policy letting Lambda assume a function's role. */
 export function lambdaAssumeRolePolicy(): string {
   return JSON.stringify({
     Version: "2012-10-17",
@@ -210,19 +457,44 @@ export function lambdaAssumeRolePolicy(): string {
   });
 }
 
-/** Lets the function write to its own log group and nothing else. */
-export function logWritePolicy(logGroupArn: string): string {
+/** Trust policy for the role API Gateway uses to write logs. */
+export function apiGatewayAssumeRolePolicy(): string {
   return JSON.stringify({
     Version: "2012-10-17",
-    Statement: [{ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroupArn}:*` }],
+    Statement: [{ Effect: "Allow", Principal: { Service: "apigateway.amazonaws.com" }, Action: "sts:AssumeRole" }],
   });
 }
 
 /**
- * A hash of everything the deployed snapshot depends on: each route's path and method, its key requirement and
- * integration, and the function it invokes. Same routes and function → same hash → no redeployment.
+ * A function's permissions: write to its own log group, and read exactly the given SSM parameters. No kms:Decrypt:
+ * SecureStrings use the AWS managed key, which "grants Decrypt permission to all IAM principals in the AWS account"
+ * (Systems Manager user guide, ps-restrict-decryption), so ssm:GetParameters is the whole grant.
  */
-export function deploymentTrigger(routes: readonly RouteSpec[], functionInvokeArn: string): string {
-  const spec = routes.map((r) => ({ ...r, apiKeyRequired: true, authorization: "NONE", integration: "AWS_PROXY", timeout: INTEGRATION_TIMEOUT_MS }));
-  return createHash("sha256").update(JSON.stringify({ spec, functionInvokeArn })).digest("hex");
+export function functionPolicy(logGroupArn: string, parameterArns: string[]): string {
+  const statements: object[] = [{ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroupArn}:*` }];
+  if (parameterArns.length > 0) statements.push({ Effect: "Allow", Action: ["ssm:GetParameters", "ssm:GetParameter"], Resource: [...parameterArns] });
+  return JSON.stringify({ Version: "2012-10-17", Statement: statements });
+}
+
+/** Lets the function write to its own log group and nothing else. */
+export function logWritePolicy(logGroupArn: string): string {
+  return functionPolicy(logGroupArn, []);
+}
+
+/**
+ * A hash of everything a deployment snapshots: the resolved args of every tracked resource (routes, methods,
+ * integrations, the authorizer, gateway responses, API settings), keyed by logical name, in a canonical key order.
+ * Same inputs → same hash → no redeployment; any changed input → a new deployment.
+ */
+export function deploymentTrigger(snapshot: Record<string, unknown>): string {
+  return createHash("sha256").update(canonicalJson(snapshot)).digest("hex");
+}
+
+function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
+  if (value && typeof value === "object") {
+    const entries = Object.entries(value as Record<string, unknown>).filter(([, v]) => v !== undefined);
+    return `{${entries.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(",")}}`;
+  }
+  return JSON.stringify(value) ?? "null";
 }

@@ -5,6 +5,13 @@ import * as stripe from "pulumi-stripe";
  * Stripe events Moesif's Stripe integration needs: every customer and subscription event (Moesif's guide says
  * "Select all Customer events") plus invoice events, so Moesif sees what was billed and paid. Stripe's API has no
  * group wildcards such as `customer.*` (only `*`, everything), so each name is listed.
+ *
+ * Only events of the API version the Stripe provider pins: pulumi-stripe 0.0.28 bridges
+ * lukasaron/terraform-provider-stripe on stripe-go v78.12.0 (provider/go.mod), whose API version is 2024-04-10
+ * (stripe-go api_version.go) and whose EventType list (event.go) holds every name below. `invoice.overdue` and
+ * `invoice.will_be_due` are not in it: they first appear in stripe-go v79.5.0 and in stripe-node 16.5.0
+ * (2024-07-25, "Add support for new values invoice.overdue and invoice.will_be_due on enums
+ * WebhookEndpointCreateParams.enabled_events[]"), after the 2024-06-20 API version.
  */
 export const MOESIF_STRIPE_EVENTS: readonly string[] = [
   "customer.created",
@@ -33,7 +40,6 @@ export const MOESIF_STRIPE_EVENTS: readonly string[] = [
   "invoice.finalization_failed",
   "invoice.finalized",
   "invoice.marked_uncollectible",
-  "invoice.overdue",
   "invoice.paid",
   "invoice.payment_action_required",
   "invoice.payment_failed",
@@ -42,7 +48,6 @@ export const MOESIF_STRIPE_EVENTS: readonly string[] = [
   "invoice.upcoming",
   "invoice.updated",
   "invoice.voided",
-  "invoice.will_be_due",
 ];
 
 export interface MoesifStripeWebhookArgs {

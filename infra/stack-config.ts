@@ -2,16 +2,47 @@
  * The stack config's shape, defaults and validation, as pure functions of plain values.
  *
  * The Pulumi program (`infra/config.ts`) and the local stack (`scripts/start.ts`) both read the same stack file
- * through this module, so a plan or customer means the same thing locally and on AWS.
+ * through this module, so a plan or customer means the same thing locally and on AWS. Every rule that AWS would
+ * only enforce at deploy time (quota offsets, the function's 4 KB environment, timeouts that must fit API Gateway's
+ * 29 s) is checked here, so `pulumi preview` fails with a message naming the key instead.
  */
 
-import { customerEnvironmentBytes, ENVIRONMENT_RESERVE_BYTES, LAMBDA_ENVIRONMENT_LIMIT_BYTES } from "./function-env";
+import { parseCurrency, parsePriceTable, PriceError, type ModelPrice } from "../functions/shared/pricing";
+import { environmentBytes, LAMBDA_ENVIRONMENT_LIMIT_BYTES, plannedEnvironment } from "./function-env";
 
 export const PROJECT = "metered-ai-api";
 export const QUOTA_PERIODS = ["DAY", "WEEK", "MONTH"] as const;
 export type QuotaPeriod = (typeof QUOTA_PERIODS)[number];
 /** Retention values CloudWatch Logs accepts. */
 export const LOG_RETENTION_DAYS = [1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];
+
+/**
+ * Highest quota offset API Gateway accepts per period: "0 for DAY, 0-6 for WEEK, 0-27 for MONTH"
+ * (API reference, QuotaSettings.offset: https://docs.aws.amazon.com/apigateway/latest/api/API_QuotaSettings.html).
+ */
+export const MAX_QUOTA_OFFSET: Record<QuotaPeriod, number> = { DAY: 0, WEEK: 6, MONTH: 27 };
+
+/** API Gateway's REST integration limit (ms) unless raised by a quota request. */
+export const INTEGRATION_TIMEOUT_MS = 29_000;
+/**
+ * Time kept free between the upstream deadline plus the metering bound and the 29 s limit: cold start, reading the
+ * secrets from SSM on the first request, parsing and answering. Without it, a slow upstream answer ends as API
+ * Gateway's own 504 (nothing metered, nothing logged by the function) instead of the function's 504.
+ */
+export const TIMEOUT_MARGIN_MS = 2_000;
+/** Largest request body: 4 MiB, because `binaryMediaTypes: ["*\/*"]` base64-encodes it (x 4/3) into Lambda's 6 MB event. */
+export const MAX_REQUEST_BYTES_LIMIT = 4 * 1024 * 1024;
+
+/**
+ * The keys a user must set before the first `pulumi up`: every other key of `Pulumi.yaml` has a `default:`, so the
+ * CLI's missing-config check passes once these (and the Stripe provider's `stripe:apiKey`) are set.
+ */
+export const REQUIRED_CONFIG_KEYS = ["upstreamApiKey", "moesifApplicationId", "moesifStripeWebhookUrl", "plans"] as const;
+
+const PLAN_FIELDS = ["rateLimit", "burstLimit", "quota", "models", "prices", "currency"];
+const QUOTA_FIELDS = ["limit", "period", "offset"];
+const PRICE_SHAPE_HINT =
+  "prices are per model, per 1,000,000 tokens, as providers publish them: prices: {gpt-4o-mini: {input: 0.15, cachedInput: 0.075, output: 0.60}} (and currency: usd on the plan)";
 
 export interface PlanConfig {
   /** Steady-state requests per second per key (API Gateway throttle). */
@@ -20,10 +51,12 @@ export interface PlanConfig {
   burstLimit: number;
   /** Requests per period per key. Absent: no quota. */
   quota?: { limit: number; period: QuotaPeriod; offset: number };
-  /** Models the plan may call. Absent: every model. */
+  /** Models the plan may call. Absent: every model, or exactly the priced models when the plan bills. */
   models?: string[];
-  /** Prices per 1,000 tokens, for usage reports and Moesif/Stripe price setup. */
-  prices?: { inputPer1k: number; outputPer1k: number; currency: string };
+  /** ISO 4217 code, lower case; set (default `usd`) exactly when `prices` is. */
+  currency?: string;
+  /** Model → price in micro-units per 1,000,000 tokens. Present: the plan bills, and only priced models may be called. */
+  prices?: Record<string, ModelPrice>;
 }
 
 export interface CustomerConfig {
@@ -35,7 +68,7 @@ export interface CustomerConfig {
 export interface StackConfig {
   stageName: string;
   upstreamBaseUrl: string;
-  moesifBaseUri?: string;
+  moesifBaseUri: string;
   moesifStripeWebhookUrl?: string;
   plans: Record<string, PlanConfig>;
   customers: Record<string, CustomerConfig>;
@@ -47,7 +80,15 @@ export interface StackConfig {
   lambdaMemoryMb: number;
   lambdaTimeoutSeconds: number;
   lambdaArchitecture: "arm64" | "x86_64";
+  /** Retention of the function's, the authorizer's and the stage's access log groups. */
   logRetentionDays: number;
+  /** Concurrency reserved for (and capping) the function; -1 leaves it unreserved. */
+  reservedConcurrency: number;
+  /** Stage-wide default method throttle: a ceiling for all callers together, above every plan's own limit. */
+  stageThrottleRateLimit: number;
+  stageThrottleBurstLimit: number;
+  /** Whether this stack sets the region's API Gateway CloudWatch role (needed for access logs). */
+  manageApiGatewayAccount: boolean;
 }
 
 /** A stack config value that cannot be used. The message names the key, fully qualified. */
@@ -61,6 +102,8 @@ export class StackConfigError extends Error {
 export interface ParseOptions {
   /** Keys only a deployment needs (the Stripe webhook URL) are required when true. */
   forDeploy: boolean;
+  /** Stack name: part of the SSM parameter names in the function's environment (its size is checked). @default "dev" */
+  stack?: string;
 }
 
 /**
@@ -70,13 +113,6 @@ export interface ParseOptions {
 export function parseStackConfig(values: Record<string, unknown>, options: ParseOptions): StackConfig {
   const plans = parsePlans(values.plans);
   const customers = parseCustomers(values.customers, plans);
-  const environmentBytes = customerEnvironmentBytes(customers, plans);
-  if (environmentBytes > LAMBDA_ENVIRONMENT_LIMIT_BYTES - ENVIRONMENT_RESERVE_BYTES) {
-    throw new StackConfigError(
-      "customers",
-      `${Object.keys(customers).length} customers need ${environmentBytes} bytes of the function's environment; Lambda allows ${LAMBDA_ENVIRONMENT_LIMIT_BYTES} in all. Shorten ids or split the stack (a customer store outside the environment is planned)`,
-    );
-  }
 
   const stageName = optionalString(values, "stageName") ?? "beta";
   if (!/^[A-Za-z0-9_-]{1,128}$/.test(stageName)) throw new StackConfigError("stageName", "use letters, digits, '-' and '_' only");
@@ -85,7 +121,7 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
   if (options.forDeploy && !webhook) {
     throw new StackConfigError("moesifStripeWebhookUrl", "is required: copy it from Moesif's Stripe integration dialog");
   }
-  if (webhook !== undefined) httpUrl("moesifStripeWebhookUrl", webhook, true);
+  if (webhook !== undefined) serviceUrl("moesifStripeWebhookUrl", webhook, { loopback: false });
 
   const envelope = optionalString(values, "responseEnvelope") ?? "none";
   if (envelope !== "none" && envelope !== "request_payload") {
@@ -102,26 +138,80 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
     throw new StackConfigError("logRetentionDays", `must be one of ${LOG_RETENTION_DAYS.join(", ")}`);
   }
 
-  const moesifBaseUri = optionalString(values, "moesifBaseUri");
-  if (moesifBaseUri !== undefined) httpUrl("moesifBaseUri", moesifBaseUri, false);
+  const reservedConcurrency = integer(values, "reservedConcurrency", -1, -1, 100_000);
+  if (reservedConcurrency === 0) {
+    throw new StackConfigError("reservedConcurrency", "0 would stop every invocation; use -1 for unreserved or a positive limit");
+  }
 
-  return {
+  const stageThrottleRateLimit = integer(values, "stageThrottleRateLimit", 10_000, 1, 1_000_000);
+  const stageThrottleBurstLimit = integer(values, "stageThrottleBurstLimit", 5_000, 1, 1_000_000);
+  for (const [name, plan] of Object.entries(plans)) {
+    // A stage limit below a plan's would silently cap that plan; the stage limit is meant as a ceiling above all.
+    if (plan.rateLimit > stageThrottleRateLimit) {
+      throw new StackConfigError("stageThrottleRateLimit", `${stageThrottleRateLimit} is below plan "${name}"'s rateLimit ${plan.rateLimit}`);
+    }
+    if (plan.burstLimit > stageThrottleBurstLimit) {
+      throw new StackConfigError("stageThrottleBurstLimit", `${stageThrottleBurstLimit} is below plan "${name}"'s burstLimit ${plan.burstLimit}`);
+    }
+  }
+
+  const upstreamTimeoutMs = integer(values, "upstreamTimeoutMs", 25_000, 1, 900_000);
+  const meteringTimeoutMs = integer(values, "meteringTimeoutMs", 1000, 1, 10_000);
+  const lambdaTimeoutSeconds = integer(values, "lambdaTimeoutSeconds", 29, 1, 900);
+  checkTimeouts(upstreamTimeoutMs, meteringTimeoutMs, lambdaTimeoutSeconds);
+
+  const config: StackConfig = {
     stageName,
-    upstreamBaseUrl: httpUrl("upstreamBaseUrl", optionalString(values, "upstreamBaseUrl") ?? "https://api.openai.com/v1", false),
-    moesifBaseUri,
+    upstreamBaseUrl: serviceUrl("upstreamBaseUrl", optionalString(values, "upstreamBaseUrl") ?? "https://api.openai.com/v1", { loopback: true }),
+    moesifBaseUri: serviceUrl("moesifBaseUri", optionalString(values, "moesifBaseUri") ?? "https://api.moesif.net", { loopback: true }),
     moesifStripeWebhookUrl: webhook,
     plans,
     customers,
     responseEnvelope: envelope,
     logBodies: boolean(values, "logBodies", false),
-    upstreamTimeoutMs: integer(values, "upstreamTimeoutMs", 28_000, 1, 900_000),
-    meteringTimeoutMs: integer(values, "meteringTimeoutMs", 1000, 1, 10_000),
-    maxRequestBytes: integer(values, "maxRequestBytes", 1024 * 1024, 1, 6 * 1024 * 1024),
+    upstreamTimeoutMs,
+    meteringTimeoutMs,
+    maxRequestBytes: integer(values, "maxRequestBytes", 1024 * 1024, 1, MAX_REQUEST_BYTES_LIMIT),
     lambdaMemoryMb: integer(values, "lambdaMemoryMb", 512, 128, 10_240),
-    lambdaTimeoutSeconds: integer(values, "lambdaTimeoutSeconds", 29, 1, 900),
+    lambdaTimeoutSeconds,
     lambdaArchitecture: architecture,
     logRetentionDays,
+    reservedConcurrency,
+    stageThrottleRateLimit,
+    stageThrottleBurstLimit,
+    manageApiGatewayAccount: boolean(values, "manageApiGatewayAccount", true),
   };
+
+  // Lambda measures the JSON-serialised variables map (names, values, quotes and the escapes of the quotes inside
+  // CUSTOMERS), so measure exactly that, on the map this stack will deploy; API key ids are the only unknowns and
+  // API Gateway's are always 10 characters.
+  const environment = plannedEnvironment(config, options.stack ?? "dev");
+  const bytes = environmentBytes(environment);
+  if (bytes > LAMBDA_ENVIRONMENT_LIMIT_BYTES) {
+    throw new StackConfigError(
+      "customers",
+      `${Object.keys(customers).length} customers make the function's environment ${bytes} bytes (JSON, as Lambda measures it); Lambda allows ${LAMBDA_ENVIRONMENT_LIMIT_BYTES}. Shorten ids or split the stack (a customer store outside the environment is planned)`,
+    );
+  }
+  return config;
+}
+
+/**
+ * The upstream deadline plus the metering bound plus a margin must fit both API Gateway's integration limit and the
+ * function's own timeout, or the caller gets a gateway 504 with nothing metered.
+ */
+function checkTimeouts(upstreamTimeoutMs: number, meteringTimeoutMs: number, lambdaTimeoutSeconds: number): void {
+  const needed = upstreamTimeoutMs + meteringTimeoutMs + TIMEOUT_MARGIN_MS;
+  const fits = (limit: number, what: string) => {
+    if (needed > limit) {
+      throw new StackConfigError(
+        "upstreamTimeoutMs",
+        `${upstreamTimeoutMs} + meteringTimeoutMs ${meteringTimeoutMs} + ${TIMEOUT_MARGIN_MS} ms margin = ${needed} ms exceeds ${what} (${limit} ms); lower upstreamTimeoutMs`,
+      );
+    }
+  };
+  fits(INTEGRATION_TIMEOUT_MS, "API Gateway's integration timeout");
+  fits(lambdaTimeoutSeconds * 1000, "lambdaTimeoutSeconds");
 }
 
 function parsePlans(raw: unknown): Record<string, PlanConfig> {
@@ -133,20 +223,14 @@ function parsePlans(raw: unknown): Record<string, PlanConfig> {
     const key = `plans.${name}`;
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(name)) throw new StackConfigError(key, "plan names use letters, digits, '-' and '_' only");
     if (!isRecord(plan)) throw new StackConfigError(key, "must be an object");
+    for (const field of Object.keys(plan)) {
+      if (!PLAN_FIELDS.includes(field)) throw new StackConfigError(`${key}.${field}`, `is not a plan field; use ${PLAN_FIELDS.join(", ")}`);
+    }
     const parsed: PlanConfig = {
       rateLimit: positiveNumber(plan.rateLimit, `${key}.rateLimit`),
       burstLimit: positiveInteger(plan.burstLimit, `${key}.burstLimit`),
     };
-    if (plan.quota !== undefined) {
-      if (!isRecord(plan.quota)) throw new StackConfigError(`${key}.quota`, "must be {limit, period, offset?}");
-      const period = plan.quota.period;
-      if (typeof period !== "string" || !(QUOTA_PERIODS as readonly string[]).includes(period)) {
-        throw new StackConfigError(`${key}.quota.period`, `must be DAY, WEEK or MONTH (got ${JSON.stringify(period)})`);
-      }
-      const offset = plan.quota.offset ?? 0;
-      if (!Number.isInteger(offset) || (offset as number) < 0) throw new StackConfigError(`${key}.quota.offset`, "must be a non-negative integer");
-      parsed.quota = { limit: positiveInteger(plan.quota.limit, `${key}.quota.limit`), period: period as QuotaPeriod, offset: offset as number };
-    }
+    if (plan.quota !== undefined) parsed.quota = parseQuota(plan.quota, `${key}.quota`);
     if (plan.models !== undefined) {
       if (!Array.isArray(plan.models) || plan.models.length === 0 || !plan.models.every((m) => typeof m === "string" && m !== "")) {
         throw new StackConfigError(`${key}.models`, "must be a non-empty list of model names (leave it out to allow every model)");
@@ -154,30 +238,66 @@ function parsePlans(raw: unknown): Record<string, PlanConfig> {
       parsed.models = plan.models as string[];
     }
     if (plan.prices !== undefined) {
-      const prices = plan.prices;
-      if (!isRecord(prices)) throw new StackConfigError(`${key}.prices`, "must be {inputPer1k, outputPer1k, currency?}");
-      for (const field of ["inputPer1k", "outputPer1k"]) {
-        const value = prices[field];
-        if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
-          throw new StackConfigError(`${key}.prices.${field}`, "must be a non-negative number (price per 1,000 tokens)");
-        }
-      }
-      parsed.prices = { inputPer1k: prices.inputPer1k as number, outputPer1k: prices.outputPer1k as number, currency: typeof prices.currency === "string" ? prices.currency : "usd" };
+      Object.assign(parsed, parsePricing(plan, key, parsed.models));
+    } else if (plan.currency !== undefined) {
+      throw new StackConfigError(`${key}.currency`, `applies to prices, and this plan has none; ${PRICE_SHAPE_HINT}`);
     }
     plans[name] = parsed;
   }
   return plans;
 }
 
+function parseQuota(raw: unknown, key: string): NonNullable<PlanConfig["quota"]> {
+  if (!isRecord(raw)) throw new StackConfigError(key, "must be {limit, period, offset?}");
+  for (const field of Object.keys(raw)) {
+    if (!QUOTA_FIELDS.includes(field)) throw new StackConfigError(`${key}.${field}`, `is not a quota field; use ${QUOTA_FIELDS.join(", ")}`);
+  }
+  const period = raw.period;
+  if (typeof period !== "string" || !(QUOTA_PERIODS as readonly string[]).includes(period)) {
+    throw new StackConfigError(`${key}.period`, `must be DAY, WEEK or MONTH (got ${JSON.stringify(period)})`);
+  }
+  const max = MAX_QUOTA_OFFSET[period as QuotaPeriod];
+  const offset = raw.offset ?? 0;
+  if (typeof offset !== "number" || !Number.isInteger(offset) || offset < 0 || offset > max) {
+    throw new StackConfigError(`${key}.offset`, `must be ${max === 0 ? "0" : `an integer from 0 to ${max}`} for period ${period} (got ${JSON.stringify(offset)})`);
+  }
+  return { limit: positiveInteger(raw.limit, `${key}.limit`), period: period as QuotaPeriod, offset };
+}
+
+/**
+ * A plan's `prices` and `currency`. A billing plan may only serve priced models: every model in `models` needs a
+ * price (checked here, so a plan cannot bill a model at zero by accident); without `models`, the priced models are
+ * the plan's model list (the function enforces it).
+ */
+function parsePricing(plan: Record<string, unknown>, key: string, models: string[] | undefined): Pick<PlanConfig, "currency" | "prices"> {
+  const raw = plan.prices;
+  if (isRecord(raw) && ("inputPer1k" in raw || "outputPer1k" in raw || typeof raw.currency === "string")) {
+    throw new StackConfigError(`${key}.prices`, `uses the old {inputPer1k, outputPer1k, currency} shape; ${PRICE_SHAPE_HINT}`);
+  }
+  try {
+    const prices = parsePriceTable(raw, `${key}.prices`);
+    if (Object.keys(prices).length === 0) throw new StackConfigError(`${key}.prices`, `names no model; ${PRICE_SHAPE_HINT}`);
+    for (const model of models ?? []) {
+      if (!Object.prototype.hasOwnProperty.call(prices, model)) {
+        throw new StackConfigError(`${key}.prices`, `has no price for "${model}", which the plan's models list allows; a billing plan prices every model it serves`);
+      }
+    }
+    return { currency: parseCurrency(plan.currency, `${key}.currency`), prices: { ...prices } };
+  } catch (err) {
+    if (err instanceof PriceError) throw new StackConfigError(err.path, err.message.slice(err.path.length + 2));
+    throw err;
+  }
+}
+
 function parseCustomers(raw: unknown, plans: Record<string, PlanConfig>): Record<string, CustomerConfig> {
-  if (raw === undefined) return {};
+  if (raw === undefined || raw === null) return {};
   if (!isRecord(raw)) throw new StackConfigError("customers", "must be a map of customer id → {plan, stripeCustomerId}");
   const customers: Record<string, CustomerConfig> = {};
   for (const [id, customer] of Object.entries(raw)) {
     const key = `customers.${id}`;
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(id)) throw new StackConfigError(key, "customer ids use letters, digits, '-' and '_' only");
     if (!isRecord(customer)) throw new StackConfigError(key, "must be an object {plan, stripeCustomerId}");
-    if (typeof customer.plan !== "string" || !plans[customer.plan]) {
+    if (typeof customer.plan !== "string" || !Object.prototype.hasOwnProperty.call(plans, customer.plan)) {
       throw new StackConfigError(`${key}.plan`, `unknown plan ${JSON.stringify(customer.plan)}; plans are: ${Object.keys(plans).join(", ")}`);
     }
     if (customer.stripeCustomerId !== undefined && (typeof customer.stripeCustomerId !== "string" || customer.stripeCustomerId === "")) {
@@ -223,15 +343,26 @@ function positiveInteger(raw: unknown, key: string): number {
   return raw;
 }
 
-function httpUrl(key: string, value: string, httpsOnly: boolean): string {
+/** True for `localhost`, 127.0.0.0/8 and `[::1]`: plain http there never leaves the machine. */
+export function isLoopbackHost(hostname: string): boolean {
+  const host = hostname.toLowerCase();
+  return host === "localhost" || host === "[::1]" || /^127(\.\d{1,3}){3}$/.test(host);
+}
+
+/**
+ * A URL the function sends secrets to (the upstream key, the Moesif application id): `https://`, or plain `http://`
+ * only on a loopback address (a model server or collector on the same machine, as the local stack runs them).
+ */
+function serviceUrl(key: string, value: string, options: { loopback: boolean }): string {
   let url: URL;
   try {
     url = new URL(value);
   } catch {
     throw new StackConfigError(key, `is not a URL (got ${JSON.stringify(value)})`);
   }
-  if (url.protocol !== "https:" && (httpsOnly || url.protocol !== "http:")) {
-    throw new StackConfigError(key, httpsOnly ? "must be an https:// URL" : "must be an http(s):// URL");
+  const allowed = url.protocol === "https:" || (options.loopback && url.protocol === "http:" && isLoopbackHost(url.hostname));
+  if (!allowed) {
+    throw new StackConfigError(key, options.loopback ? "must be an https:// URL (http:// only for localhost / 127.0.0.1 / [::1])" : "must be an https:// URL");
   }
   return value.replace(/\/+$/, "");
 }

@@ -1,41 +1,47 @@
 /**
- * `npm run bench`: the figures the README quotes, measured in one run on this machine.
+ * `npm run bench`: the figures the README quotes, measured in one run on this machine (under ~2 minutes).
  *
- *  - the function's added latency over calling the upstream directly (p50, p99) at concurrency 1 and 32: the same
- *    requests go to the built-in model server directly and through the handler (in-process, as Lambda calls it),
- *    interleaved in rounds so machine noise hits both alike; with metering off and with metering to a collector;
- *  - requests/s and latency through the whole local stack (gateway emulator + handler + metering);
- *  - the bundle's size, zipped size and cold import time; peak RSS of a process serving through the bundle.
+ * Serving: the built bundle (what `pulumi up` deploys) runs in its own Node process behind a minimal node:http
+ * server that turns each request into the API Gateway proxy event and calls `handler`, as Lambda would; the load
+ * comes from this process over loopback. The same requests also go straight to the model server, and through a
+ * minimal node:http pass-through proxy in its own process (the practical floor: one more process and HTTP hop, no
+ * work). For each: latency p50/p99, requests/s, and CPU time per request of the serving process (`process.cpuUsage`
+ * deltas reported over IPC), at concurrency 1 and 32, interleaved in rounds so machine noise hits all alike.
+ * The model server and the collector run in a child process of their own.
  *
- * The model server and collector run in a child process so they do not share the measured event loop.
+ * Then: the token estimator on 1 KB / 100 KB / 1 MB single-word prompts (each in a fresh process with a time limit),
+ * the model server's answer time for a 1 MB single-word prompt, the time one `MoesifMeter.record` takes for a
+ * normal event and for one whose body nests 20,000 arrays, the whole local stack, and the bundle's size, cold
+ * import time and peak RSS.
  */
-import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import http from "node:http";
 import path from "node:path";
 import readline from "node:readline";
-import type { APIGatewayProxyResult } from "aws-lambda";
-import { createDeps, createHandler } from "../functions/ai-chat/index";
-import { createApiGatewayEvent, createContext } from "../tests/helpers/events";
+import { createLogger } from "../functions/ai-chat/logger";
+import { transactionIdFor, type UsageRecord } from "../functions/ai-chat/metering";
+import { MoesifMeter } from "../functions/ai-chat/moesif";
 import { measureBundle } from "./build-function";
 import { startLocalStack } from "./local/stack";
 
 const ROOT = path.resolve(__dirname, "..");
+const TS_NODE = path.join(ROOT, "node_modules/ts-node/dist/bin.js");
 const UPSTREAM_KEY = "bench-upstream-key";
 const APP_ID = "bench-app";
-const REQUESTS = Number(process.env.BENCH_REQUESTS ?? 2000);
+const REQUESTS = Number(process.env.BENCH_REQUESTS ?? 3000);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+const ESTIMATE_LIMIT_MS = Number(process.env.BENCH_ESTIMATE_LIMIT_MS ?? 20_000);
 const BODY = JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "system", content: "You are terse." }, { role: "user", content: "Hello!" }] });
 const CUSTOMERS = JSON.stringify({ "bench-key-id": { customerId: "bench", plan: "pro", stripeCustomerId: "cus_bench" } });
-
-type Sample = number[];
+const PLANS = JSON.stringify({ pro: {} });
 
 function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
 /** Runs `total` calls of `fn` with `concurrency` in flight; returns per-call latencies (ms) and wall time. */
-async function load(fn: () => Promise<void>, total: number, concurrency: number): Promise<{ latencies: Sample; wallMs: number }> {
+async function load(fn: () => Promise<void>, total: number, concurrency: number): Promise<{ latencies: number[]; wallMs: number }> {
   const latencies: number[] = [];
   let next = 0;
   const started = process.hrtime.bigint();
@@ -51,10 +57,144 @@ async function load(fn: () => Promise<void>, total: number, concurrency: number)
   return { latencies, wallMs: Number(process.hrtime.bigint() - started) / 1e6 };
 }
 
+/** A POST of BODY to `url` over a keep-alive agent; the answer is read and parsed as a client would. */
+function caller(url: string, headers: Record<string, string> = {}): () => Promise<void> {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+  const target = new URL(url);
+  const requestHeaders = { "content-type": "application/json", "content-length": String(Buffer.byteLength(BODY)), ...headers };
+  return () =>
+    new Promise((resolve, reject) => {
+      const req = http.request(target, { method: "POST", agent, headers: requestHeaders }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on("data", (c: Buffer) => chunks.push(c));
+        res.on("end", () => {
+          const text = Buffer.concat(chunks).toString("utf8");
+          if (res.statusCode !== 200) return reject(new Error(`${url} answered ${res.statusCode}: ${text.slice(0, 300)}`));
+          JSON.parse(text);
+          resolve();
+        });
+        res.on("error", reject);
+      });
+      req.on("error", reject);
+      req.end(BODY);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Child processes. The two servers below are plain JavaScript once transpiled and import nothing from this file:
+// each runs as `node -e "(<its source>)()"`, so no ts-node hook or benchmark code shares its process.
+
+/** Serves the bundled handler over node:http, as API Gateway + Lambda would call it (REST proxy event, base64 body). */
+function functionServer(): void {
+  const nodeHttp = require("node:http") as typeof import("node:http");
+  const { handler } = require(process.env.BENCH_BUNDLE as string) as {
+    handler: (event: unknown, context: unknown) => Promise<{ statusCode: number; headers?: Record<string, string>; body: string; isBase64Encoded?: boolean }>;
+  };
+  let served = 0;
+  const server = nodeHttp.createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", () => {
+      served += 1;
+      const headers: Record<string, string> = {};
+      for (const [name, value] of Object.entries(req.headers)) if (typeof value === "string") headers[name] = value;
+      const event = {
+        resource: "/v1/chat/completions",
+        path: "/v1/chat/completions",
+        httpMethod: req.method,
+        headers,
+        multiValueHeaders: null,
+        queryStringParameters: null,
+        body: Buffer.concat(chunks).toString("base64"),
+        isBase64Encoded: true,
+        requestContext: { requestId: `bench-${process.pid}-${served}`, stage: "beta", identity: { apiKeyId: "bench-key-id", sourceIp: "127.0.0.1" } },
+      };
+      handler(event, { awsRequestId: `aws-${served}`, getRemainingTimeInMillis: () => 29_000 }).then(
+        (result) => {
+          const body = result.isBase64Encoded ? Buffer.from(result.body, "base64") : Buffer.from(result.body);
+          res.writeHead(result.statusCode, { ...result.headers, "content-length": String(body.length) });
+          res.end(body);
+        },
+        () => {
+          res.writeHead(500);
+          res.end();
+        },
+      );
+    });
+  });
+  server.keepAliveTimeout = 65_000;
+  server.listen(0, "127.0.0.1", () => process.send!({ port: (server.address() as import("node:net").AddressInfo).port }));
+  process.on("message", () => process.send!({ cpu: process.cpuUsage(), maxRss: process.resourceUsage().maxRSS }));
+  process.on("disconnect", () => process.exit(0));
+}
+
+/** The floor: reads the request, forwards it to the model server with the service key, returns the answer. */
+function passThroughServer(): void {
+  const nodeHttp = require("node:http") as typeof import("node:http");
+  const target = new URL(`${process.env.BENCH_UPSTREAM}/chat/completions`);
+  const agent = new nodeHttp.Agent({ keepAlive: true, maxSockets: 64 });
+  const server = nodeHttp.createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", () => {
+      const body = Buffer.concat(chunks);
+      const headers = { "content-type": "application/json", "content-length": String(body.length), authorization: `Bearer ${process.env.BENCH_UPSTREAM_KEY}` };
+      const upstream = nodeHttp.request(target, { method: "POST", agent, headers }, (answer) => {
+        const parts: Buffer[] = [];
+        answer.on("data", (c: Buffer) => parts.push(c));
+        answer.on("end", () => {
+          const out = Buffer.concat(parts);
+          res.writeHead(answer.statusCode ?? 502, { "content-type": "application/json", "content-length": String(out.length) });
+          res.end(out);
+        });
+      });
+      upstream.on("error", () => {
+        res.writeHead(502);
+        res.end();
+      });
+      upstream.end(body);
+    });
+  });
+  server.keepAliveTimeout = 65_000;
+  server.listen(0, "127.0.0.1", () => process.send!({ port: (server.address() as import("node:net").AddressInfo).port }));
+  process.on("message", () => process.send!({ cpu: process.cpuUsage(), maxRss: process.resourceUsage().maxRSS }));
+  process.on("disconnect", () => process.exit(0));
+}
+
+interface ServingChild {
+  url: string;
+  child: ChildProcess;
+  /** CPU microseconds (user + system) used so far, and peak RSS in kB. */
+  usage(): Promise<{ cpuUs: number; maxRssKb: number }>;
+}
+
+function startServingChild(main: () => void, env: NodeJS.ProcessEnv): Promise<ServingChild> {
+  const child = spawn(process.execPath, ["-e", `(${main.toString()})()`], { env: { ...process.env, ...env }, stdio: ["ignore", "ignore", "inherit", "ipc"] });
+  return new Promise((resolve, reject) => {
+    child.once("exit", (code) => reject(new Error(`serving child exited with ${code}`)));
+    child.once("message", (message) => {
+      const { port } = message as { port: number };
+      resolve({
+        url: `http://127.0.0.1:${port}`,
+        child,
+        usage: () =>
+          new Promise((done) => {
+            child.once("message", (m) => {
+              const { cpu, maxRss } = m as { cpu: NodeJS.CpuUsage; maxRss: number };
+              done({ cpuUs: cpu.user + cpu.system, maxRssKb: maxRss });
+            });
+            child.send("usage");
+          }),
+      });
+    });
+  });
+}
+
 function startServers(): Promise<{ child: ChildProcess; upstream: string; collector: string }> {
-  const child = spawn(process.execPath, [path.join(ROOT, "node_modules/ts-node/dist/bin.js"), "--transpile-only", path.join(ROOT, "scripts/local/serve.ts")], {
+  const child = spawn(process.execPath, [TS_NODE, "--transpile-only", path.join(ROOT, "scripts/local/serve.ts")], {
     env: { ...process.env, UPSTREAM_API_KEY: UPSTREAM_KEY, MOESIF_APPLICATION_ID: APP_ID },
-    stdio: ["ignore", "pipe", "inherit"],
+    // The IPC channel is only there so that serve.ts exits (on "disconnect") if this process dies.
+    stdio: ["ignore", "pipe", "inherit", "ipc"],
   });
   return new Promise((resolve, reject) => {
     readline.createInterface({ input: child.stdout! }).once("line", (line) => resolve({ child, ...(JSON.parse(line) as { upstream: string; collector: string }) }));
@@ -62,138 +202,208 @@ function startServers(): Promise<{ child: ChildProcess; upstream: string; collec
   });
 }
 
-function directCaller(upstreamUrl: string): () => Promise<void> {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
-  const url = new URL(`${upstreamUrl}/chat/completions`);
-  return () =>
-    new Promise((resolve, reject) => {
-      const req = http.request(url, { method: "POST", agent, headers: { "content-type": "application/json", authorization: `Bearer ${UPSTREAM_KEY}` } }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on("data", (c: Buffer) => chunks.push(c));
-        res.on("end", () => {
-          // Parse as a client would, so both paths pay for one JSON.parse of the answer.
-          JSON.parse(Buffer.concat(chunks).toString("utf8"));
-          if (res.statusCode !== 200) reject(new Error(`direct ${res.statusCode}`));
-          else resolve();
-        });
-      });
-      req.on("error", reject);
-      req.end(BODY);
-    });
+// ---------------------------------------------------------------------------------------------------------------
+// Serving table
+
+interface Scenario {
+  label: string;
+  call: () => Promise<void>;
+  serving?: ServingChild;
+  latencies: number[];
+  wallMs: number;
+  requests: number;
+  cpuUs: number;
 }
 
-function handlerCaller(upstreamUrl: string, collectorUrl?: string): () => Promise<void> {
-  const handler = createHandler(() =>
-    createDeps(
-      {
-        UPSTREAM_BASE_URL: upstreamUrl,
-        UPSTREAM_API_KEY: UPSTREAM_KEY,
-        CUSTOMERS,
-        PLANS: JSON.stringify({ pro: {} }),
-        LOG_LEVEL: "error",
-        ...(collectorUrl ? { MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: collectorUrl } : {}),
-      },
-      { write: () => undefined },
-    ),
-  );
-  const context = createContext();
-  return async () => {
-    const event = createApiGatewayEvent({ body: BODY, apiKeyId: "bench-key-id" });
-    const result: APIGatewayProxyResult = await handler(event, context);
-    JSON.parse(result.body);
-    if (result.statusCode !== 200) throw new Error(`handler ${result.statusCode}: ${result.body}`);
-  };
-}
-
-function peakRssOfBundle(entry: string, upstreamUrl: string): number {
-  const script = `
-    const { handler } = require(${JSON.stringify(entry)});
-    const body = ${JSON.stringify(BODY)};
-    (async () => {
-      for (let i = 0; i < 2000; i++) {
-        const r = await handler({ resource: "/v1/chat/completions", path: "/v1/chat/completions", httpMethod: "POST",
-          headers: { "content-type": "application/json" }, body, isBase64Encoded: false,
-          requestContext: { requestId: "rss-" + i, stage: "beta", identity: { apiKeyId: "bench-key-id", sourceIp: "127.0.0.1" } } }, { awsRequestId: "a" + i });
-        if (r.statusCode !== 200) throw new Error(r.body);
+async function servingTable(servers: { upstream: string; collector: string }, bundleEntry: string): Promise<{ lines: string[]; maxRssKb: number }> {
+  const functionEnv = { BENCH_BUNDLE: bundleEntry, UPSTREAM_BASE_URL: servers.upstream, UPSTREAM_API_KEY: UPSTREAM_KEY, CUSTOMERS, PLANS, LOG_LEVEL: "info" };
+  const floor = await startServingChild(passThroughServer, { BENCH_UPSTREAM: servers.upstream, BENCH_UPSTREAM_KEY: UPSTREAM_KEY });
+  const unmetered = await startServingChild(functionServer, functionEnv);
+  const metered = await startServingChild(functionServer, { ...functionEnv, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector });
+  const children = [floor, unmetered, metered];
+  try {
+    const lines: string[] = [];
+    const header = ["path", "c", "p50 ms", "p99 ms", "req/s", "CPU ms/req", "CPU over floor"];
+    const rows: string[][] = [];
+    for (const concurrency of [1, 32]) {
+      const scenarios: Scenario[] = [
+        { label: "model server directly", call: caller(`${servers.upstream}/chat/completions`, { authorization: `Bearer ${UPSTREAM_KEY}` }) },
+        { label: "node:http pass-through (floor)", call: caller(floor.url), serving: floor },
+        { label: "function bundle, metering off", call: caller(unmetered.url), serving: unmetered },
+        { label: "function bundle + Moesif send", call: caller(metered.url), serving: metered },
+      ].map((s) => ({ ...s, latencies: [], wallMs: 0, requests: 0, cpuUs: 0 }));
+      for (const s of scenarios) await load(s.call, 300, Math.min(concurrency, 8)); // warm-up: JIT, sockets
+      for (let round = 0; round < ROUNDS; round++) {
+        for (const s of scenarios) {
+          const before = s.serving ? (await s.serving.usage()).cpuUs : 0;
+          const run = await load(s.call, Math.round(REQUESTS / ROUNDS), concurrency);
+          if (s.serving) s.cpuUs += (await s.serving.usage()).cpuUs - before;
+          s.latencies.push(...run.latencies);
+          s.wallMs += run.wallMs;
+          s.requests += run.latencies.length;
+        }
       }
-      console.log(process.resourceUsage().maxRSS);
-    })().catch((e) => { console.error(e); process.exit(1); });`;
-  const out = execFileSync(process.execPath, ["-e", script], {
-    env: { ...process.env, UPSTREAM_BASE_URL: upstreamUrl, UPSTREAM_API_KEY: UPSTREAM_KEY, CUSTOMERS, PLANS: JSON.stringify({ pro: {} }), LOG_LEVEL: "error" },
+      const floorCpu = scenarios[1].cpuUs / scenarios[1].requests / 1000;
+      for (const s of scenarios) {
+        s.latencies.sort((a, b) => a - b);
+        const cpu = s.serving ? s.cpuUs / s.requests / 1000 : undefined;
+        rows.push([
+          s.label,
+          String(concurrency),
+          percentile(s.latencies, 50).toFixed(3),
+          percentile(s.latencies, 99).toFixed(3),
+          String(Math.round((s.requests / s.wallMs) * 1000)),
+          cpu === undefined ? "-" : cpu.toFixed(3),
+          cpu === undefined || s.serving === floor ? "-" : `+${(cpu - floorCpu).toFixed(3)}`,
+        ]);
+      }
+    }
+    const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+    const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
+    lines.push(line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line));
+    const { maxRssKb } = await metered.usage();
+    return { lines, maxRssKb };
+  } finally {
+    for (const c of children) c.child.kill("SIGTERM");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Estimator, model server, meter
+
+/** Times the function's estimator on one single-word prompt of `bytes`, in a fresh process killed after the limit. */
+function timeEstimate(bytes: number): Promise<string> {
+  const script = `
+    const { estimateUsage } = require(${JSON.stringify(path.join(ROOT, "functions/ai-chat/usage.ts"))});
+    const request = (text) => ({ model: "gpt-4o-mini", messages: [{ role: "user", content: text }] });
+    estimateUsage(request("warm up the ranks"), { choices: [] }, "gpt-4o-mini");
+    const text = "a".repeat(${bytes});
+    const t = process.hrtime.bigint();
+    const usage = estimateUsage(request(text), { choices: [] }, "gpt-4o-mini");
+    console.log(JSON.stringify({ ms: Number(process.hrtime.bigint() - t) / 1e6, tokens: usage.prompt_tokens }));`;
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ["-r", "ts-node/register/transpile-only", "-e", script], { cwd: ROOT, stdio: ["ignore", "pipe", "inherit"] });
+    let out = "";
+    child.stdout!.on("data", (c: Buffer) => (out += c.toString()));
+    const timer = setTimeout(() => child.kill("SIGKILL"), ESTIMATE_LIMIT_MS);
+    child.on("exit", () => {
+      clearTimeout(timer);
+      try {
+        const { ms, tokens } = JSON.parse(out.trim().split("\n").pop() ?? "") as { ms: number; tokens: number };
+        resolve(`${ms.toFixed(1)} ms (${tokens} tokens)`);
+      } catch {
+        resolve(`over ${ESTIMATE_LIMIT_MS / 1000} s: still quadratic`);
+      }
+    });
   });
-  return Number(out.toString().trim()) / 1024;
+}
+
+/** Wall time of one model-server answer to a single-word prompt of `bytes` (everyone else waits that long). */
+async function modelServerAnswer(upstream: string, bytes: number): Promise<string> {
+  const body = JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "user", content: "a".repeat(bytes) }] });
+  const started = performance.now();
+  try {
+    const response = await fetch(`${upstream}/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${UPSTREAM_KEY}` },
+      body,
+      signal: AbortSignal.timeout(ESTIMATE_LIMIT_MS),
+    });
+    await response.json();
+    return `${(performance.now() - started).toFixed(1)} ms (the time other callers wait)`;
+  } catch {
+    return `over ${ESTIMATE_LIMIT_MS / 1000} s (every other caller waits as long)`;
+  }
+}
+
+/** Mean wall time of `MoesifMeter.record` (build, serialise, gzip, send) over `runs` records. */
+async function meterRecordMs(collector: string, requestBody: unknown, runs: number): Promise<number> {
+  const meter = new MoesifMeter({ applicationId: APP_ID, baseUri: collector, logBodies: true, timeoutMs: 1000, log: createLogger({ level: "error", write: () => undefined }) });
+  const record = (i: number): UsageRecord => ({
+    transactionId: transactionIdFor(`meter-bench-${process.pid}-${i}-${Math.random()}`),
+    requestId: `meter-bench-${i}`,
+    method: "POST",
+    route: "/v1/chat/completions",
+    uri: "https://example.test/beta/v1/chat/completions",
+    startedAt: Date.now(),
+    finishedAt: Date.now(),
+    apiKeyId: "bench-key-id",
+    customer: { customerId: "bench", plan: "pro", stripeCustomerId: "cus_bench" },
+    model: "gpt-4o-mini",
+    usage: { prompt_tokens: 20, completion_tokens: 9, total_tokens: 29 },
+    usageEstimated: false,
+    status: 200,
+    requestHeaders: { "content-type": "application/json", "user-agent": "bench" },
+    responseHeaders: { "Content-Type": "application/json" },
+    requestBody,
+    responseBody: { id: "chatcmpl-1", object: "chat.completion", model: "gpt-4o-mini", choices: [{ index: 0, message: { role: "assistant", content: "Hello! You said: Hello!" } }], usage: { prompt_tokens: 20, completion_tokens: 9, total_tokens: 29 } },
+  });
+  for (let i = 0; i < 5; i++) await meter.record(record(i));
+  const started = performance.now();
+  for (let i = 0; i < runs; i++) await meter.record(record(i));
+  return (performance.now() - started) / runs;
+}
+
+async function localStackRow(upstream: string): Promise<string> {
+  // A plan roomy enough that the emulator's throttle never answers: this measures serving, not 429s.
+  const projectDir = path.join(ROOT, ".build", "bench-project");
+  fs.rmSync(projectDir, { recursive: true, force: true });
+  fs.mkdirSync(projectDir, { recursive: true });
+  fs.writeFileSync(
+    path.join(projectDir, "Pulumi.bench.yaml"),
+    [
+      "config:",
+      "  metered-ai-api:stageThrottleRateLimit: 1000000",
+      "  metered-ai-api:stageThrottleBurstLimit: 1000000",
+      "  metered-ai-api:plans:",
+      "    bench: { rateLimit: 1000000, burstLimit: 1000000 }",
+      "  metered-ai-api:customers:",
+      "    bench: { plan: bench, stripeCustomerId: cus_bench }",
+      "",
+    ].join("\n"),
+  );
+  const stack = await startLocalStack({ stack: "bench", projectDir, port: 0, env: { UPSTREAM_BASE_URL: upstream, UPSTREAM_API_KEY: UPSTREAM_KEY, LOG_LEVEL: "error" }, write: () => undefined });
+  try {
+    const call = caller(`${stack.baseUrl}/v1/chat/completions`, { "x-api-key": stack.apiKeys.bench });
+    await load(call, 100, 8);
+    const { latencies, wallMs } = await load(call, 2000, 32);
+    latencies.sort((a, b) => a - b);
+    return `${Math.round((2000 / wallMs) * 1000)} req/s, p50 ${percentile(latencies, 50).toFixed(2)} ms, p99 ${percentile(latencies, 99).toFixed(2)} ms (gateway emulator + handler + SQLite collector in one ts-node process, c=32)`;
+  } finally {
+    await stack.stop();
+  }
 }
 
 async function main(): Promise<void> {
+  const started = Date.now();
+  const bundle = measureBundle();
   const servers = await startServers();
   try {
-    const direct = directCaller(servers.upstream);
-    const fn = handlerCaller(servers.upstream);
-    const fnMetered = handlerCaller(servers.upstream, servers.collector);
-    for (const call of [direct, fn, fnMetered]) await load(call, 300, 8); // warm-up: JIT, sockets, tokenizer
-
-    const rows: string[][] = [];
-    for (const concurrency of [1, 32]) {
-      const samples: Record<string, Sample> = { direct: [], fn: [], fnMetered: [] };
-      for (let round = 0; round < ROUNDS; round++) {
-        samples.direct.push(...(await load(direct, REQUESTS / ROUNDS, concurrency)).latencies);
-        samples.fn.push(...(await load(fn, REQUESTS / ROUNDS, concurrency)).latencies);
-        samples.fnMetered.push(...(await load(fnMetered, REQUESTS / ROUNDS, concurrency)).latencies);
-      }
-      for (const s of Object.values(samples)) s.sort((a, b) => a - b);
-      const [d50, d99] = [percentile(samples.direct, 50), percentile(samples.direct, 99)];
-      for (const [label, key] of [["handler, metering off", "fn"], ["handler + Moesif send", "fnMetered"]] as const) {
-        const [p50, p99] = [percentile(samples[key], 50), percentile(samples[key], 99)];
-        rows.push([`added latency, c=${concurrency}, ${label}`, `p50 ${(p50 - d50).toFixed(3)} ms, p99 ${(p99 - d99).toFixed(3)} ms`, `(direct p50 ${d50.toFixed(3)} / p99 ${d99.toFixed(3)}; via handler ${p50.toFixed(3)} / ${p99.toFixed(3)})`]);
-      }
+    process.stdout.write(`\nnpm run bench: ${REQUESTS} requests per path and concurrency in ${ROUNDS} interleaved rounds, loopback, node ${process.version}, ${new Date().toISOString()}\n\n`);
+    const serving = await servingTable(servers, bundle.entry);
+    process.stdout.write(serving.lines.join("\n") + "\n\n");
+    const other: Array<[string, string]> = [];
+    for (const [label, bytes] of [["1 KB", 1024], ["100 KB", 100 * 1024], ["1 MB", 1024 * 1024]] as const) {
+      other.push([`estimator, ${label} single-word prompt`, await timeEstimate(bytes)]);
     }
+    await modelServerAnswer(servers.upstream, 1024);
+    other.push(["model server answering a 1 MB single-word prompt", await modelServerAnswer(servers.upstream, 1024 * 1024)]);
+    const normalBody = JSON.parse(BODY) as unknown;
+    let deep: unknown = [];
+    for (let i = 0; i < 20_000; i++) deep = [deep];
+    other.push(["MoesifMeter.record, normal event (logBodies)", `${(await meterRecordMs(servers.collector, normalBody, 500)).toFixed(3)} ms mean (loopback collector)`]);
+    other.push(["MoesifMeter.record, body nesting 20,000 arrays", `${(await meterRecordMs(servers.collector, { model: "gpt-4o-mini", messages: [], extra: deep }, 20)).toFixed(3)} ms mean (sent with the body truncated)`]);
+    other.push(["local stack", await localStackRow(servers.upstream)]);
+    other.push(["bundle (minified index.js)", `${(bundle.bytes / 1024).toFixed(1)} kB, ${(bundle.zippedBytes / 1024).toFixed(1)} kB zipped; archive with lazily loaded tokenizer ranks ${(bundle.archiveZippedBytes / 1024).toFixed(0)} kB deflated`]);
+    other.push(["cold import of the bundle", `median ${bundle.coldImportMs.toFixed(1)} ms over ${bundle.importRuns} fresh processes`]);
+    other.push(["peak RSS of the metered function process", `${(serving.maxRssKb / 1024).toFixed(1)} MB after ${(REQUESTS * 2 + 600).toLocaleString("en")} requests`]);
 
-    // A plan roomy enough that the emulator's throttle never answers: this measures serving, not 429s.
-    const projectDir = path.join(ROOT, ".build", "bench-project");
-    fs.rmSync(projectDir, { recursive: true, force: true });
-    fs.mkdirSync(projectDir, { recursive: true });
-    fs.writeFileSync(
-      path.join(projectDir, "Pulumi.bench.yaml"),
-      "config:\n  metered-ai-api:plans:\n    bench: { rateLimit: 1000000, burstLimit: 1000000 }\n  metered-ai-api:customers:\n    bench: { plan: bench, stripeCustomerId: cus_bench }\n",
-    );
-    const stack = await startLocalStack({ stack: "bench", projectDir, port: 0, env: { UPSTREAM_BASE_URL: servers.upstream, UPSTREAM_API_KEY: UPSTREAM_KEY, LOG_LEVEL: "error" }, write: () => undefined });
-    try {
-      const customer = "bench";
-      const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
-      const url = new URL(`${stack.baseUrl}/v1/chat/completions`);
-      const throughStack = () =>
-        new Promise<void>((resolve, reject) => {
-          const req = http.request(url, { method: "POST", agent, headers: { "content-type": "application/json", "x-api-key": stack.apiKeys[customer] } }, (res) => {
-            res.resume();
-            res.on("end", () => (res.statusCode === 200 ? resolve() : reject(new Error(`stack ${res.statusCode}`))));
-          });
-          req.on("error", reject);
-          req.end(BODY);
-        });
-      await load(throughStack, 100, 8);
-      const { latencies, wallMs } = await load(throughStack, REQUESTS, 32);
-      latencies.sort((a, b) => a - b);
-      const directRun = await load(direct, REQUESTS, 32);
-      rows.push([
-        "local stack, c=32",
-        `${Math.round((REQUESTS / wallMs) * 1000)} req/s, p50 ${percentile(latencies, 50).toFixed(2)} ms, p99 ${percentile(latencies, 99).toFixed(2)} ms`,
-        `(upstream directly: ${Math.round((REQUESTS / directRun.wallMs) * 1000)} req/s; stack = gateway emulator + handler + metering to the SQLite collector, one process)`,
-      ]);
-    } finally {
-      await stack.stop();
-    }
-
-    const bundle = measureBundle();
-    rows.push(["bundle (minified index.js)", `${(bundle.bytes / 1024).toFixed(1)} kB, ${(bundle.zippedBytes / 1024).toFixed(1)} kB zipped`, `(deployed archive with lazily loaded tokenizer ranks: ${(bundle.archiveZippedBytes / 1024).toFixed(0)} kB deflated)`]);
-    rows.push(["cold import of the bundle", `median ${bundle.coldImportMs.toFixed(1)} ms`, `(${bundle.importRuns} fresh processes, node ${process.version})`]);
-    rows.push(["peak RSS serving 2,000 requests via the bundle", `${peakRssOfBundle(bundle.entry, servers.upstream).toFixed(1)} MB`, ""]);
-    rows.push(["peak RSS of this benchmark process", `${(process.resourceUsage().maxRSS / 1024).toFixed(1)} MB`, ""]);
-
-    const width = Math.max(...rows.map((r) => r[0].length));
-    process.stdout.write(`\nnpm run bench: ${REQUESTS} requests per scenario, ${ROUNDS} interleaved rounds, loopback, ${new Date().toISOString()}\n\n`);
-    for (const [name, figure, note] of rows) process.stdout.write(`${name.padEnd(width)}  ${figure}  ${note}\n`);
+    const width = Math.max(...other.map(([name]) => name.length));
+    for (const [name, figure] of other) process.stdout.write(`${name.padEnd(width)}  ${figure}\n`);
+    process.stdout.write(`\n(${((Date.now() - started) / 1000).toFixed(0)} s)\n`);
   } finally {
-    servers.child.kill("SIGTERM");
+    // SIGKILL: a model server busy tokenizing would not get to a SIGTERM handler, and it has nothing to flush.
+    servers.child.kill("SIGKILL");
   }
 }
 

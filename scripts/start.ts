@@ -2,6 +2,7 @@
  * `npm start [-- --stack <name>]`: the whole metered API on this machine, no cloud account needed.
  * Prints the URLs, each customer's key and plan, a curl line and an OpenAI SDK snippet.
  */
+import type { PlanConfig } from "../infra/stack-config";
 import { LocalStackError, startLocalStack, type LocalStack } from "./local/stack";
 
 function argValue(flag: string): string | undefined {
@@ -9,12 +10,17 @@ function argValue(flag: string): string | undefined {
   return index >= 0 ? process.argv[index + 1] : undefined;
 }
 
+/** The models a plan serves: its list, else its priced models (a billing plan serves only those), else all. */
+function planModels(plan: PlanConfig | undefined): string[] | undefined {
+  return plan?.models ?? (plan?.prices ? Object.keys(plan.prices) : undefined);
+}
+
 function banner(stack: LocalStack, stackName: string): string {
   const { config, baseUrl, apiKeys } = stack;
   const [firstCustomer] = Object.keys(config.customers);
   const key = firstCustomer ? apiKeys[firstCustomer] : "<key>";
   const firstPlan = firstCustomer ? config.plans[config.customers[firstCustomer].plan] : undefined;
-  const model = firstPlan?.models?.[0] ?? "gpt-4o-mini";
+  const model = planModels(firstPlan)?.[0] ?? "gpt-4o-mini";
   const lines = [
     "",
     `metered-ai-api local stack (stack "${stackName}", ${stack.stackFile})`,
@@ -30,15 +36,15 @@ function banner(stack: LocalStack, stackName: string): string {
     ...Object.entries(config.customers).map(([id, c]) => {
       const plan = config.plans[c.plan];
       const quota = plan.quota ? `, quota ${plan.quota.limit}/${plan.quota.period}` : "";
-      return `    ${id.padEnd(12)} ${apiKeys[id]}  plan ${c.plan} (${plan.rateLimit} req/s, burst ${plan.burstLimit}${quota}; models ${plan.models?.join(", ") ?? "all"})`;
+      return `    ${id.padEnd(12)} ${apiKeys[id]}  plan ${c.plan} (${plan.rateLimit} req/s, burst ${plan.burstLimit}${quota}; models ${planModels(plan)?.join(", ") ?? "all"})`;
     }),
     "",
     "  try it:",
-    `    curl -s ${baseUrl}/v1/chat/completions -H 'x-api-key: ${key}' -H 'content-type: application/json' \\`,
+    `    curl -s ${baseUrl}/v1/chat/completions -H 'Authorization: Bearer ${key}' -H 'content-type: application/json' \\`,
     `      -d '{"model":"${model}","messages":[{"role":"user","content":"Hello!"}]}'`,
     "",
     "  with the official OpenAI SDK (npm i openai):",
-    `    const client = new OpenAI({ baseURL: "${baseUrl}/v1", apiKey: "unused", defaultHeaders: { "x-api-key": "${key}" } });`,
+    `    const client = new OpenAI({ baseURL: "${baseUrl}/v1", apiKey: "${key}" });`,
     `    await client.chat.completions.create({ model: "${model}", messages: [{ role: "user", content: "Hello!" }] });`,
     "",
     "  Ctrl-C stops.",

@@ -1,29 +1,43 @@
 /**
- * `npm run usage [-- --json] [-- --stack <name>]`: requests and tokens per customer and model from the local
- * stack's store, and what each plan's prices (per 1,000 input / output tokens) would bill.
+ * `npm run usage [-- --json] [-- --project-dir <dir>] [-- --data-dir <dir>]`: requests, tokens and cost per customer
+ * and model from the local stack's store.
+ *
+ * Cost is what each event says the request was billed (`metadata.cost_micros`, integer micro-units, summed in
+ * SQLite), not a re-pricing with today's plan prices: prices may have changed since the requests were served.
  */
 import fs from "node:fs";
 import path from "node:path";
-import { readStackFile, LocalStackError } from "./local/stack";
+import { formatMicros } from "../functions/shared/pricing";
+import { LocalStackError } from "./local/stack";
 import { SqliteStore, type UsageRow } from "./local/sqlite-store";
 
 export interface UsageReportRow extends UsageRow {
-  currency: string | null;
-  /** Price of the prompt and completion tokens; null when the plan has no prices. */
+  /**
+   * `cost_micros` in currency units, for reading (e.g. 0.001234); null when no request had a cost. Exact figures
+   * are `cost_micros` (integer micro-units of `currency`).
+   */
   cost: number | null;
 }
 
-export function usageReport(rows: UsageRow[], plans: ReturnType<typeof readStackFile>["plans"]): UsageReportRow[] {
-  return rows.map((row) => {
-    const prices = row.plan ? plans[row.plan]?.prices : undefined;
-    const cost = prices ? (row.prompt_tokens / 1000) * prices.inputPer1k + (row.completion_tokens / 1000) * prices.outputPer1k : null;
-    return { ...row, currency: prices?.currency ?? null, cost: cost === null ? null : Math.round(cost * 1e6) / 1e6 };
-  });
+export function usageReport(rows: UsageRow[]): UsageReportRow[] {
+  return rows.map((row) => ({ ...row, cost: row.cost_micros === null ? null : Number(formatMicros(row.cost_micros)) }));
 }
 
-function table(rows: UsageReportRow[]): string {
-  const header = ["customer", "model", "requests", "prompt", "completion", "total", "estimated", "cost"];
-  const body = rows.map((r) => [r.customer, r.model, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.estimated_requests, r.cost === null ? "-" : `${r.cost.toFixed(6)} ${r.currency}`].map(String));
+export function usageTable(rows: UsageReportRow[]): string {
+  const header = ["customer", "model", "requests", "billed", "prompt", "completion", "total", "estimated", "cost"];
+  const body = rows.map((r) =>
+    [
+      r.customer,
+      r.model,
+      r.requests,
+      r.billed_requests,
+      r.prompt_tokens,
+      r.completion_tokens,
+      r.total_tokens,
+      r.estimated_requests,
+      r.cost_micros === null ? "-" : `${formatMicros(r.cost_micros)} ${r.currency ?? ""}`.trim(),
+    ].map(String),
+  );
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i].length)));
   const line = (cells: string[]) => cells.map((c, i) => (i < 2 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
   return [line(header), widths.map((w) => "-".repeat(w)).join("  "), ...body.map(line)].join("\n");
@@ -31,17 +45,16 @@ function table(rows: UsageReportRow[]): string {
 
 function main(): void {
   const args = process.argv.slice(2);
-  const stack = args.indexOf("--stack") >= 0 ? args[args.indexOf("--stack") + 1] : process.env.STACK ?? "dev";
   const flag = (name: string) => (args.indexOf(name) >= 0 ? args[args.indexOf(name) + 1] : undefined);
+  // `--stack` is accepted for compatibility; the store is per project directory, not per stack.
   const root = flag("--project-dir") ?? path.resolve(__dirname, "..");
   const dataDir = flag("--data-dir") ?? process.env.LOCAL_DATA_DIR ?? path.join(root, ".local");
-  const config = readStackFile(path.join(root, `Pulumi.${stack}.yaml`));
   const dbFile = path.join(dataDir, "usage.db");
   if (!fs.existsSync(dbFile)) throw new LocalStackError(`no usage yet: ${dbFile} does not exist (run npm start and send a request)`);
   const store = new SqliteStore(dbFile);
   try {
-    const rows = usageReport(store.usage(), config.plans);
-    process.stdout.write((args.includes("--json") ? JSON.stringify(rows, null, 2) : rows.length ? table(rows) : "no metered requests yet") + "\n");
+    const rows = usageReport(store.usage());
+    process.stdout.write((args.includes("--json") ? JSON.stringify(rows, null, 2) : rows.length ? usageTable(rows) : "no metered requests yet") + "\n");
   } finally {
     store.close();
   }

@@ -4,6 +4,9 @@
  * Reading never throws: a broken variable is kept as a `problem` so that every request answers a clear 500
  * (and logs it) instead of the whole function failing to initialise.
  */
+import fs from "node:fs";
+import path from "node:path";
+import { parsePlanPricing, PriceError, type PlanPricing } from "../shared/pricing";
 
 export interface Customer {
   customerId: string;
@@ -14,12 +17,25 @@ export interface Customer {
 export interface Plan {
   /** Models the plan may call; absent means every model. */
   models?: string[];
+  /**
+   * Per-model prices. A plan with pricing refuses (400 `model_not_priced`) a model it has no price for; a plan
+   * without pricing is served and metered in tokens only, with no cost.
+   */
+  pricing?: PlanPricing;
+}
+
+/** SSM parameter names (SecureString) that hold secrets; set, they win over the direct variables. */
+export interface SecretParameters {
+  upstreamApiKey?: string;
+  moesifApplicationId?: string;
 }
 
 export interface FunctionConfig {
   upstreamBaseUrl: string;
-  /** Bearer token for the upstream; absent when not configured (requests then answer 500). */
+  /** Bearer token for the upstream given directly; absent when not configured (requests then answer 500). */
   upstreamApiKey?: string;
+  /** Secrets to read from SSM Parameter Store instead (`*_PARAMETER`). */
+  secretParameters: SecretParameters;
   upstreamTimeoutMs: number;
   maxRequestBytes: number;
   /** `request_payload` wraps `/ai-chat` answers as the seed tutorial does. */
@@ -28,6 +44,11 @@ export interface FunctionConfig {
   customers: Record<string, Customer>;
   plans: Record<string, Plan>;
   moesif: { applicationId?: string; baseUri: string; timeoutMs: number; logBodies: boolean };
+  /**
+   * Forward the local model server's `mock` request field upstream. Off (the field is stripped) except where the
+   * upstream is the built-in model server: a real OpenAI answers 400 to unknown fields.
+   */
+  forwardMockDirectives: boolean;
   /** Problems found while reading the environment; non-empty means the function cannot serve. */
   problems: string[];
 }
@@ -64,7 +85,7 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
   };
 
   const customers = json<Record<string, Customer>>("CUSTOMERS", checkCustomers) ?? {};
-  const plans = json<Record<string, Plan>>("PLANS", checkPlans) ?? {};
+  const plans = readPlans(env, problems);
   for (const [keyId, customer] of Object.entries(customers)) {
     if (Object.keys(plans).length > 0 && !plans[customer.plan]) {
       problems.push(`CUSTOMERS: key ${keyId} (customer ${customer.customerId}) is on plan "${customer.plan}", which PLANS does not define`);
@@ -79,6 +100,10 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
   return {
     upstreamBaseUrl: (env.UPSTREAM_BASE_URL || DEFAULT_UPSTREAM_BASE_URL).replace(/\/+$/, ""),
     upstreamApiKey: readUpstreamKey(env),
+    secretParameters: {
+      upstreamApiKey: env.UPSTREAM_API_KEY_PARAMETER?.trim() || undefined,
+      moesifApplicationId: env.MOESIF_APPLICATION_ID_PARAMETER?.trim() || undefined,
+    },
     upstreamTimeoutMs: positiveInt("UPSTREAM_TIMEOUT_MS", 28_000),
     maxRequestBytes: positiveInt("MAX_REQUEST_BYTES", 1024 * 1024),
     responseEnvelope: envelope === "request_payload" ? "request_payload" : "none",
@@ -90,6 +115,7 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
       timeoutMs: positiveInt("METERING_TIMEOUT_MS", 1000),
       logBodies: env.MOESIF_LOG_BODIES === "true",
     },
+    forwardMockDirectives: env.FORWARD_MOCK_DIRECTIVES === "true",
     problems,
   };
 }
@@ -117,16 +143,59 @@ function checkCustomers(value: unknown): string | undefined {
   return undefined;
 }
 
-function checkPlans(value: unknown): string | undefined {
-  if (!isRecord(value)) return "must be a JSON object of plan → {models?}";
-  for (const [name, plan] of Object.entries(value)) {
-    if (!isRecord(plan)) return `plan ${name} must be an object`;
-    const models = plan.models;
-    if (models !== undefined && (!Array.isArray(models) || !models.every((m) => typeof m === "string"))) {
-      return `plan ${name}: models must be an array of strings`;
+/**
+ * Plans from `PLANS` (JSON), or else from the JSON file `PLANS_FILE` names (relative to the working directory, which
+ * is /var/task on Lambda: the deployment writes plans.json beside the handler, because per-model prices outgrow
+ * Lambda's 4 KB of environment). Neither set means no plans: every model, no prices.
+ */
+function readPlans(env: NodeJS.ProcessEnv, problems: string[]): Record<string, Plan> {
+  let source = "PLANS";
+  let raw = env.PLANS;
+  if (raw === undefined || raw === "") {
+    const file = env.PLANS_FILE?.trim();
+    if (!file) return {};
+    const resolved = path.resolve(process.cwd(), file);
+    source = `PLANS_FILE (${resolved})`;
+    try {
+      raw = fs.readFileSync(resolved, "utf8");
+    } catch (err) {
+      problems.push(`${source} cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      return {};
     }
   }
-  return undefined;
+  let value: unknown;
+  try {
+    value = JSON.parse(raw) as unknown;
+  } catch {
+    problems.push(`${source} is not valid JSON`);
+    return {};
+  }
+  try {
+    return parsePlans(value);
+  } catch (err) {
+    problems.push(`${source}: ${(err as Error).message}`);
+    return {};
+  }
+}
+
+/** Checks and copies the plans: `{ <plan>: { models?: string[], pricing?: {currency, prices} } }`, nothing else. */
+function parsePlans(value: unknown): Record<string, Plan> {
+  if (!isRecord(value)) throw new PriceError("plans", "must be a JSON object of plan → {models?, pricing?}");
+  const plans: Record<string, Plan> = Object.create(null) as Record<string, Plan>;
+  for (const [name, plan] of Object.entries(value)) {
+    if (!isRecord(plan)) throw new PriceError(`plan ${name}`, "must be an object");
+    // A misspelt key ("pricng") must not quietly serve a plan for free.
+    for (const key of Object.keys(plan)) if (key !== "models" && key !== "pricing") throw new PriceError(`plan ${name}`, `unknown field "${key}" (use models, pricing)`);
+    const parsed: Plan = {};
+    const models = plan.models;
+    if (models !== undefined) {
+      if (!Array.isArray(models) || !models.every((m) => typeof m === "string")) throw new PriceError(`plan ${name}`, "models must be an array of strings");
+      parsed.models = models;
+    }
+    if (plan.pricing !== undefined) parsed.pricing = parsePlanPricing(plan.pricing, `plan ${name}: pricing`);
+    plans[name] = parsed;
+  }
+  return plans;
 }
 
 export function isRecord(value: unknown): value is Record<string, unknown> {

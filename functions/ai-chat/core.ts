@@ -3,26 +3,33 @@ import { isRecord } from "./config";
 import {
   ApiError,
   ConfigurationError,
+  DeadlineExceededError,
   ForbiddenError,
   ModelNotFoundError,
+  ModelNotPricedError,
   NotFoundError,
   RateLimitedError,
+  ResponseTooLargeError,
   UpstreamError,
   isOpenAiErrorBody,
   toErrorResponse,
 } from "./errors";
-import { describeError, redact, type Logger } from "./logger";
+import { describeError, type Logger } from "./logger";
 import { transactionIdFor, type UsageMeter } from "./metering";
-import type { UpstreamClient, UpstreamResponse } from "./upstream";
+import { StaticSecrets, type SecretsPort, type ServiceSecrets } from "./secrets";
+import type { UpstreamClient, UpstreamRequest } from "./upstream";
 import { NO_USAGE, estimateUsage, extractUsage, type TokenUsage } from "./usage";
-import { parseChatCompletionRequest } from "./validate";
+import { MAX_MODEL_NAME_CHARS, parseChatCompletionRequest, type RequestFacts } from "./validate";
+import { stringifyJson } from "../shared/json";
+import { costOf, priceFor, type Cost } from "../shared/pricing";
+import { SecretRedactor } from "../shared/secret-redactor";
 
 /** A request in the core's terms: already decoded from whatever transport carried it. */
 export interface ProxyRequest {
   method: string;
   /** Route without the stage, e.g. `/v1/chat/completions`. */
   route: string;
-  /** Full URL as the caller used it (for metering). */
+  /** The URL metered for the request, built from trusted request context only (never from client headers). */
   uri: string;
   /** Header names in lower case. */
   headers: Record<string, string>;
@@ -30,6 +37,10 @@ export interface ProxyRequest {
   requestId: string;
   apiKeyId?: string;
   sourceIp?: string;
+  /** API Gateway stage. */
+  stage?: string;
+  /** Milliseconds the platform still gives this invocation when it starts (Lambda's remaining time). */
+  remainingMs?: number;
 }
 
 export interface ProxyResponse {
@@ -44,6 +55,8 @@ export interface CoreDeps {
   meter: UsageMeter;
   log: Logger;
   clock: () => number;
+  /** Where the service's secrets come from; absent means the direct values in `config`. */
+  secrets?: SecretsPort;
 }
 
 /** Routes served by the function; API Gateway only forwards these, the local stack too. */
@@ -53,6 +66,18 @@ export const ROUTES = [
   { method: "GET", route: "/v1/models" },
 ] as const;
 
+/**
+ * Lambda's limit on a synchronous response: 6 MiB of serialised JSON (`{statusCode, headers, body}`); the runtime
+ * fails anything larger with "Exceeded maximum allowed payload size (6291556 bytes)" and API Gateway answers 502.
+ */
+export const LAMBDA_RESPONSE_LIMIT_BYTES = 6 * 1024 * 1024;
+
+/**
+ * Time kept back from the upstream call when the invocation has a deadline: the token estimate, serialising the
+ * answer and the margin before the platform's own limit. The metering timeout is kept back on top of it.
+ */
+export const DEADLINE_RESERVE_MS = 2000;
+
 /** What one request contributes to its metering record. Filled in as the request progresses. */
 interface Metering {
   customer?: Customer;
@@ -61,8 +86,19 @@ interface Metering {
   responseBody?: unknown;
   usage: TokenUsage;
   usageEstimated: boolean;
+  cost?: Cost;
+  /** Set only when a completion is being returned; the final checks may still take it back. */
+  billed: boolean;
   upstreamStatus?: number;
   upstreamMs?: number;
+}
+
+/** An upstream answer after redaction: nothing reads the raw one. */
+interface UpstreamAnswer {
+  status: number;
+  headers: Record<string, string>;
+  text: string;
+  json: unknown;
 }
 
 const JSON_HEADERS = { "Content-Type": "application/json" } as const;
@@ -70,21 +106,45 @@ const JSON_HEADERS = { "Content-Type": "application/json" } as const;
 /**
  * Serves one request: identifies the customer, validates, calls the upstream, and meters the outcome. Never throws:
  * every failure becomes an OpenAI-shaped error response, and every request (errors included) produces exactly one
- * usage record.
+ * usage record, whose status is the status the caller gets.
+ *
+ * Billing rule: a request is billed when, and only when, the caller receives a 2xx answer carrying the completion.
+ * When the upstream did the work but the caller gets an error instead — the answer is over Lambda's response limit,
+ * or the invocation ran out of time — the record says that error and bills nothing.
  */
 export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Promise<ProxyResponse> {
   const startedAt = deps.clock();
-  const metering: Metering = { usage: NO_USAGE, usageEstimated: false };
+  const deadline = request.remainingMs !== undefined ? startedAt + request.remainingMs : undefined;
+  const metering: Metering = { usage: NO_USAGE, usageEstimated: false, billed: false };
   let response: ProxyResponse;
   try {
-    response = await route(request, deps, metering);
+    response = await route(request, deps, metering, deadline);
   } catch (err) {
-    const { status, body, headers } = toErrorResponse(err);
-    if (status >= 500) deps.log.error("request_failed", { request_id: request.requestId, status, error: describeError(err) });
-    metering.responseBody = body;
-    response = { statusCode: status, headers: { ...JSON_HEADERS, ...headers }, body: JSON.stringify(body) };
+    metering.billed = false;
+    response = errorResponse(err, request, deps, metering);
   }
   response.headers["x-request-id"] = request.requestId;
+
+  // The caller must get what the record says: check what Lambda can still deliver before metering it.
+  const undeliverable = deliveryProblem(response, deps, deadline);
+  if (undeliverable) {
+    if (metering.billed) {
+      deps.log.warn("answer_not_delivered", {
+        request_id: request.requestId,
+        reason: undeliverable.code,
+        upstream_status: metering.upstreamStatus,
+        unbilled_prompt_tokens: metering.usage.prompt_tokens,
+        unbilled_completion_tokens: metering.usage.completion_tokens,
+      });
+    }
+    metering.billed = false;
+    response = errorResponse(undeliverable, request, deps, metering);
+    response.headers["x-request-id"] = request.requestId;
+  }
+  if (!metering.billed && metering.model === undefined && request.method === "POST") metering.model = peekModel(request.body, deps.config.maxRequestBytes);
+  const usage = metering.billed ? metering.usage : NO_USAGE;
+  const cost = metering.billed ? metering.cost : undefined;
+  const usageEstimated = metering.billed && metering.usageEstimated;
   const finishedAt = deps.clock();
 
   // Metering must not change the caller's answer: the meter bounds its own time and never rejects, and this catch
@@ -101,9 +161,11 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Prom
       apiKeyId: request.apiKeyId,
       customer: metering.customer,
       sourceIp: request.sourceIp,
+      stage: request.stage,
       model: metering.model,
-      usage: metering.usage,
-      usageEstimated: metering.usageEstimated,
+      usage,
+      usageEstimated,
+      cost,
       upstreamStatus: metering.upstreamStatus,
       upstreamMs: metering.upstreamMs,
       status: response.statusCode,
@@ -120,12 +182,15 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Prom
     request_id: request.requestId,
     method: request.method,
     route: request.route,
+    stage: request.stage,
     status: response.statusCode,
     customer_id: metering.customer?.customerId,
     model: metering.model,
-    prompt_tokens: metering.usage.prompt_tokens,
-    completion_tokens: metering.usage.completion_tokens,
-    usage_estimated: metering.usageEstimated,
+    prompt_tokens: usage.prompt_tokens,
+    completion_tokens: usage.completion_tokens,
+    usage_estimated: usageEstimated,
+    cost_micros: cost?.micros,
+    currency: cost?.currency,
     upstream_status: metering.upstreamStatus,
     upstream_ms: metering.upstreamMs,
     duration_ms: finishedAt - startedAt,
@@ -133,7 +198,30 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Prom
   return response;
 }
 
-async function route(request: ProxyRequest, deps: CoreDeps, metering: Metering): Promise<ProxyResponse> {
+function errorResponse(err: unknown, request: ProxyRequest, deps: CoreDeps, metering: Metering): ProxyResponse {
+  const { status, body, headers } = toErrorResponse(err);
+  if (status >= 500) deps.log.error("request_failed", { request_id: request.requestId, status, error: describeError(err) });
+  metering.responseBody = body;
+  return { statusCode: status, headers: { ...JSON_HEADERS, ...headers }, body: JSON.stringify(body) };
+}
+
+/**
+ * Why a finished response cannot reach the caller as it is: larger than Lambda can return once serialised (the
+ * `{statusCode, headers, body}` object the adapter returns, JSON escapes and the request_payload envelope
+ * included), or too late to be metered before the invocation's deadline.
+ */
+function deliveryProblem(response: ProxyResponse, deps: CoreDeps, deadline: number | undefined): ApiError | undefined {
+  if (serialisedSize(response) > LAMBDA_RESPONSE_LIMIT_BYTES) return new ResponseTooLargeError(LAMBDA_RESPONSE_LIMIT_BYTES);
+  if (deadline !== undefined && response.statusCode < 300 && deadline - deps.clock() < deps.config.moesif.timeoutMs) return new DeadlineExceededError();
+  return undefined;
+}
+
+/** Bytes of the proxy result as the Lambda runtime serialises it. */
+export function serialisedSize(response: ProxyResponse): number {
+  return Buffer.byteLength(JSON.stringify({ statusCode: response.statusCode, headers: response.headers, body: response.body }), "utf8");
+}
+
+async function route(request: ProxyRequest, deps: CoreDeps, metering: Metering, deadline: number | undefined): Promise<ProxyResponse> {
   const { config } = deps;
   const known = ROUTES.find((r) => r.route === request.route && r.method === request.method);
   if (!known) throw new NotFoundError(`Invalid URL (${request.method} ${request.route})`, "unknown_url");
@@ -148,47 +236,75 @@ async function route(request: ProxyRequest, deps: CoreDeps, metering: Metering):
   if (!customer) throw new ForbiddenError("This API key is not assigned to a customer.");
   metering.customer = customer;
 
-  if (!config.upstreamApiKey) {
-    deps.log.error("configuration_invalid", { problems: ["no upstream API key: set UPSTREAM_API_KEY (or Authorization=Bearer …)"] });
+  const secrets = await (deps.secrets ?? new StaticSecrets(directSecrets(config))).resolve();
+  if (!secrets.upstreamApiKey) {
+    deps.log.error("configuration_invalid", { problems: ["no upstream API key: set UPSTREAM_API_KEY_PARAMETER or UPSTREAM_API_KEY (or Authorization=Bearer …)"] });
     throw new ConfigurationError("The service has no upstream API key configured.");
   }
+  const call: UpstreamCall = { deps, metering, redactor: redactorFor(secrets), deadline };
 
-  if (known.route === "/v1/models") return listModels(customer, deps, metering);
-  return chatCompletion(request, customer, deps, metering, known.route === "/ai-chat");
+  if (known.route === "/v1/models") return listModels(customer, call);
+  return chatCompletion(request, customer, call, known.route === "/ai-chat");
 }
 
-async function chatCompletion(
-  request: ProxyRequest,
-  customer: Customer,
-  deps: CoreDeps,
-  metering: Metering,
-  isSeedRoute: boolean,
-): Promise<ProxyResponse> {
-  const { request: chat, text: requestText } = parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"]);
-  metering.model = chat.model;
-  metering.requestBody = chat;
-  const allowed = deps.config.plans[customer.plan]?.models;
-  if (allowed && !allowed.includes(chat.model)) throw new ModelNotFoundError(chat.model);
+/** What a request needs to call the upstream. */
+interface UpstreamCall {
+  deps: CoreDeps;
+  metering: Metering;
+  redactor: SecretRedactor;
+  deadline: number | undefined;
+}
 
-  // The caller's text goes upstream unchanged, so fields this proxy does not know pass through untouched.
-  const upstream = await callUpstream(deps, metering, { method: "POST", path: "/chat/completions", body: requestText });
-  const { text, json } = decodeJson(upstream.body);
+async function chatCompletion(request: ProxyRequest, customer: Customer, call: UpstreamCall, isSeedRoute: boolean): Promise<ProxyResponse> {
+  const { deps, metering } = call;
+  const facts: RequestFacts = {};
+  let parsed: ReturnType<typeof parseChatCompletionRequest>;
+  try {
+    parsed = parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts);
+  } finally {
+    metering.model = facts.model;
+  }
+  const { request: chat } = parsed;
+  let forwarded: Record<string, unknown> = chat;
+  let body = parsed.text;
+  // The built-in model server's directives would make a real upstream answer 400 (unknown field).
+  if (Object.prototype.hasOwnProperty.call(chat, "mock") && !deps.config.forwardMockDirectives) {
+    const { mock: _mock, ...rest } = chat;
+    forwarded = rest;
+    body = stringifyJson(rest);
+  }
+  metering.requestBody = forwarded;
+
+  const plan = deps.config.plans[customer.plan];
+  if (plan?.models && !plan.models.includes(chat.model)) throw new ModelNotFoundError(chat.model);
+  const price = priceFor(plan?.pricing, chat.model);
+  // A plan that bills per model never serves a model at a wrong or zero price.
+  if (plan?.pricing && !price) throw new ModelNotPricedError(chat.model);
+
+  // Otherwise the caller's text goes upstream unchanged, so fields this proxy does not know pass through untouched.
+  const upstream = await callUpstream(call, { method: "POST", path: "/chat/completions", body });
   if (upstream.status >= 200 && upstream.status < 300) {
+    const json = upstream.json;
     // A 2xx without `choices` (some servers answer errors with 200) delivered nothing, so it is not billed.
     if (!isRecord(json) || !Array.isArray(json.choices)) {
       throw new UpstreamError("The upstream model server returned a response that is not a chat completion.", "upstream_bad_response");
     }
     const reported = extractUsage(json);
-    metering.usage = reported ?? estimateUsage(chat.messages, json, chat.model);
+    metering.usage = reported ?? estimateUsage({ ...forwarded, messages: chat.messages }, json, chat.model);
     metering.usageEstimated = !reported;
     metering.responseBody = json;
-    const body = isSeedRoute && deps.config.responseEnvelope === "request_payload" ? `{"request_payload":${text}}` : text;
-    return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body };
+    if (price && plan?.pricing) metering.cost = { currency: plan.pricing.currency, micros: costOf(metering.usage, price) };
+    metering.billed = true;
+    const text = isSeedRoute && deps.config.responseEnvelope === "request_payload" ? `{"request_payload":${upstream.text}}` : upstream.text;
+    // Any 2xx carrying a completion is billed, whichever 2xx an OpenAI-compatible server chose; the caller gets that
+    // status unchanged, and the meter keys on the record's usage and status class, not on "200".
+    return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body: text };
   }
-  return upstreamFailure(upstream, text, json, deps, metering);
+  return upstreamFailure(upstream, call);
 }
 
-async function listModels(customer: Customer, deps: CoreDeps, metering: Metering): Promise<ProxyResponse> {
+async function listModels(customer: Customer, call: UpstreamCall): Promise<ProxyResponse> {
+  const { deps, metering } = call;
   const allowed = deps.config.plans[customer.plan]?.models;
   if (allowed) {
     const body = { object: "list", data: allowed.map((id) => ({ id, object: "model", created: 0, owned_by: "metered-ai-api" })) };
@@ -196,58 +312,94 @@ async function listModels(customer: Customer, deps: CoreDeps, metering: Metering
     return { statusCode: 200, headers: { ...JSON_HEADERS }, body: JSON.stringify(body) };
   }
   // No list on the plan: every model is allowed, so the upstream's own list is the answer.
-  const upstream = await callUpstream(deps, metering, { method: "GET", path: "/models" });
-  const { text, json } = decodeJson(upstream.body);
+  const upstream = await callUpstream(call, { method: "GET", path: "/models" });
   if (upstream.status >= 200 && upstream.status < 300) {
-    if (!isRecord(json)) throw new UpstreamError("The upstream model server returned a response that is not a JSON object.", "upstream_bad_response");
-    metering.responseBody = json;
-    return { statusCode: 200, headers: { ...JSON_HEADERS }, body: text };
+    if (!isRecord(upstream.json)) throw new UpstreamError("The upstream model server returned a response that is not a JSON object.", "upstream_bad_response");
+    metering.responseBody = upstream.json;
+    return { statusCode: 200, headers: { ...JSON_HEADERS }, body: upstream.text };
   }
-  return upstreamFailure(upstream, text, json, deps, metering);
+  return upstreamFailure(upstream, call);
 }
 
-async function callUpstream(deps: CoreDeps, metering: Metering, request: Parameters<UpstreamClient["send"]>[0]): Promise<UpstreamResponse> {
+/**
+ * Calls the upstream within the time the invocation has left, and redacts the answer (body of every status and
+ * headers) before anything else reads it: an upstream that echoes the service's key must not leak it to the caller,
+ * a log line or a metering event.
+ */
+async function callUpstream({ deps, metering, redactor, deadline }: UpstreamCall, request: UpstreamRequest): Promise<UpstreamAnswer> {
   const started = deps.clock();
+  let timeoutMs: number | undefined;
+  if (deadline !== undefined) {
+    timeoutMs = deadline - started - deps.config.moesif.timeoutMs - DEADLINE_RESERVE_MS;
+    if (timeoutMs < 100) throw new DeadlineExceededError();
+  }
+  let response;
   try {
-    const response = await deps.upstream.send(request);
-    metering.upstreamStatus = response.status;
-    return response;
+    response = await deps.upstream.send(timeoutMs !== undefined ? { ...request, timeoutMs } : request);
   } finally {
     metering.upstreamMs = deps.clock() - started;
   }
+  metering.upstreamStatus = response.status;
+  const body = redactor.redactBody(response.body.toString("utf8"));
+  const headers = redactor.redactHeaders(response.headers);
+  if (body.changed || headers.changed) deps.log.warn("upstream_echoed_secret", { upstream_status: response.status, in_body: body.changed, in_headers: headers.changed });
+  return { status: response.status, headers: headers.headers, text: body.text, json: body.json };
 }
 
 /**
  * Maps a non-2xx upstream answer. Client errors the caller can fix pass through; the service's own credential and
  * server problems become 502, because the caller cannot fix them. No completion was delivered, so usage stays zero.
  */
-function upstreamFailure(upstream: UpstreamResponse, text: string, json: unknown, deps: CoreDeps, metering: Metering): ProxyResponse {
+function upstreamFailure(upstream: UpstreamAnswer, { deps, metering }: UpstreamCall): ProxyResponse {
   const status = upstream.status;
   if (status === 401 || status === 403 || status === 407) {
     deps.log.error("upstream_rejected_credentials", { upstream_status: status });
     throw new UpstreamError("The upstream model server rejected this service's credentials.", "upstream_auth_failed");
   }
   if (status === 429) {
-    if (isOpenAiErrorBody(json) && json.error.code === "insufficient_quota") deps.log.error("upstream_insufficient_quota", { upstream_status: status });
-    throw new RateLimitedError("The upstream model server is rate limiting requests; retry later.", upstream.headers["retry-after"]);
+    if (isOpenAiErrorBody(upstream.json) && upstream.json.error.code === "insufficient_quota") deps.log.error("upstream_insufficient_quota", { upstream_status: status });
+    throw new RateLimitedError("The upstream model server is rate limiting requests; retry later.", retryAfter(upstream.headers["retry-after"]));
   }
   if (status >= 400 && status < 500) {
-    if (!isOpenAiErrorBody(json)) {
+    if (!isOpenAiErrorBody(upstream.json)) {
       throw new ApiError(status, `The upstream model server refused the request (HTTP ${status}).`, "invalid_request_error", "upstream_error");
     }
-    // Defensive: an upstream that echoes the credential it was given must not leak it.
-    const body = redact(text, deps.config.upstreamApiKey ? [deps.config.upstreamApiKey] : []);
-    metering.responseBody = JSON.parse(body) as unknown;
-    return { statusCode: status, headers: { ...JSON_HEADERS }, body };
+    metering.responseBody = upstream.json;
+    return { statusCode: status, headers: { ...JSON_HEADERS }, body: upstream.text };
   }
   throw new UpstreamError(`The upstream model server failed (HTTP ${status}).`, "upstream_failed");
 }
 
-function decodeJson(body: Buffer): { text: string; json: unknown } {
-  const text = body.toString("utf8");
+/** `Retry-After` is passed on only when it is what RFC 9110 allows: delay seconds or an HTTP date. */
+function retryAfter(value: string | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  const trimmed = value.trim();
+  if (/^\d{1,10}$/.test(trimmed)) return trimmed;
+  if (trimmed.length <= 40 && /^[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT$/.test(trimmed)) return trimmed;
+  return undefined;
+}
+
+function directSecrets(config: FunctionConfig): ServiceSecrets {
+  return { upstreamApiKey: config.upstreamApiKey, moesifApplicationId: config.moesif.applicationId };
+}
+
+let cachedRedactor: { key: string; redactor: SecretRedactor } | undefined;
+
+/** The redactor for the current secrets (built once per set of values). */
+function redactorFor(secrets: ServiceSecrets): SecretRedactor {
+  const values = [secrets.upstreamApiKey, secrets.moesifApplicationId].filter((v): v is string => !!v);
+  const key = values.join("\u0000");
+  if (cachedRedactor?.key !== key) cachedRedactor = { key, redactor: new SecretRedactor(values) };
+  return cachedRedactor.redactor;
+}
+
+/** The model a request body names, for metering a request refused before validation (403, 500…). */
+function peekModel(body: Buffer, maxBytes: number): string | undefined {
+  if (body.length === 0 || body.length > maxBytes) return undefined;
   try {
-    return { text, json: JSON.parse(text) as unknown };
+    const json = JSON.parse(body.toString("utf8")) as unknown;
+    return isRecord(json) && typeof json.model === "string" && json.model !== "" ? json.model.slice(0, MAX_MODEL_NAME_CHARS) : undefined;
   } catch {
-    return { text, json: undefined };
+    return undefined;
   }
 }

@@ -63,8 +63,20 @@ export class NotFoundError extends ApiError {
 
 export class ModelNotFoundError extends NotFoundError {
   constructor(model: string) {
-    super(`The model \`${model}\` does not exist or you do not have access to it.`, "model_not_found", "model");
+    super(`The model \`${shortName(model)}\` does not exist or you do not have access to it.`, "model_not_found", "model");
   }
+}
+
+/** The caller's plan bills per model and has no price for this one: refused rather than served at a wrong price. */
+export class ModelNotPricedError extends BadRequestError {
+  constructor(model: string) {
+    super(`The model \`${shortName(model)}\` has no price on your plan, so it cannot be billed and is not served; ask the operator to add a price or use a priced model.`, "model", "model_not_priced");
+  }
+}
+
+/** Model names are echoed in messages; a megabyte-long one is cut so the error stays an error message. */
+function shortName(model: string): string {
+  return model.length > 100 ? `${model.slice(0, 100)}…` : model;
 }
 
 /** The service itself is misconfigured (missing upstream key, unreadable CUSTOMERS…): the caller cannot fix it. */
@@ -84,6 +96,23 @@ export class UpstreamError extends ApiError {
 export class UpstreamTimeoutError extends ApiError {
   constructor(timeoutMs: number) {
     super(504, `The upstream model server did not answer within ${timeoutMs} ms.`, "api_error", "upstream_timeout");
+  }
+}
+
+/**
+ * The finished answer would not fit in Lambda's response payload limit once serialised, so the caller gets this
+ * instead of the platform's own failure (which would leave the metering record claiming a success).
+ */
+export class ResponseTooLargeError extends ApiError {
+  constructor(limitBytes: number) {
+    super(502, `The answer is larger than the ${limitBytes}-byte limit this service can return; ask for a shorter completion (max_completion_tokens) or fewer choices (n).`, "api_error", "response_too_large");
+  }
+}
+
+/** The function ran out of its own time before it could answer (Lambda's deadline, kept before API Gateway's). */
+export class DeadlineExceededError extends ApiError {
+  constructor() {
+    super(504, "The request could not be completed in time.", "api_error", "deadline_exceeded");
   }
 }
 

@@ -7,20 +7,55 @@ import { loadFunctionConfig } from "./config";
 import { handleRequest, type CoreDeps, type ProxyRequest } from "./core";
 import { toErrorResponse } from "./errors";
 import { createLogger, describeError } from "./logger";
-import { NO_METER } from "./metering";
+import { NO_METER, type UsageMeter } from "./metering";
 import { MoesifMeter } from "./moesif";
+import { DeferredMeter, ParameterStoreSecrets, SsmParameterReader, StaticSecrets, type SecretsPort } from "./secrets";
 import { AxiosUpstreamClient } from "./upstream";
 
-/** Builds the production ports from the environment. `write` redirects log lines (tests, the local stack). */
+/**
+ * Builds the production ports from the environment. `write` redirects log lines (tests, the local stack).
+ *
+ * Secrets named by `UPSTREAM_API_KEY_PARAMETER` / `MOESIF_APPLICATION_ID_PARAMETER` are read from SSM by the core on
+ * the first request (see `secrets.ts`); the logger, the upstream client and the meter read them from the secrets
+ * port once known, so nothing here waits for the network.
+ */
 export function createDeps(env: NodeJS.ProcessEnv = process.env, options: { write?: (line: string) => void } = {}): CoreDeps {
   const config = loadFunctionConfig(env);
-  const log = createLogger({ level: env.LOG_LEVEL, secrets: [config.upstreamApiKey, config.moesif.applicationId], write: options.write });
-  const upstream = new AxiosUpstreamClient({ baseUrl: config.upstreamBaseUrl, apiKey: config.upstreamApiKey, timeoutMs: config.upstreamTimeoutMs });
-  const meter = config.moesif.applicationId
-    ? new MoesifMeter({ ...config.moesif, applicationId: config.moesif.applicationId, log })
-    : NO_METER;
-  if (!config.moesif.applicationId) log.warn("metering_disabled", { reason: "MOESIF_APPLICATION_ID is not set; usage is only logged" });
-  return { config, upstream, meter, log, clock: Date.now };
+  const direct = { upstreamApiKey: config.upstreamApiKey, moesifApplicationId: config.moesif.applicationId };
+  const parameters = config.secretParameters;
+  const usesParameters = !!(parameters.upstreamApiKey || parameters.moesifApplicationId);
+  // The logger exists before the secrets port (which logs), so it asks for the secrets through this indirection.
+  let secrets: SecretsPort | undefined;
+  const log = createLogger({ level: env.LOG_LEVEL, secrets: () => [direct.upstreamApiKey, direct.moesifApplicationId, ...Object.values(secrets?.current() ?? {})], write: options.write });
+  secrets = usesParameters
+    ? new ParameterStoreSecrets({ direct, parameters, log, reader: new SsmParameterReader(ssmOptions(env)) })
+    : new StaticSecrets(direct);
+  const port = secrets;
+
+  const upstream = new AxiosUpstreamClient({ baseUrl: config.upstreamBaseUrl, apiKey: () => port.current().upstreamApiKey, timeoutMs: config.upstreamTimeoutMs });
+  const moesif = (applicationId: string): UsageMeter => new MoesifMeter({ ...config.moesif, applicationId, log });
+  let meter: UsageMeter;
+  if (parameters.moesifApplicationId) meter = new DeferredMeter(port, moesif, log);
+  else if (direct.moesifApplicationId) meter = moesif(direct.moesifApplicationId);
+  else {
+    meter = NO_METER;
+    log.warn("metering_disabled", { reason: "neither MOESIF_APPLICATION_ID_PARAMETER nor MOESIF_APPLICATION_ID is set; usage is only logged" });
+  }
+  return { config, upstream, meter, log, clock: Date.now, secrets: port };
+}
+
+/**
+ * Where the SDK finds SSM: the region Lambda sets, an endpoint override (`AWS_ENDPOINT_URL_SSM`, as the SDK itself
+ * honours, for a local SSM-compatible server) and the credentials Lambda puts in the environment. Read from `env`
+ * rather than left to the SDK so that the environment passed to `createDeps` is the whole story.
+ */
+function ssmOptions(env: NodeJS.ProcessEnv) {
+  const { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey, AWS_SESSION_TOKEN: sessionToken } = env;
+  return {
+    region: env.AWS_REGION || env.AWS_DEFAULT_REGION || undefined,
+    endpoint: env.AWS_ENDPOINT_URL_SSM || env.AWS_ENDPOINT_URL || undefined,
+    credentials: accessKeyId && secretAccessKey ? { accessKeyId, secretAccessKey, ...(sessionToken ? { sessionToken } : {}) } : undefined,
+  };
 }
 
 /**
@@ -46,8 +81,12 @@ export function createHandler(makeDeps: () => CoreDeps = () => createDeps()) {
 /** The Lambda entry point (`index.handler`). */
 export const handler = createHandler();
 
-/** Converts a REST proxy event. The route is the resource, or the path without the stage for proxy resources. */
-export function toProxyRequest(event: APIGatewayProxyEvent, context: Pick<Context, "awsRequestId">): ProxyRequest {
+/**
+ * Converts a REST proxy event. The route is the resource, or the path without the stage for proxy resources.
+ * The metered URI is built from what API Gateway asserts (domain name, stage, matched route), never from the
+ * client's `Host` or `X-Forwarded-Proto`, so a caller cannot make its events look like another path.
+ */
+export function toProxyRequest(event: APIGatewayProxyEvent, context: Pick<Context, "awsRequestId"> & Partial<Pick<Context, "getRemainingTimeInMillis">>): ProxyRequest {
   const headers: Record<string, string> = {};
   for (const [name, value] of Object.entries(event.headers ?? {})) if (typeof value === "string") headers[name.toLowerCase()] = value;
   for (const [name, values] of Object.entries(event.multiValueHeaders ?? {})) {
@@ -56,19 +95,18 @@ export function toProxyRequest(event: APIGatewayProxyEvent, context: Pick<Contex
   const stage = event.requestContext?.stage;
   let route = event.resource && !event.resource.includes("{") ? event.resource : event.path ?? "/";
   if (route !== event.resource && stage && route.startsWith(`/${stage}/`)) route = route.slice(stage.length + 1);
-  const query = new URLSearchParams();
-  for (const [name, value] of Object.entries(event.queryStringParameters ?? {})) if (typeof value === "string") query.append(name, value);
-  const search = query.toString();
-  const host = headers.host ?? "localhost";
-  const proto = headers["x-forwarded-proto"] ?? "https";
+  const domain = event.requestContext?.domainName || "localhost";
+  const remaining = typeof context.getRemainingTimeInMillis === "function" ? context.getRemainingTimeInMillis() : undefined;
   return {
     method: (event.httpMethod ?? "GET").toUpperCase(),
     route,
-    uri: `${proto}://${host}${event.path ?? route}${search ? `?${search}` : ""}`,
+    uri: `https://${domain}${stage ? `/${stage}` : ""}${route}`,
     headers,
     body: event.body == null ? Buffer.alloc(0) : Buffer.from(event.body, event.isBase64Encoded ? "base64" : "utf8"),
     requestId: event.requestContext?.requestId ?? context.awsRequestId,
     apiKeyId: event.requestContext?.identity?.apiKeyId ?? undefined,
     sourceIp: event.requestContext?.identity?.sourceIp ?? undefined,
+    stage: stage || undefined,
+    remainingMs: typeof remaining === "number" && Number.isFinite(remaining) && remaining > 0 ? remaining : undefined,
   };
 }

@@ -1,9 +1,12 @@
 /**
  * Structured JSON log lines (one per call), the shape CloudWatch Logs Insights queries best.
  *
- * Every line passes through `redact`, which replaces any configured secret value (the upstream key, the Moesif
- * application id) wherever it appears: a last line of defence, not the only one.
+ * Every line passes through a `SecretRedactor`, which replaces any configured secret value (the upstream key, the
+ * Moesif application id) in any spelling wherever it appears: a last line of defence, not the only one. Secrets
+ * read from SSM are only known after the first request, so `secrets` may be a function, asked on every line.
  */
+import { SecretRedactor } from "../shared/secret-redactor";
+
 export type LogLevel = "debug" | "info" | "warn" | "error";
 
 export interface Logger {
@@ -17,11 +20,23 @@ const LEVELS: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error:
 
 export function createLogger(options: {
   level?: string;
-  secrets?: Array<string | undefined>;
+  secrets?: ReadonlyArray<string | undefined> | (() => ReadonlyArray<string | undefined>);
   write?: (line: string) => void;
 }): Logger {
   const threshold = LEVELS[(options.level as LogLevel) ?? "info"] ?? LEVELS.info;
-  const secrets = (options.secrets ?? []).filter((s): s is string => typeof s === "string" && s.length >= 4);
+  const source = options.secrets ?? [];
+  let redactor = new SecretRedactor(typeof source === "function" ? source() : source);
+  let known = "";
+  const currentRedactor = (): SecretRedactor => {
+    if (typeof source !== "function") return redactor;
+    const secrets = source();
+    const key = secrets.join("\u0000");
+    if (key !== known) {
+      redactor = new SecretRedactor(secrets);
+      known = key;
+    }
+    return redactor;
+  };
   const write = options.write ?? ((line: string) => process.stdout.write(line + "\n"));
   const emit = (level: LogLevel, message: string, fields?: Record<string, unknown>) => {
     if (LEVELS[level] < threshold) return;
@@ -31,7 +46,7 @@ export function createLogger(options: {
     } catch {
       line = JSON.stringify({ time: new Date().toISOString(), level, message, note: "fields were not serialisable" });
     }
-    write(redact(line, secrets));
+    write(currentRedactor().redactText(line));
   };
   return {
     debug: (m, f) => emit("debug", m, f),
@@ -41,11 +56,9 @@ export function createLogger(options: {
   };
 }
 
-/** Replaces every occurrence of each secret in `text`. */
-export function redact(text: string, secrets: readonly string[]): string {
-  let out = text;
-  for (const secret of secrets) if (out.includes(secret)) out = out.split(secret).join("[REDACTED]");
-  return out;
+/** Replaces every spelling of each secret in `text` (see `SecretRedactor`). */
+export function redact(text: string, secrets: ReadonlyArray<string | undefined>): string {
+  return new SecretRedactor(secrets).redactText(text);
 }
 
 /** Describes an unknown thrown value for a log line without its stack (stacks can carry request data). */

@@ -59,12 +59,55 @@ export function transactionIdFor(requestId: string): string {
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20, 32)}`;
 }
 
-/** Header names never sent to a metering backend or written to a log. */
-const SENSITIVE_HEADER = /^(x-api-key|authorization|proxy-authorization|cookie|set-cookie|x-amz-security-token)$|(api[-_]?key|secret|token|session|password)/i;
+/**
+ * Headers known to be harmless, the only ones a metering backend may see (an allow-list: a deny-list misses the next
+ * credential header someone invents, such as `X-Auth`, `X-OpenAI-Key`, `Authentication` or `X-Access-Key`).
+ * Request side: content negotiation, the client's user agent, OpenAI's documented request headers and the
+ * telemetry headers the official SDKs send (`X-Stainless-*`, exact names from openai-node 6.x `internal/detect-platform.js`
+ * and `client.js`; openai-python sends the same family plus `-Async`, `-Read-Timeout`, `-Raw-Response`).
+ * Response side: what this function sets itself.
+ */
+export const METERED_HEADERS: ReadonlySet<string> = new Set([
+  "content-type",
+  "content-length",
+  "content-encoding",
+  "accept",
+  "accept-encoding",
+  "user-agent",
+  "openai-organization",
+  "openai-project",
+  "openai-beta",
+  "idempotency-key",
+  "x-request-id",
+  "x-amzn-trace-id",
+  "retry-after",
+  "x-should-retry",
+  "x-stainless-lang",
+  "x-stainless-package-version",
+  "x-stainless-os",
+  "x-stainless-arch",
+  "x-stainless-runtime",
+  "x-stainless-runtime-version",
+  "x-stainless-retry-count",
+  "x-stainless-timeout",
+  "x-stainless-read-timeout",
+  "x-stainless-async",
+  "x-stainless-raw-response",
+  "x-stainless-helper-method",
+  "x-stainless-poll-helper",
+  "x-stainless-custom-poll-interval",
+]);
 
-/** Drops credentials and cookies from a header map. */
+/** Longest header value kept; the allowed headers are short, so a long one is noise (or abuse) and is cut. */
+const MAX_HEADER_VALUE = 512;
+
+/** Keeps only the allow-listed headers (names compared case-insensitively), each value at most 512 characters. */
 export function sanitizeHeaders(headers: Record<string, string>): Record<string, string> {
   const clean: Record<string, string> = {};
-  for (const [name, value] of Object.entries(headers)) if (!SENSITIVE_HEADER.test(name)) clean[name] = value;
+  for (const name of Object.keys(headers)) {
+    if (!METERED_HEADERS.has(name.toLowerCase())) continue;
+    const value = headers[name];
+    if (typeof value === "string") clean[name] = value.length > MAX_HEADER_VALUE ? value.slice(0, MAX_HEADER_VALUE) : value;
+  }
   return clean;
 }

@@ -1,13 +1,63 @@
 import http from "node:http";
 import https from "node:https";
-import { promisify } from "node:util";
-import { gzip as gzipCallback } from "node:zlib";
-import axios, { type AxiosInstance } from "axios";
+import { gzipSync } from "node:zlib";
 import { isRecord } from "./config";
 import { describeError, type Logger } from "./logger";
 import { sanitizeHeaders, type UsageMeter, type UsageRecord } from "./metering";
+import type { TokenUsage } from "./usage";
 
-const gzip = promisify(gzipCallback);
+/** Largest serialised event (UTF-8 bytes). Bigger bodies are replaced by a `TruncatedBody` marker, never dropped. */
+export const MAX_EVENT_BYTES = 64 * 1024;
+/** Deepest body nesting kept. Deeper bodies are truncated, so no later `JSON.stringify` of the event can overflow. */
+export const MAX_BODY_DEPTH = 64;
+/** Characters of a truncated body's serialisation kept as its preview. */
+const PREVIEW_CHARS = 1024;
+/** Longest string kept in `metadata` and in billing fields copied from bodies (ids, model names). */
+const MAX_FIELD_CHARS = 256;
+const MAX_URI_CHARS = 2048;
+const MAX_ERROR_MESSAGE_CHARS = 1024;
+
+/** The usage object Moesif sees, in OpenAI's shape, built from the validated counts only. */
+export interface MeteredUsage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  /** Always `prompt_tokens + completion_tokens`. */
+  total_tokens: number;
+  prompt_tokens_details?: { cached_tokens: number };
+  completion_tokens_details?: { reasoning_tokens: number };
+}
+
+/** What replaces a body that is too big or too deep to send: the event is still sent, with this in its place. */
+export interface TruncatedBody {
+  _truncated: true;
+  _reason: string;
+  /** Size of the body's JSON, when it could be serialised at all. */
+  _original_bytes: number | null;
+  _preview?: string;
+}
+
+export interface MoesifMetadata {
+  model: string | null;
+  /** Validated (or estimated) counts from the usage record; never the upstream's raw `usage`. */
+  prompt_tokens: number;
+  completion_tokens: number;
+  /** `prompt_tokens + completion_tokens`, recomputed: the field a token meter should sum. */
+  total_tokens: number;
+  cached_tokens: number;
+  reasoning_tokens: number;
+  usage_estimated: boolean;
+  /** A 2xx answer that carries usage (tokens or a cost): the filter a billing meter should use. */
+  billed: boolean;
+  /** What the request costs in `currency`, in integer micro-units (1 USD = 1,000,000); null on unpriced plans. */
+  cost_micros: number | null;
+  currency: string | null;
+  stage: string | null;
+  plan: string | null;
+  upstream_status: number | null;
+  upstream_ms: number | null;
+  request_id: string;
+  route: string;
+}
 
 /** Moesif's collector event (https://www.moesif.com/docs/api#create-an-event). */
 export interface MoesifEvent {
@@ -27,32 +77,49 @@ export interface MoesifEvent {
   company_id?: string;
   direction: "Incoming";
   weight: 1;
-  metadata: {
-    model: string | null;
-    prompt_tokens: number;
-    completion_tokens: number;
-    total_tokens: number;
-    plan: string | null;
-    upstream_status: number | null;
-    upstream_ms: number | null;
-    usage_estimated: boolean;
-    request_id: string;
-    route: string;
+  metadata: MoesifMetadata;
+}
+
+/** A non-negative safe integer, or 0: what a meter may sum. */
+function count(value: unknown): number {
+  return typeof value === "number" && Number.isSafeInteger(value) && value > 0 ? value : 0;
+}
+
+function clip(text: string, max: number): string {
+  return text.length > max ? text.slice(0, max) : text;
+}
+
+/** The record's usage as Moesif sees it, re-checked here so that no meter can ever sum a negative or a string. */
+export function meteredUsage(usage: TokenUsage): MeteredUsage {
+  const prompt = count(usage.prompt_tokens);
+  const completion = count(usage.completion_tokens);
+  return {
+    prompt_tokens: prompt,
+    completion_tokens: completion,
+    total_tokens: prompt + completion,
+    ...(usage.cached_tokens !== undefined ? { prompt_tokens_details: { cached_tokens: Math.min(count(usage.cached_tokens), prompt) } } : {}),
+    ...(usage.reasoning_tokens !== undefined
+      ? { completion_tokens_details: { reasoning_tokens: Math.min(count(usage.reasoning_tokens), completion) } }
+      : {}),
   };
 }
 
 /**
  * Builds the Moesif event for one record. Without `logBodies` the bodies keep only what billing and support need
- * (`id`, `model`, `usage`, the error object, scalar request options) and never the prompt or completion text.
- * The session token is the API key *id*; the key itself never appears.
+ * (`id`, `model`, `usage`, the error, scalar request options) and never the prompt or completion text. Either way
+ * `response.body.usage` is the validated usage, never the upstream's own object. The session token is the API key
+ * *id*; the key itself never appears. Headers pass an allow-list (`sanitizeHeaders`).
  */
 export function toMoesifEvent(record: UsageRecord, logBodies: boolean): MoesifEvent {
+  const usage = meteredUsage(record.usage);
   const requestBody = logBodies ? record.requestBody : scalarFields(record.requestBody);
-  const responseBody = logBodies ? record.responseBody : billingFields(record.responseBody);
+  const responseBody = logBodies ? withUsage(record.responseBody, usage) : billingFields(record.responseBody, usage);
+  const costMicros = record.cost && Number.isSafeInteger(record.cost.micros) && record.cost.micros >= 0 ? record.cost.micros : null;
+  const success = record.status >= 200 && record.status < 300;
   return {
     request: {
       time: new Date(record.startedAt).toISOString(),
-      uri: record.uri,
+      uri: clip(record.uri, MAX_URI_CHARS),
       verb: record.method,
       headers: sanitizeHeaders(record.requestHeaders),
       ...(record.sourceIp ? { ip_address: record.sourceIp } : {}),
@@ -71,38 +138,209 @@ export function toMoesifEvent(record: UsageRecord, logBodies: boolean): MoesifEv
     direction: "Incoming",
     weight: 1,
     metadata: {
-      model: record.model ?? null,
-      prompt_tokens: record.usage.prompt_tokens,
-      completion_tokens: record.usage.completion_tokens,
-      total_tokens: record.usage.total_tokens,
+      model: typeof record.model === "string" ? clip(record.model, MAX_FIELD_CHARS) : null,
+      prompt_tokens: usage.prompt_tokens,
+      completion_tokens: usage.completion_tokens,
+      total_tokens: usage.total_tokens,
+      cached_tokens: usage.prompt_tokens_details?.cached_tokens ?? 0,
+      reasoning_tokens: usage.completion_tokens_details?.reasoning_tokens ?? 0,
+      usage_estimated: record.usageEstimated === true,
+      billed: success && (usage.total_tokens > 0 || (costMicros ?? 0) > 0),
+      cost_micros: costMicros,
+      currency: costMicros !== null && typeof record.cost?.currency === "string" ? clip(record.cost.currency, MAX_FIELD_CHARS) : null,
+      stage: typeof record.stage === "string" ? clip(record.stage, MAX_FIELD_CHARS) : null,
       plan: record.customer?.plan ?? null,
       upstream_status: record.upstreamStatus ?? null,
       upstream_ms: record.upstreamMs ?? null,
-      usage_estimated: record.usageEstimated,
       request_id: record.requestId,
       route: record.route,
     },
   };
 }
 
-/** Top-level string/number/boolean fields of a request (model, temperature, max_tokens…): no message text. */
+/**
+ * Top-level string/number/boolean fields of a request (model, temperature, max_tokens…): no message text. Stops
+ * collecting once the kept text passes the event size cap (4,000 long fields must not make a megabyte event).
+ */
 function scalarFields(body: unknown): Record<string, unknown> | undefined {
   if (!isRecord(body)) return undefined;
   const kept: Record<string, unknown> = {};
-  for (const [key, value] of Object.entries(body)) {
+  let size = 0;
+  for (const key of Object.keys(body)) {
     if (key === "messages") continue;
-    if (typeof value === "number" || typeof value === "boolean" || (typeof value === "string" && value.length <= 256)) kept[key] = value;
+    const value = body[key];
+    if (typeof value === "number" || typeof value === "boolean" || (typeof value === "string" && value.length <= MAX_FIELD_CHARS)) {
+      size += key.length + (typeof value === "string" ? value.length : 8);
+      if (size > MAX_EVENT_BYTES) break;
+      kept[key] = value;
+    }
   }
   return kept;
 }
 
-/** `id`, `object`, `model`, `usage` of a completion, or the `error` of an error body. */
-function billingFields(body: unknown): Record<string, unknown> | undefined {
+/** `id`, `object`, `model`, `system_fingerprint` and the validated `usage` of a completion, or the `error` of an error body. */
+function billingFields(body: unknown, usage: MeteredUsage): Record<string, unknown> | undefined {
   if (!isRecord(body)) return undefined;
-  if (body.error !== undefined) return { error: body.error };
+  if (body.error !== undefined) return { error: errorFields(body.error) };
   const kept: Record<string, unknown> = {};
-  for (const key of ["id", "object", "model", "usage", "system_fingerprint"]) if (body[key] !== undefined) kept[key] = body[key];
+  for (const key of ["id", "object", "model", "system_fingerprint"]) {
+    const value = body[key];
+    if (typeof value === "string") kept[key] = clip(value, MAX_FIELD_CHARS);
+  }
+  if (carriesUsage(body)) kept.usage = usage;
   return kept;
+}
+
+/** The scalar fields of an OpenAI error object (an upstream may put anything there; only these are kept). */
+function errorFields(error: unknown): unknown {
+  if (typeof error === "string") return clip(error, MAX_ERROR_MESSAGE_CHARS);
+  if (!isRecord(error)) return null;
+  const kept: Record<string, unknown> = {};
+  for (const key of ["message", "type", "param", "code"]) {
+    const value = error[key];
+    if (typeof value === "string") kept[key] = clip(value, key === "message" ? MAX_ERROR_MESSAGE_CHARS : MAX_FIELD_CHARS);
+    else if (typeof value === "number" || typeof value === "boolean" || value === null) kept[key] = value;
+  }
+  return kept;
+}
+
+/** A completion (it has choices, or reported usage): its `usage` is what the meter sums. */
+function carriesUsage(body: Record<string, unknown>): boolean {
+  return body.usage !== undefined || Array.isArray(body.choices);
+}
+
+/** The whole body with `usage` replaced by the validated one (a shallow copy; the caller's object is untouched). */
+function withUsage(body: unknown, usage: MeteredUsage): unknown {
+  if (!isRecord(body) || body.error !== undefined || !carriesUsage(body)) return body;
+  return { ...body, usage };
+}
+
+/** One event, serialised once, exactly as it will travel (alone, or joined into a batch). */
+export interface SerializedEvent {
+  transactionId: string;
+  json: string;
+  /** UTF-8 length of `json`. */
+  bytes: number;
+}
+
+export interface PreparedEvent extends SerializedEvent {
+  /** The event as sent: bodies that did not fit replaced by their `TruncatedBody` marker. Safe to stringify again. */
+  event: MoesifEvent;
+  /** Which bodies were truncated, and why. */
+  truncated: Array<{ body: "request" | "response"; reason: string; originalBytes: number | null }>;
+}
+
+interface BodyPiece {
+  value: unknown;
+  text: string;
+  bytes: number;
+}
+
+/** A body's JSON, or why it has none. `JSON.stringify` throws RangeError on very deep nesting; that is caught here. */
+function serializeBody(value: unknown): BodyPiece | { error: string } | undefined {
+  if (value === undefined) return undefined;
+  let text: string | undefined;
+  try {
+    text = JSON.stringify(value);
+  } catch (err) {
+    return { error: `not serialisable (${err instanceof RangeError ? "nested too deep or too large" : describeError(err).name})` };
+  }
+  if (text === undefined) return undefined;
+  return { value, text, bytes: Buffer.byteLength(text) };
+}
+
+function truncatedPiece(reason: string, original?: BodyPiece): BodyPiece {
+  const marker: TruncatedBody = {
+    _truncated: true,
+    _reason: reason,
+    _original_bytes: original ? original.bytes : null,
+    ...(original ? { _preview: original.text.slice(0, PREVIEW_CHARS) } : {}),
+  };
+  const text = JSON.stringify(marker);
+  return { value: marker, text, bytes: Buffer.byteLength(text) };
+}
+
+/** True when JSON text nests arrays/objects deeper than `max`. Linear, no recursion. */
+export function nestsDeeperThan(text: string, max: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 92) i++; // backslash: skip the escaped character
+      else if (c === 34) inString = false;
+    } else if (c === 34) inString = true;
+    else if (c === 91 || c === 123) {
+      if (++depth > max) return true;
+    } else if (c === 93 || c === 125) depth--;
+  }
+  return false;
+}
+
+/** `{"a":1}` + body → `{"a":1,"body":…,"transfer_encoding":"json"}`. */
+function withBodyJson(headJson: string, body: BodyPiece | undefined): string {
+  if (!body) return headJson;
+  return `${headJson.slice(0, -1)}${headJson.length > 2 ? "," : ""}"body":${body.text},"transfer_encoding":"json"}`;
+}
+
+/**
+ * Serialises an event once, within `maxBytes`: each body is serialised on its own (a body that cannot be, such as
+ * 20,000 nested arrays, never takes the event or its neighbours down with it); when the event would be larger than
+ * `maxBytes` the larger body, then the other, is replaced by a `TruncatedBody` marker. The rest of the event is
+ * small by construction (allow-listed headers, clipped strings).
+ */
+export function prepareEvent(event: MoesifEvent, maxBytes = MAX_EVENT_BYTES): PreparedEvent {
+  const { body: requestBody, transfer_encoding: _requestEncoding, ...requestHead } = event.request;
+  const { body: responseBody, transfer_encoding: _responseEncoding, ...responseHead } = event.response;
+  const { request: _request, response: _response, ...rest } = event;
+  const requestHeadJson = JSON.stringify(requestHead);
+  const responseHeadJson = JSON.stringify(responseHead);
+  const restJson = JSON.stringify(rest);
+  // 96 bytes cover the keys and separators added around the pieces below.
+  const fixed = Buffer.byteLength(requestHeadJson) + Buffer.byteLength(responseHeadJson) + Buffer.byteLength(restJson) + 96;
+
+  const truncated: PreparedEvent["truncated"] = [];
+  const pieces = { request: serializeBody(requestBody), response: serializeBody(responseBody) };
+  const kept: { request?: BodyPiece; response?: BodyPiece } = {};
+  for (const name of ["request", "response"] as const) {
+    const piece = pieces[name];
+    if (piece && "error" in piece) {
+      kept[name] = truncatedPiece(piece.error);
+      truncated.push({ body: name, reason: piece.error, originalBytes: null });
+    } else kept[name] = piece;
+  }
+  const total = () => fixed + (kept.request?.bytes ?? 0) + (kept.response?.bytes ?? 0);
+  while (total() > maxBytes) {
+    const candidates = (["request", "response"] as const).filter((name) => kept[name] && !isMarker(kept[name]!));
+    if (candidates.length === 0) break;
+    const largest = candidates.reduce((a, b) => (kept[a]!.bytes >= kept[b]!.bytes ? a : b));
+    const reason = `the event would exceed ${maxBytes} bytes`;
+    truncated.push({ body: largest, reason, originalBytes: kept[largest]!.bytes });
+    kept[largest] = truncatedPiece(reason, kept[largest]);
+  }
+  // Only bodies that fit are scanned for depth, so the scan is bounded by maxBytes.
+  for (const name of ["request", "response"] as const) {
+    const piece = kept[name];
+    if (piece && !isMarker(piece) && nestsDeeperThan(piece.text, MAX_BODY_DEPTH)) {
+      const reason = `nested deeper than ${MAX_BODY_DEPTH} levels`;
+      truncated.push({ body: name, reason, originalBytes: piece.bytes });
+      kept[name] = truncatedPiece(reason, piece);
+    }
+  }
+
+  const json = `{"request":${withBodyJson(requestHeadJson, kept.request)},"response":${withBodyJson(responseHeadJson, kept.response)}${
+    restJson.length > 2 ? `,${restJson.slice(1)}` : "}"
+  }`;
+  const safe: MoesifEvent = {
+    ...event,
+    request: { ...requestHead, ...(kept.request ? { body: kept.request.value, transfer_encoding: "json" as const } : {}) },
+    response: { ...responseHead, ...(kept.response ? { body: kept.response.value, transfer_encoding: "json" as const } : {}) },
+  };
+  return { transactionId: event.transaction_id, json, bytes: Buffer.byteLength(json), event: safe, truncated };
+}
+
+function isMarker(piece: BodyPiece): boolean {
+  return isRecord(piece.value) && piece.value._truncated === true;
 }
 
 export interface MoesifMeterOptions {
@@ -110,116 +348,213 @@ export interface MoesifMeterOptions {
   /** Collector base, e.g. `https://api.moesif.net` or a local collector. */
   baseUri: string;
   logBodies: boolean;
-  /** Upper bound on the time one `record` call may add to a request. */
+  /** Upper bound on the time one `record` call may add to a request: serialisation, compression and HTTP. */
   timeoutMs: number;
   log: Logger;
-  /** Events kept in memory for re-sending while the collector is failing. */
+  /** Events kept in memory for re-sending while the collector is failing. @default 1000 */
   maxPending?: number;
-  /** First pause after a failed send; doubles per failure up to `maxBackoffMs`. */
+  /** Bytes of serialised events kept in memory for re-sending. @default 16 MiB */
+  maxPendingBytes?: number;
+  /** Largest serialised event; bigger bodies are truncated. @default 64 KiB */
+  maxEventBytes?: number;
+  /** Most events in one send (a request's own event plus re-sent ones). @default 100 */
+  maxBatchEvents?: number;
+  /** Most uncompressed bytes in one send. @default 1 MiB */
+  maxBatchBytes?: number;
+  /** First pause after a failed send; doubles per failure up to `maxBackoffMs`. @default 2000 */
   backoffMs?: number;
+  /** @default 60000 */
   maxBackoffMs?: number;
   clock?: () => number;
-  http?: AxiosInstance;
+}
+
+/** Why a send failed (the reason goes into the `metering_deferred` log line). */
+class SendFailedError extends Error {
+  override name = "SendFailedError";
 }
 
 /**
- * Sends Moesif's documented wire format (gzip JSON to `/v1/events` or `/v1/events/batch`) with axios.
+ * Sends Moesif's documented wire format (gzip JSON to `/v1/events` or `/v1/events/batch`) over node:http(s) with a
+ * keep-alive agent.
  *
  * Why awaited: Lambda freezes the process once the handler returns, so a fire-and-forget send may never leave the
- * machine. Each request therefore waits for its event, but never longer than `timeoutMs`.
+ * machine. Each request therefore waits for its event, but never longer than `timeoutMs` (serialisation and
+ * compression included: both are bounded by the event and batch size caps).
  *
  * What happens to an event that could not be sent: it is written to the function's log as a `metering_deferred`
- * line holding the whole (secret-free) event, so it can be replayed from CloudWatch, and it stays in memory to be
- * re-sent with the next request's batch (Moesif de-duplicates on `transaction_id`, so a replay is never counted
- * twice). After a failure the meter stops trying for a back-off period, so a collector that hangs costs at most one
- * timeout per period instead of one per request. Memory holds at most `maxPending` events; the oldest are dropped
- * first (they are still in the log). A durable ledger replaces this in a later issue.
+ * line holding the whole (secret-free, size-capped) event, so it can be replayed from CloudWatch, and its
+ * serialised form stays in memory to be re-sent with later requests, at most `maxBatchEvents` / `maxBatchBytes` per
+ * send (Moesif de-duplicates on `transaction_id`, so a replay is never counted twice). The buffer is only appended
+ * to and taken from, so concurrent sends that fail each put back exactly what they took. After a failure the meter
+ * stops trying for a back-off period, so a collector that hangs costs at most one timeout per period instead of one
+ * per request. Memory holds at most `maxPending` events and `maxPendingBytes`; past that the oldest are dropped with
+ * an error log naming their transaction ids (they are still in the log). A durable ledger replaces this later.
  */
 export class MoesifMeter implements UsageMeter {
-  private pending: MoesifEvent[] = [];
+  private pending: SerializedEvent[] = [];
+  private pendingBytes = 0;
   private failures = 0;
   private nextAttemptAt = 0;
-  private readonly http: AxiosInstance;
   private readonly clock: () => number;
+  private readonly agent: http.Agent;
+  private readonly transport: typeof http | typeof https;
+  private readonly target: URL;
+  private readonly maxEventBytes: number;
+  private readonly maxBatchEvents: number;
+  private readonly maxBatchBytes: number;
+  private readonly maxPending: number;
+  private readonly maxPendingBytes: number;
 
   constructor(private readonly options: MoesifMeterOptions) {
     this.clock = options.clock ?? Date.now;
-    this.http =
-      options.http ??
-      axios.create({
-        httpAgent: new http.Agent({ keepAlive: true, maxSockets: 16 }),
-        httpsAgent: new https.Agent({ keepAlive: true, maxSockets: 16 }),
-        maxRedirects: 0,
-        proxy: false,
-        validateStatus: () => true,
-        responseType: "text",
-        transformResponse: [(data: unknown) => data],
-      });
+    this.target = new URL(options.baseUri.replace(/\/+$/, ""));
+    const secure = this.target.protocol === "https:";
+    this.transport = secure ? https : http;
+    this.agent = secure ? new https.Agent({ keepAlive: true, maxSockets: 16 }) : new http.Agent({ keepAlive: true, maxSockets: 16 });
+    this.maxEventBytes = options.maxEventBytes ?? MAX_EVENT_BYTES;
+    this.maxBatchEvents = Math.max(1, options.maxBatchEvents ?? 100);
+    this.maxBatchBytes = Math.max(this.maxEventBytes, options.maxBatchBytes ?? 1024 * 1024);
+    this.maxPending = options.maxPending ?? 1000;
+    this.maxPendingBytes = options.maxPendingBytes ?? 16 * 1024 * 1024;
   }
 
   async record(record: UsageRecord): Promise<void> {
-    let event: MoesifEvent;
+    const started = performance.now();
+    let prepared: PreparedEvent;
     try {
-      event = toMoesifEvent(record, this.options.logBodies);
+      prepared = prepareEvent(toMoesifEvent(record, this.options.logBodies), this.maxEventBytes);
     } catch (err) {
       this.options.log.error("metering_event_build_failed", { request_id: record.requestId, error: describeError(err) });
       return;
     }
+    if (prepared.truncated.length > 0) {
+      this.options.log.warn("metering_event_truncated", { request_id: record.requestId, transaction_id: prepared.transactionId, truncated: prepared.truncated });
+    }
+    const own: SerializedEvent = { transactionId: prepared.transactionId, json: prepared.json, bytes: prepared.bytes };
     if (this.clock() < this.nextAttemptAt) {
-      this.defer([event], "collector backing off after a failure");
+      this.defer(own, prepared.event, "collector backing off after a failure");
       return;
     }
-    const batch = [...this.pending, event];
-    this.pending = [];
-    const failure = await this.send(batch);
+    const carried = this.take(this.maxBatchEvents - 1, this.maxBatchBytes - own.bytes);
+    const failure = await this.send(carried.length > 0 ? [own, ...carried] : [own], started + this.options.timeoutMs);
     if (!failure) {
-      if (this.failures > 0) this.options.log.info("metering_recovered", { sent: batch.length });
+      if (this.failures > 0) this.options.log.info("metering_recovered", { sent: carried.length + 1, still_pending: this.pending.length });
       this.failures = 0;
       return;
     }
+    this.noteFailure();
+    // Earlier events were logged when they were first deferred; only the new one needs its log line.
+    this.putBack(carried);
+    this.defer(own, prepared.event, failure);
+  }
+
+  /** Takes the oldest pending events, at most `maxCount` of them and `maxBytes` in all. */
+  private take(maxCount: number, maxBytes: number): SerializedEvent[] {
+    let n = 0;
+    let bytes = 0;
+    while (n < this.pending.length && n < maxCount && bytes + this.pending[n].bytes <= maxBytes) bytes += this.pending[n++].bytes;
+    if (n === 0) return [];
+    this.pendingBytes -= bytes;
+    return this.pending.splice(0, n);
+  }
+
+  /** Returns taken events to the front (they are the oldest), beside whatever other requests added meanwhile. */
+  private putBack(events: SerializedEvent[]): void {
+    if (events.length === 0) return;
+    this.pending.unshift(...events);
+    for (const event of events) this.pendingBytes += event.bytes;
+    this.trim();
+  }
+
+  private defer(serialized: SerializedEvent, event: MoesifEvent, reason: string): void {
+    this.options.log.warn("metering_deferred", { reason, event });
+    this.pending.push(serialized);
+    this.pendingBytes += serialized.bytes;
+    this.trim();
+  }
+
+  private trim(): void {
+    let drop = 0;
+    let bytes = this.pendingBytes;
+    while (drop < this.pending.length && (this.pending.length - drop > this.maxPending || bytes > this.maxPendingBytes)) {
+      bytes -= this.pending[drop++].bytes;
+    }
+    if (drop === 0) return;
+    const dropped = this.pending.splice(0, drop);
+    this.pendingBytes = bytes;
+    this.options.log.error("metering_dropped_from_memory", {
+      count: dropped.length,
+      reason: "too many events waiting for the collector; replay them from their metering_deferred log lines",
+      transaction_ids: dropped.map((e) => e.transactionId),
+    });
+  }
+
+  /** One back-off window per outage step: failures of sends that were already in flight do not lengthen it. */
+  private noteFailure(): void {
+    const now = this.clock();
+    if (now < this.nextAttemptAt) return;
     this.failures += 1;
     const backoff = Math.min((this.options.backoffMs ?? 2000) * 2 ** (this.failures - 1), this.options.maxBackoffMs ?? 60_000);
-    this.nextAttemptAt = this.clock() + backoff;
-    // Earlier events were logged when they were first deferred; only the new one needs its log line.
-    this.pending = batch.slice(0, -1);
-    this.defer([event], failure);
+    this.nextAttemptAt = now + backoff;
   }
 
-  private defer(events: MoesifEvent[], reason: string): void {
-    for (const event of events) this.options.log.warn("metering_deferred", { reason, event });
-    this.pending.push(...events);
-    const max = this.options.maxPending ?? 1000;
-    if (this.pending.length > max) {
-      const dropped = this.pending.splice(0, this.pending.length - max);
-      this.options.log.error("metering_dropped_from_memory", {
-        count: dropped.length,
-        transaction_ids: dropped.map((e) => e.transaction_id),
-      });
-    }
-  }
-
-  /** Returns undefined on success, or why the send failed. Never throws. */
-  private async send(events: MoesifEvent[]): Promise<string | undefined> {
+  /** Returns undefined on success, or why the send failed. Never throws; never outlives `deadline`. */
+  private async send(events: SerializedEvent[], deadline: number): Promise<string | undefined> {
     const single = events.length === 1;
-    const url = `${this.options.baseUri}/v1/events${single ? "" : "/batch"}`;
     try {
-      const body = await gzip(Buffer.from(JSON.stringify(single ? events[0] : events)));
-      const response = await this.http.post(url, body, {
-        headers: {
-          "Content-Type": "application/json; charset=utf-8",
-          "Content-Encoding": "gzip",
-          "X-Moesif-Application-Id": this.options.applicationId,
-          "User-Agent": "metered-ai-api",
-        },
-        timeout: this.options.timeoutMs,
-        // axios' timeout is an idle timeout; the signal bounds the whole exchange.
-        signal: AbortSignal.timeout(this.options.timeoutMs),
-      });
-      if (response.status >= 200 && response.status < 300) return undefined;
-      return `collector answered HTTP ${response.status}`;
+      const json = single ? events[0].json : `[${events.map((e) => e.json).join(",")}]`;
+      // Synchronous gzip: the payload is capped (maxBatchBytes), so this takes at most a few milliseconds, which
+      // is less than handing it to the thread pool and back; the time it took comes out of the same budget.
+      const body = gzipSync(json);
+      const remaining = Math.floor(deadline - performance.now());
+      if (remaining <= 0) return "time budget spent before sending";
+      const status = await this.post(single ? "/v1/events" : "/v1/events/batch", body, remaining);
+      if (status >= 200 && status < 300) return undefined;
+      return `collector answered HTTP ${status}`;
     } catch (err) {
       const { name, message, code } = describeError(err);
       return `collector unreachable: ${code ?? name}: ${message}`;
     }
+  }
+
+  /** POSTs a gzip body; resolves with the status once the answer is read, rejects after `timeoutMs` in all. */
+  private post(path: string, body: Buffer, timeoutMs: number): Promise<number> {
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const finish = (err: Error | undefined, status?: number) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        if (err) reject(err);
+        else resolve(status ?? 0);
+      };
+      const req = this.transport.request(
+        {
+          protocol: this.target.protocol,
+          hostname: this.target.hostname,
+          port: this.target.port || undefined,
+          path: `${this.target.pathname === "/" ? "" : this.target.pathname}${path}`,
+          method: "POST",
+          agent: this.agent,
+          headers: {
+            "Content-Type": "application/json; charset=utf-8",
+            "Content-Encoding": "gzip",
+            "Content-Length": body.length,
+            "X-Moesif-Application-Id": this.options.applicationId,
+            "User-Agent": "metered-ai-api",
+          },
+        },
+        (res) => {
+          res.on("error", (err) => finish(err));
+          res.on("end", () => finish(undefined, res.statusCode));
+          res.on("close", () => finish(new SendFailedError("connection closed before the answer was complete")));
+          res.resume();
+        },
+      );
+      // One timer bounds the whole exchange (connect, send, answer), a slow trickle included.
+      const timer = setTimeout(() => req.destroy(new SendFailedError(`no answer within ${timeoutMs} ms`)), timeoutMs);
+      req.on("error", (err) => finish(err));
+      req.end(body);
+    });
   }
 }

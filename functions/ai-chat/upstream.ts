@@ -8,6 +8,8 @@ export interface UpstreamRequest {
   /** Path below the upstream base URL, e.g. `/chat/completions`. */
   path: string;
   body?: string;
+  /** A tighter deadline for this call (the time the function has left); the client's own timeout still applies. */
+  timeoutMs?: number;
 }
 
 export interface UpstreamResponse {
@@ -26,7 +28,8 @@ export interface UpstreamClient {
 
 export interface AxiosUpstreamOptions {
   baseUrl: string;
-  apiKey?: string;
+  /** The key, or a function returning it: a key read from SSM is known only after the first request started. */
+  apiKey?: string | (() => string | undefined);
   timeoutMs: number;
   /** Larger answers are refused (502): Lambda cannot return more than 6 MB anyway. */
   maxResponseBytes?: number;
@@ -51,7 +54,9 @@ export class AxiosUpstreamClient implements UpstreamClient {
   }
 
   async send(request: UpstreamRequest): Promise<UpstreamResponse> {
-    const deadline = AbortSignal.timeout(this.options.timeoutMs);
+    const timeoutMs = Math.max(1, Math.min(this.options.timeoutMs, request.timeoutMs ?? Infinity));
+    const deadline = AbortSignal.timeout(timeoutMs);
+    const apiKey = typeof this.options.apiKey === "function" ? this.options.apiKey() : this.options.apiKey;
     try {
       const response = await this.http.request<Buffer>({
         method: request.method,
@@ -60,11 +65,11 @@ export class AxiosUpstreamClient implements UpstreamClient {
         headers: {
           Accept: "application/json",
           ...(request.body !== undefined ? { "Content-Type": "application/json" } : {}),
-          ...(this.options.apiKey ? { Authorization: `Bearer ${this.options.apiKey}` } : {}),
+          ...(apiKey ? { Authorization: `Bearer ${apiKey}` } : {}),
           "User-Agent": "metered-ai-api",
         },
         // axios' timeout restarts on every chunk; the signal bounds a slow trickle too.
-        timeout: this.options.timeoutMs,
+        timeout: timeoutMs,
         signal: deadline,
       });
       const headers: Record<string, string> = {};
@@ -73,9 +78,9 @@ export class AxiosUpstreamClient implements UpstreamClient {
       }
       return { status: response.status, headers, body: Buffer.from(response.data ?? []) };
     } catch (err) {
-      if (deadline.aborted) throw new UpstreamTimeoutError(this.options.timeoutMs);
+      if (deadline.aborted) throw new UpstreamTimeoutError(timeoutMs);
       if (isAxiosError(err)) {
-        if (err.code === "ECONNABORTED" || err.code === "ETIMEDOUT") throw new UpstreamTimeoutError(this.options.timeoutMs);
+        if (err.code === "ECONNABORTED" || err.code === "ETIMEDOUT") throw new UpstreamTimeoutError(timeoutMs);
         if (err.code === "ERR_BAD_RESPONSE" && /maxContentLength/.test(err.message)) {
           throw new UpstreamError("The upstream model server's answer is larger than this service can return.", "upstream_response_too_large");
         }

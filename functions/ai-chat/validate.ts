@@ -25,6 +25,14 @@ export interface ParsedChatCompletion {
   text: string;
 }
 
+/** Longest model name kept for metering and logs; longer names are cut (a model name is a short identifier). */
+export const MAX_MODEL_NAME_CHARS = 256;
+
+/** What the parser learnt about a request before it failed (or succeeded): the model it named, for metering. */
+export interface RequestFacts {
+  model?: string;
+}
+
 // ignoreBOM keeps a byte-order mark in the text, so JSON.parse rejects it: what is validated is exactly the text
 // that is forwarded. Without `stream`, decode() keeps no state between calls, so one decoder serves every request.
 const UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
@@ -33,8 +41,11 @@ const UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
  * Parses and checks a chat-completions body: JSON content type, UTF-8, the fields the proxy relies on (model,
  * messages, roles) and the types of the fields OpenAI documents. Unknown fields are the upstream's business and pass
  * through untouched (the caller's text is what gets forwarded).
+ *
+ * `facts.model` is set as soon as the body parses and names a model as a non-empty string (cut to
+ * MAX_MODEL_NAME_CHARS), even when a later check fails: a 400 is metered with the model it was for.
  */
-export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, contentType?: string): ParsedChatCompletion {
+export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, contentType?: string, facts: RequestFacts = {}): ParsedChatCompletion {
   if (contentType !== undefined && contentType.trim() !== "" && !JSON_CONTENT_TYPE.test(contentType)) {
     throw new UnsupportedMediaTypeError(contentType);
   }
@@ -59,6 +70,7 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, conten
     );
   }
   if (!isRecord(body)) throw new BadRequestError("The request body must be a JSON object.", null, "invalid_json");
+  if (typeof body.model === "string" && body.model !== "") facts.model = body.model.slice(0, MAX_MODEL_NAME_CHARS);
 
   if (typeof body.model !== "string" || body.model.trim() === "") {
     throw new BadRequestError("`model` must be a non-empty string.", "model", "invalid_type");

@@ -147,3 +147,47 @@ function nonNegative(value: number): number {
 function minBig(a: bigint, b: bigint): bigint {
   return a < b ? a : b;
 }
+
+/**
+ * Parses a plan's pricing in the form the function receives it (the `PLANS` variable or `PLANS_FILE`):
+ * `{ currency, prices: { <model>: { input, output, cachedInput?, reasoning? } } }`, every price an integer number of
+ * micro-units per 1,000,000 tokens (what `parsePriceTable` produces). Unknown fields are refused, as there.
+ */
+export function parsePlanPricing(raw: unknown, path: string): PlanPricing {
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new PriceError(path, "must be {currency, prices}");
+  const fields = raw as Record<string, unknown>;
+  for (const key of Object.keys(fields)) if (key !== "currency" && key !== "prices") throw new PriceError(`${path}.${key}`, "is not a pricing field; use currency, prices");
+  if (typeof fields.currency !== "string" || !/^[a-z]{3}$/.test(fields.currency)) {
+    throw new PriceError(`${path}.currency`, `must be a lower-case three-letter ISO 4217 code such as usd (got ${JSON.stringify(fields.currency)})`);
+  }
+  const table = fields.prices;
+  if (typeof table !== "object" || table === null || Array.isArray(table)) throw new PriceError(`${path}.prices`, "must be a map of model name → price");
+  const prices: Record<string, ModelPrice> = Object.create(null) as Record<string, ModelPrice>;
+  for (const [model, entry] of Object.entries(table as Record<string, unknown>)) {
+    const at = `${path}.prices.${model}`;
+    if (model.trim() === "") throw new PriceError(`${path}.prices`, "model names must not be empty");
+    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) throw new PriceError(at, "must be {input, output, cachedInput?, reasoning?} in micro-units per 1M tokens");
+    const price = entry as Record<string, unknown>;
+    for (const key of Object.keys(price)) {
+      if (!(PRICE_FIELDS as readonly string[]).includes(key)) throw new PriceError(`${at}.${key}`, `is not a price field; use ${PRICE_FIELDS.join(", ")}`);
+    }
+    const micros = (key: (typeof PRICE_FIELDS)[number]): Micros | undefined => {
+      const value = price[key];
+      if (value === undefined) return undefined;
+      if (typeof value !== "number" || !Number.isSafeInteger(value) || value < 0 || value > MAX_PRICE_MICROS) {
+        throw new PriceError(`${at}.${key}`, `must be an integer number of micro-units from 0 to ${MAX_PRICE_MICROS} (got ${JSON.stringify(value)})`);
+      }
+      return value;
+    };
+    const input = micros("input");
+    const output = micros("output");
+    if (input === undefined || output === undefined) throw new PriceError(at, "needs both input and output");
+    const parsed: ModelPrice = { input, output };
+    const cachedInput = micros("cachedInput");
+    const reasoning = micros("reasoning");
+    if (cachedInput !== undefined) parsed.cachedInput = cachedInput;
+    if (reasoning !== undefined) parsed.reasoning = reasoning;
+    prices[model] = parsed;
+  }
+  return { currency: fields.currency, prices };
+}

@@ -1,23 +1,29 @@
 /**
  * An API Gateway (REST, Lambda proxy) emulator: what `pulumi up` builds, on loopback.
  *
- * It does what API Gateway does before and after the function runs: matches the route, checks `x-api-key`,
+ * It does what API Gateway does before and after the function runs: matches the route, runs the API key authorizer
+ * (the same module the Lambda authorizer runs: `x-api-key`, else `Authorization: Bearer`), checks the key it returns,
  * applies the key's usage plan (token-bucket throttle, DAY/WEEK/MONTH quota), builds the payload-1.0 proxy event,
- * calls the same handler module Lambda runs and maps its result back. Error bodies are API Gateway's own.
+ * calls the same handler module Lambda runs and maps its result back. Every answer of its own is the matching entry
+ * of `infra/gateway-responses.ts` (OpenAI's error shape), as the deployed API's gateway responses are.
  */
 import { randomUUID } from "node:crypto";
 import http from "node:http";
-import { LoopbackServer, readBody, sendJson } from "./loopback";
-import type { APIGatewayProxyEvent, APIGatewayProxyResult, Context } from "aws-lambda";
+import { LoopbackServer, readBody } from "./loopback";
+import { authorize } from "../../functions/authorizer/index";
+import { gatewayResponse, KEEPS_STATUS, renderGatewayBody } from "../../infra/gateway-responses";
+import type { APIGatewayAuthorizerResult, APIGatewayProxyEvent, APIGatewayProxyResult, APIGatewayRequestAuthorizerEvent, Context } from "aws-lambda";
 import type { PlanConfig, QuotaPeriod } from "../../infra/stack-config";
 
 export type LambdaHandler = (event: APIGatewayProxyEvent, context: Context) => Promise<APIGatewayProxyResult>;
+export type Authorizer = (event: APIGatewayRequestAuthorizerEvent) => APIGatewayAuthorizerResult | Promise<APIGatewayAuthorizerResult>;
 
 export interface GatewayKey {
   id: string;
   value: string;
   customerId: string;
-  plan: PlanConfig;
+  /** The usage plan's limits (what API Gateway enforces; prices and models are the function's business). */
+  plan: Pick<PlanConfig, "rateLimit" | "burstLimit" | "quota">;
   enabled?: boolean;
 }
 
@@ -31,15 +37,45 @@ export interface GatewayOptions {
   keys: GatewayKey[];
   handler: LambdaHandler;
   quota: QuotaCounter;
+  /** The stage's default method throttle: one bucket for all callers together. @default none */
+  stageThrottle?: { rateLimit: number; burstLimit: number };
+  /** The REQUEST authorizer. @default the project's `functions/authorizer` */
+  authorizer?: Authorizer;
   port?: number;
   host?: string;
   clock?: () => number;
-  /** API Gateway's REST integration timeout. */
+  /** API Gateway's REST integration timeout. @default 29000 */
   integrationTimeoutMs?: number;
 }
 
 /** API Gateway's REST payload limit. */
 export const MAX_PAYLOAD_BYTES = 10 * 1024 * 1024;
+
+/**
+ * Lambda's synchronous invocation limit on the event JSON, in bytes ("Request must be smaller than 6291456 bytes for
+ * the InvokeFunction operation": https://zaccharles.medium.com/deep-dive-lambdas-request-payload-size-limit-2-2-6350c1ae5577).
+ * Every body reaches the function base64-encoded, so bodies above roughly 4.5 MB never reach it.
+ */
+export const MAX_INVOKE_PAYLOAD_BYTES = 6_291_456;
+
+/** Lambda's limit on the JSON result of a synchronous invocation (6 MiB + 100 bytes, the same source). */
+export const MAX_RESULT_PAYLOAD_BYTES = 6_291_556;
+
+/**
+ * The `x-amzn-ErrorType` header API Gateway adds to its own answers, as captured from deployed APIs (gateway
+ * responses change status, body and headers, not this header). Sources for the less obvious ones: 502 →
+ * InternalServerErrorException (https://github.com/DataBiosphere/azul/issues/7466); the 413 for Lambda's payload
+ * limit → BadRequestException (https://github.com/koki-develop/lgtm-generator/issues/10). Types not listed get
+ * InternalServerErrorException (5xx) or BadRequestException (4xx).
+ */
+const ERROR_TYPES: Record<string, string> = {
+  MISSING_AUTHENTICATION_TOKEN: "MissingAuthenticationTokenException",
+  ACCESS_DENIED: "AccessDeniedException",
+  INVALID_API_KEY: "ForbiddenException",
+  THROTTLED: "TooManyRequestsException",
+  QUOTA_EXCEEDED: "LimitExceededException",
+  REQUEST_TOO_LARGE: "BadRequestException",
+};
 
 /** A token bucket: `rate` tokens per second, at most `burst` held. Starts full. */
 export class TokenBucket {
@@ -76,15 +112,29 @@ export function quotaPeriodStart(period: QuotaPeriod, offset: number, now: numbe
   return new Date(start).toISOString().slice(0, 10);
 }
 
+/** What one request looks like to the gateway's own answers. */
+interface Exchange {
+  res: http.ServerResponse;
+  method: string;
+  /** The path as the client sent it, stage included (API Gateway's `$context.path`). */
+  path: string;
+  requestId: string;
+}
+
 export class GatewayEmulator extends LoopbackServer {
+  /** Requests received, whatever became of them (tests count SDK retries with it). */
+  received = 0;
   private readonly byValue: Map<string, GatewayKey>;
   private readonly buckets = new Map<string, TokenBucket>();
+  private stageBucket?: TokenBucket;
   private readonly clock: () => number;
+  private readonly authorizer: Authorizer;
 
   constructor(private readonly options: GatewayOptions) {
     super(options);
     this.byValue = new Map(options.keys.map((key) => [key.value, key]));
     this.clock = options.clock ?? Date.now;
+    this.authorizer = options.authorizer ?? authorize;
   }
 
   get baseUrl(): string {
@@ -92,74 +142,101 @@ export class GatewayEmulator extends LoopbackServer {
   }
 
   protected handle(req: http.IncomingMessage, res: http.ServerResponse): void {
-    this.serve(req, res).catch(() => apiGatewayError(res, 500, "Internal server error"));
+    this.received += 1;
+    const exchange: Exchange = {
+      res,
+      method: (req.method ?? "GET").toUpperCase(),
+      path: (req.url ?? "/").split("?")[0],
+      requestId: randomUUID(),
+    };
+    this.serve(req, exchange).catch(() => sendGatewayResponse(exchange, "DEFAULT_5XX", 500));
   }
 
-  private async serve(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  private async serve(req: http.IncomingMessage, exchange: Exchange): Promise<void> {
     const started = this.clock();
+    const { method } = exchange;
     const url = new URL(req.url ?? "/", "http://localhost");
     const prefix = `/${this.options.stage}`;
     const path = url.pathname.startsWith(`${prefix}/`) ? url.pathname.slice(prefix.length) : undefined;
-    const method = (req.method ?? "GET").toUpperCase();
 
-    const body = await readBody(req, MAX_PAYLOAD_BYTES);
-    if (body === "too large") return apiGatewayError(res, 413, "Request Too Long");
+    let body: Buffer | "too large";
+    try {
+      body = await readBody(req, MAX_PAYLOAD_BYTES);
+    } catch {
+      exchange.res.destroy(); // the client went away mid-body
+      return;
+    }
+    if (body === "too large") return sendGatewayResponse(exchange, "REQUEST_TOO_LARGE");
 
     // API Gateway answers an unknown resource or method with 403 "Missing Authentication Token".
     const route = path === undefined ? undefined : this.options.routes.find((r) => r.path === path && r.method === method);
-    if (!route || path === undefined) return apiGatewayError(res, 403, "Missing Authentication Token");
+    if (!route) return sendGatewayResponse(exchange, "MISSING_AUTHENTICATION_TOKEN");
 
-    const keyValue = headerValue(req.headers["x-api-key"]);
+    const event = this.buildEvent(req, url, route.path, method, body, exchange.requestId, started);
+
+    // apiKeySource AUTHORIZER: the authorizer finds the key; API Gateway then checks it exists, is enabled and is in
+    // a usage plan of the stage (INVALID_API_KEY otherwise), and only then throttles and counts the quota.
+    let decision: APIGatewayAuthorizerResult;
+    try {
+      decision = await this.authorizer(roundTrip(authorizerEvent(event, this.options.stage)));
+    } catch {
+      return sendGatewayResponse(exchange, "AUTHORIZER_FAILURE");
+    }
+    const allowed = decision.policyDocument?.Statement?.some((s) => s.Effect === "Allow") === true;
+    if (!allowed) return sendGatewayResponse(exchange, "ACCESS_DENIED");
+    const keyValue = decision.usageIdentifierKey;
     const key = keyValue ? this.byValue.get(keyValue) : undefined;
-    if (!key || key.enabled === false) return apiGatewayError(res, 403, "Forbidden");
+    if (!key || key.enabled === false) return sendGatewayResponse(exchange, "INVALID_API_KEY");
 
+    const stage = this.options.stageThrottle;
+    if (stage) this.stageBucket ??= new TokenBucket(stage.rateLimit, stage.burstLimit, started);
+    if (this.stageBucket && !this.stageBucket.take(started)) return sendGatewayResponse(exchange, "THROTTLED");
     let bucket = this.buckets.get(key.id);
     if (!bucket) this.buckets.set(key.id, (bucket = new TokenBucket(key.plan.rateLimit, key.plan.burstLimit, started)));
-    if (!bucket.take(started)) return apiGatewayError(res, 429, "Too Many Requests");
+    if (!bucket.take(started)) return sendGatewayResponse(exchange, "THROTTLED");
     const quota = key.plan.quota;
     if (quota && !this.options.quota.takeQuota(key.id, `${quota.period}:${quotaPeriodStart(quota.period, quota.offset, started)}`, quota.limit)) {
-      return apiGatewayError(res, 429, "Limit Exceeded");
+      return sendGatewayResponse(exchange, "QUOTA_EXCEEDED");
     }
 
-    const event = this.buildEvent(req, url, route.path, method, body, key, keyValue!, started);
-    const context = lambdaContext(event.requestContext.requestId, started, this.options.integrationTimeoutMs ?? 29_000);
-    let result: APIGatewayProxyResult;
+    event.requestContext.identity.apiKey = keyValue!;
+    event.requestContext.identity.apiKeyId = key.id;
+    event.requestContext.authorizer = { principalId: decision.principalId };
+    // Lambda receives the event as JSON: serialize it as the invoke does (which also gives its size).
+    const payload = JSON.stringify(event);
+    if (Buffer.byteLength(payload) > MAX_INVOKE_PAYLOAD_BYTES) return sendGatewayResponse(exchange, "REQUEST_TOO_LARGE");
+
+    const timeoutMs = this.options.integrationTimeoutMs ?? 29_000;
+    const context = lambdaContext(exchange.requestId, started, timeoutMs);
+    let result: unknown;
     try {
-      result = await withTimeout(this.options.handler(event, context), this.options.integrationTimeoutMs ?? 29_000);
+      result = await withTimeout(this.options.handler(JSON.parse(payload) as APIGatewayProxyEvent, context), timeoutMs);
     } catch (err) {
-      if (err === TIMED_OUT) return apiGatewayError(res, 504, "Endpoint request timed out");
-      return apiGatewayError(res, 502, "Internal server error");
+      if (err === TIMED_OUT) return sendGatewayResponse(exchange, "INTEGRATION_TIMEOUT");
+      // A function error: API Gateway answers 502 "Internal server error" (DEFAULT_5XX keeps the status).
+      return sendGatewayResponse(exchange, "DEFAULT_5XX", 502);
     }
-    sendResult(res, result, event.requestContext.requestId);
+    sendResult(exchange, result);
   }
 
-  private buildEvent(
-    req: http.IncomingMessage,
-    url: URL,
-    resource: string,
-    method: string,
-    body: Buffer,
-    key: GatewayKey,
-    keyValue: string,
-    now: number,
-  ): APIGatewayProxyEvent {
-    const headers: Record<string, string> = {};
-    const multiValueHeaders: Record<string, string[]> = {};
+  private buildEvent(req: http.IncomingMessage, url: URL, resource: string, method: string, body: Buffer, requestId: string, now: number): APIGatewayProxyEvent {
+    // Null-prototype maps: a header or parameter named `__proto__`, `constructor` or `toString` is data, not a
+    // property lookup. (JSON.stringify keeps such keys, so the function receives them as own properties, as on AWS.)
+    const headers: Record<string, string> = Object.create(null);
+    const multiValueHeaders: Record<string, string[]> = Object.create(null);
     for (let i = 0; i < req.rawHeaders.length; i += 2) {
       const [name, value] = [req.rawHeaders[i], req.rawHeaders[i + 1]];
       headers[name] = value; // API Gateway keeps the last value in `headers`
       (multiValueHeaders[name] ??= []).push(value);
     }
-    const query: Record<string, string> = {};
-    const multiQuery: Record<string, string[]> = {};
+    const query: Record<string, string> = Object.create(null);
+    const multiQuery: Record<string, string[]> = Object.create(null);
+    let hasQuery = false;
     for (const [name, value] of url.searchParams) {
+      hasQuery = true;
       query[name] = value;
       (multiQuery[name] ??= []).push(value);
     }
-    const hasQuery = Object.keys(query).length > 0;
-    const contentType = (headerValue(req.headers["content-type"]) ?? "").toLowerCase();
-    // Text bodies arrive as strings; anything else is base64, as with binary media types configured.
-    const isText = body.length === 0 || contentType === "" || /json|text|xml|urlencoded/.test(contentType);
     return {
       resource,
       path: resource,
@@ -170,8 +247,10 @@ export class GatewayEmulator extends LoopbackServer {
       multiValueQueryStringParameters: hasQuery ? multiQuery : null,
       pathParameters: null,
       stageVariables: null,
-      body: body.length === 0 ? null : isText ? body.toString("utf8") : body.toString("base64"),
-      isBase64Encoded: body.length > 0 && !isText,
+      // The REST API has binaryMediaTypes ["*/*"]: API Gateway hands every body over base64-encoded, byte-exact,
+      // whatever its Content-Type (invalid UTF-8 included), and the function decodes it.
+      body: body.length === 0 ? null : body.toString("base64"),
+      isBase64Encoded: body.length > 0,
       requestContext: {
         accountId: "000000000000",
         apiId: "local",
@@ -180,15 +259,15 @@ export class GatewayEmulator extends LoopbackServer {
         httpMethod: method,
         path: `/${this.options.stage}${resource}`,
         stage: this.options.stage,
-        requestId: randomUUID(),
+        requestId,
         requestTimeEpoch: now,
         resourceId: "local",
         resourcePath: resource,
         identity: {
           accessKey: null,
           accountId: null,
-          apiKey: keyValue,
-          apiKeyId: key.id,
+          apiKey: null,
+          apiKeyId: null,
           caller: null,
           clientCert: null,
           cognitoAuthenticationProvider: null,
@@ -202,8 +281,31 @@ export class GatewayEmulator extends LoopbackServer {
           userArn: null,
         },
       },
-    } as APIGatewayProxyEvent;
+    } as unknown as APIGatewayProxyEvent;
   }
+}
+
+/** The REQUEST authorizer's event: the request's headers, query and context, plus the method ARN. */
+function authorizerEvent(event: APIGatewayProxyEvent, stage: string): APIGatewayRequestAuthorizerEvent {
+  return {
+    type: "REQUEST",
+    methodArn: `arn:aws:execute-api:local:000000000000:local/${stage}/${event.httpMethod}${event.resource}`,
+    resource: event.resource,
+    path: event.path,
+    httpMethod: event.httpMethod,
+    headers: event.headers,
+    multiValueHeaders: event.multiValueHeaders,
+    pathParameters: null,
+    queryStringParameters: event.queryStringParameters,
+    multiValueQueryStringParameters: event.multiValueQueryStringParameters,
+    stageVariables: null,
+    requestContext: event.requestContext,
+  } as unknown as APIGatewayRequestAuthorizerEvent;
+}
+
+/** A value as a Lambda function receives it: through JSON. */
+function roundTrip<T>(value: T): T {
+  return JSON.parse(JSON.stringify(value)) as T;
 }
 
 const TIMED_OUT = Symbol("timed out");
@@ -236,26 +338,70 @@ export function lambdaContext(requestId: string, started: number, timeoutMs: num
   };
 }
 
-function sendResult(res: http.ServerResponse, result: APIGatewayProxyResult, requestId: string): void {
-  if (!result || typeof result.statusCode !== "number") return apiGatewayError(res, 502, "Internal server error");
-  const headers: Record<string, string | string[]> = { "x-amzn-RequestId": requestId };
-  for (const [name, value] of Object.entries(result.headers ?? {})) headers[name] = String(value);
-  for (const [name, values] of Object.entries(result.multiValueHeaders ?? {})) headers[name] = values.map(String);
-  const body = result.body ? Buffer.from(result.body, result.isBase64Encoded ? "base64" : "utf8") : Buffer.alloc(0);
-  res.writeHead(result.statusCode, { ...headers, "Content-Length": String(body.length) });
-  res.end(body);
+/**
+ * Whether a handler's result is a Lambda proxy result API Gateway accepts; anything else is its
+ * "Malformed Lambda proxy response" (502).
+ */
+export function isProxyResult(value: unknown): value is APIGatewayProxyResult {
+  if (typeof value !== "object" || value === null) return false;
+  const result = value as Record<string, unknown>;
+  const scalar = (v: unknown) => typeof v === "string" || typeof v === "number" || typeof v === "boolean";
+  const isMap = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+  if (typeof result.statusCode !== "number" || !Number.isInteger(result.statusCode) || result.statusCode < 100 || result.statusCode > 599) return false;
+  if (result.body != null && typeof result.body !== "string") return false;
+  if (result.isBase64Encoded != null && typeof result.isBase64Encoded !== "boolean") return false;
+  if (result.headers != null && (!isMap(result.headers) || !Object.values(result.headers).every(scalar))) return false;
+  if (result.multiValueHeaders != null) {
+    if (!isMap(result.multiValueHeaders)) return false;
+    if (!Object.values(result.multiValueHeaders).every((v) => Array.isArray(v) && v.every(scalar))) return false;
+  }
+  return true;
 }
 
-function apiGatewayError(res: http.ServerResponse, status: number, message: string): void {
+/** Framing headers the gateway sets itself from the body it sends. */
+const FRAMING = new Set(["content-length", "transfer-encoding", "connection"]);
+
+function sendResult(exchange: Exchange, result: unknown): void {
+  if (!isProxyResult(result) || Buffer.byteLength(JSON.stringify(result)) > MAX_RESULT_PAYLOAD_BYTES) {
+    return sendGatewayResponse(exchange, "DEFAULT_5XX", 502);
+  }
+  const headers: Record<string, string | string[]> = Object.create(null);
+  headers["x-amzn-RequestId"] = exchange.requestId;
+  for (const [name, value] of Object.entries(result.headers ?? {})) if (!FRAMING.has(name.toLowerCase())) headers[name] = String(value);
+  for (const [name, values] of Object.entries(result.multiValueHeaders ?? {})) if (!FRAMING.has(name.toLowerCase())) headers[name] = values.map(String);
+  const body = result.body ? Buffer.from(result.body, result.isBase64Encoded ? "base64" : "utf8") : Buffer.alloc(0);
+  headers["Content-Length"] = String(body.length);
+  try {
+    exchange.res.writeHead(result.statusCode, headers);
+  } catch {
+    // A header name or value Node refuses to send (control characters): API Gateway would not send it either.
+    return sendGatewayResponse(exchange, "DEFAULT_5XX", 502);
+  }
+  exchange.res.end(body);
+}
+
+/**
+ * Answers with one of API Gateway's gateway responses as this API customises them: the table's status (or `status`
+ * for the DEFAULT_* types, which keep API Gateway's), body and headers, plus `x-amzn-ErrorType` and the request id.
+ */
+function sendGatewayResponse(exchange: Exchange, responseType: string, status?: number): void {
+  const { res } = exchange;
   if (res.headersSent) {
     res.destroy();
     return;
   }
-  sendJson(res, status, { message }, { "x-amzn-ErrorType": errorType(status) });
-}
-
-function errorType(status: number): string {
-  return status === 403 ? "ForbiddenException" : status === 429 ? "TooManyRequestsException" : status === 413 ? "RequestTooLongException" : "InternalServerErrorException";
+  const spec = gatewayResponse(responseType);
+  const statusCode = KEEPS_STATUS.has(responseType) && status !== undefined ? status : spec.statusCode;
+  const text = renderGatewayBody(spec, { method: exchange.method, path: exchange.path });
+  const errorType = ERROR_TYPES[responseType] ?? (statusCode >= 500 ? "InternalServerErrorException" : "BadRequestException");
+  res.writeHead(statusCode, {
+    ...spec.headers,
+    "Content-Type": "application/json",
+    "Content-Length": String(Buffer.byteLength(text)),
+    "x-amzn-ErrorType": errorType,
+    "x-amzn-RequestId": exchange.requestId,
+  });
+  res.end(text);
 }
 
 function headerValue(value: string | string[] | undefined): string | undefined {

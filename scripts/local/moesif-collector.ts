@@ -4,6 +4,9 @@
  * `GET /v1/config` and `GET /v1/rules` as Moesif does. Events go to an `EventStore`.
  *
  * `mode` lets tests make it misbehave: refuse (socket destroyed), hang, answer 500 or answer garbage.
+ *
+ * What it keeps in memory besides the store is bounded (the most recent payloads and request heads), so `npm start`
+ * can run for days; tests that must see every payload ask for `keepRawPayloads: "all"`.
  */
 import http from "node:http";
 import { LoopbackServer, readBody, sendJson as json } from "./loopback";
@@ -47,18 +50,47 @@ export interface CollectorOptions {
   port?: number;
   host?: string;
   store?: EventStore;
+  /**
+   * How many decoded payloads `rawPayloads` (and request heads `requests`) keep: the most recent ones, by count and
+   * by total characters, or `"all"`. @default { count: 2000, chars: 8 MiB }
+   */
+  keepRawPayloads?: "all" | { count: number; chars: number };
 }
+
+/** Enough for every test in this repository to see all of its payloads, small enough for a long `npm start`. */
+export const DEFAULT_RAW_PAYLOAD_LIMIT = { count: 2000, chars: 8 * 1024 * 1024 } as const;
 
 export class MoesifCollector extends LoopbackServer {
   mode: CollectorMode = "ok";
   readonly store: EventStore;
-  /** Every decoded request body, exactly as it arrived: what a secret scan must look at. */
+  /** The decoded event payloads, exactly as they arrived (the most recent ones; see `keepRawPayloads`). */
   readonly rawPayloads: string[] = [];
+  /** Method, URL and headers of the most recent requests (same limit as `rawPayloads`). */
   readonly requests: Array<{ method: string; url: string; headers: http.IncomingHttpHeaders }> = [];
+  /** Payloads no longer in `rawPayloads` because of the limit: a secret scan of `rawPayloads` is complete when 0. */
+  rawPayloadsDropped = 0;
+  private rawChars = 0;
+  private readonly limit: { count: number; chars: number };
 
   constructor(private readonly options: CollectorOptions = {}) {
     super(options);
     this.store = options.store ?? new MemoryEventStore();
+    const keep = options.keepRawPayloads ?? DEFAULT_RAW_PAYLOAD_LIMIT;
+    this.limit = keep === "all" ? { count: Number.POSITIVE_INFINITY, chars: Number.POSITIVE_INFINITY } : keep;
+  }
+
+  private keepPayload(text: string): void {
+    this.rawPayloads.push(text);
+    this.rawChars += text.length;
+    while (this.rawPayloads.length > 0 && (this.rawPayloads.length > this.limit.count || this.rawChars > this.limit.chars)) {
+      this.rawChars -= this.rawPayloads.shift()!.length;
+      this.rawPayloadsDropped += 1;
+    }
+  }
+
+  private keepRequest(req: http.IncomingMessage): void {
+    this.requests.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers });
+    while (this.requests.length > this.limit.count) this.requests.shift();
   }
 
   get url(): string {
@@ -75,7 +107,7 @@ export class MoesifCollector extends LoopbackServer {
       return;
     }
     readBody(req).then((body) => {
-      this.requests.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers });
+      this.keepRequest(req);
       if (this.mode === "hang") return; // never answers; the client must give up on its own
       if (this.mode === "error") return json(res, 500, { message: "collector failure" });
       if (this.mode === "garbage") {
@@ -97,7 +129,7 @@ export class MoesifCollector extends LoopbackServer {
         let payload: unknown;
         try {
           const text = (req.headers["content-encoding"] === "gzip" ? gunzipSync(body) : body).toString("utf8");
-          this.rawPayloads.push(text);
+          this.keepPayload(text);
           payload = JSON.parse(text);
         } catch {
           return json(res, 400, { message: "Body is not (gzip) JSON" });

@@ -26,7 +26,7 @@ export interface LocalStackOptions {
   dataDir?: string;
   /** @default 3000; 0 picks a free port */
   port?: number;
-  /** Environment: UPSTREAM_BASE_URL, UPSTREAM_API_KEY, MOESIF_APPLICATION_ID, MOESIF_BASE_URI, LOG_LEVEL… */
+  /** Environment: UPSTREAM_BASE_URL, UPSTREAM_API_KEY, MOESIF_APPLICATION_ID, MOESIF_BASE_URI, FORWARD_MOCK_DIRECTIVES, LOG_LEVEL… */
   env?: NodeJS.ProcessEnv;
   /** Where the function's log lines go. @default stdout */
   write?: (line: string) => void;
@@ -161,11 +161,22 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       METERING_TIMEOUT_MS: String(config.meteringTimeoutMs),
       CUSTOMERS: JSON.stringify(customersByKeyId(keys.map((k) => ({ keyId: k.id, customerId: k.customerId, customer: config.customers[k.customerId] })))),
       PLANS: JSON.stringify(functionPlans(config.plans)),
+      // The function strips a top-level `mock` field before forwarding to a real upstream; the built-in model server
+      // reads it to misbehave on request. (A test pointing UPSTREAM_BASE_URL at its own mock server sets it itself.)
+      FORWARD_MOCK_DIRECTIVES: upstream || env.FORWARD_MOCK_DIRECTIVES === "true" ? "true" : "false",
       LOG_LEVEL: env.LOG_LEVEL ?? "info",
     };
     const handler = createHandler(() => createDeps(functionEnv, { write: options.write }));
 
-    const gateway = new GatewayEmulator({ stage: config.stageName, routes: ROUTES, keys, handler, quota: store, port: options.port ?? 3000 });
+    const gateway = new GatewayEmulator({
+      stage: config.stageName,
+      stageThrottle: { rateLimit: config.stageThrottleRateLimit, burstLimit: config.stageThrottleBurstLimit },
+      routes: ROUTES,
+      keys,
+      handler,
+      quota: store,
+      port: options.port ?? 3000,
+    });
     try {
       await gateway.start();
     } catch (err) {

@@ -7,13 +7,20 @@
  *
  *   "mock": { "latency_ms": 200, "status": 503, "omit_usage": true, "retry_after": "7", "raw": "not json" }
  *
+ * The function strips `mock` before forwarding unless `FORWARD_MOCK_DIRECTIVES=true`, which the local stack sets only
+ * when it runs this server itself; so directives work through `npm start` and never reach a real upstream.
+ *
  * Tests can also install `server.override`, which takes over the raw socket response for faults a body field
  * cannot describe (resets mid-body, slow trickles, huge bodies).
+ *
+ * One process serves every caller, so no request may hold the event loop for long: prompts are counted exactly up
+ * to `MAX_COUNTED_PROMPT_BYTES` and extrapolated beyond (a 1 MB one-word prompt would otherwise take ~0.3 s of
+ * tokenizing, stalling everyone else), and `received` keeps only the most recent requests.
  */
 import http from "node:http";
 import { LoopbackServer, readBody, sendJson as send } from "./loopback";
 import { isRecord } from "../../functions/ai-chat/config";
-import { countTokens, encodingForModel, estimatePromptTokens } from "../../functions/ai-chat/usage";
+import { TokenTally, countTokens, encodingForModel, estimateRequestTokens } from "../../functions/ai-chat/usage";
 import type { ChatMessage } from "../../functions/ai-chat/validate";
 
 export interface MockDirectives {
@@ -30,7 +37,17 @@ export interface UpstreamServerOptions {
   port?: number;
   host?: string;
   models?: string[];
+  /** How many of the most recent requests `received` keeps. @default 1000 */
+  keepReceived?: number;
 }
+
+/**
+ * UTF-8 bytes of a prompt the server tokenizes exactly; beyond them it extrapolates, with the function's own
+ * bounded estimator (`TokenTally`) on a smaller budget. Prompts within it get exactly the function's estimate.
+ */
+export const MAX_COUNTED_PROMPT_BYTES = 64 * 1024;
+/** Request body characters `received` keeps per request. */
+const MAX_RECEIVED_BODY_CHARS = 64 * 1024;
 
 export interface ReceivedRequest {
   method: string;
@@ -42,6 +59,7 @@ export interface ReceivedRequest {
 export type Override = (req: http.IncomingMessage, res: http.ServerResponse, body: string) => boolean | void;
 
 export class UpstreamServer extends LoopbackServer {
+  /** The most recent requests (`keepReceived`), bodies cut at 64 KiB: what tests assert on. */
   readonly received: ReceivedRequest[] = [];
   /** Return true (or nothing) after handling the response yourself; return false to fall through. */
   override?: Override;
@@ -58,7 +76,8 @@ export class UpstreamServer extends LoopbackServer {
   protected handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     readBody(req).then((raw) => {
       const body = raw.toString("utf8");
-      this.received.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers, body });
+      this.received.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers, body: body.slice(0, MAX_RECEIVED_BODY_CHARS) });
+      while (this.received.length > (this.options.keepReceived ?? 1000)) this.received.shift();
       try {
         if (this.override && this.override(req, res, body) !== false) return;
         this.route(req, res, body);
@@ -112,7 +131,7 @@ export class UpstreamServer extends LoopbackServer {
     const lastUser = [...messages].reverse().find((m) => m.role === "user");
     const said = typeof lastUser?.content === "string" ? lastUser.content : "something";
     const content = `Hello! You said: ${said.slice(0, 200)}`;
-    const prompt = estimatePromptTokens(messages, model);
+    const prompt = estimateRequestTokens({ ...request, messages }, model, new TokenTally(encodingForModel(model), MAX_COUNTED_PROMPT_BYTES));
     const completion = countTokens(content, encodingForModel(model));
     this.counter += 1;
     return {

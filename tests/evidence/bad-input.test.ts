@@ -41,6 +41,9 @@ function bodyOf(entry: CorpusEntry): Buffer {
   }
 }
 
+/** Property names of every plain object, and the ones that change an object when assigned. */
+const HOSTILE_NAMES = ["__proto__", "constructor", "prototype", "toString", "valueOf", "hasOwnProperty", "isPrototypeOf", "propertyIsEnumerable", "toLocaleString", "__defineGetter__", "__lookupGetter__"];
+
 describe("bad input corpus (tests/data/bad-requests.json) through the local stack", () => {
   const local = useLocalStack("bad-input");
 
@@ -79,5 +82,40 @@ describe("bad input corpus (tests/data/bad-requests.json) through the local stac
       expect(event.metadata).to.include({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
       expect((event.response as { status: number }).status).to.be.within(400, 499);
     }
+  });
+
+  it("hands invalid UTF-8 inside a JSON string to the function byte for byte, which answers 400 (not valid UTF-8)", async () => {
+    const body = Buffer.concat([Buffer.from('{"model":"gpt-4o-mini","messages":[{"role":"user","content":"'), Buffer.from([0xc3, 0x28]), Buffer.from('"}]}')]);
+    const response = await rawRequest(`${local.stack.baseUrl}/v1/chat/completions`, { headers: { "x-api-key": local.stack.apiKeys.pro, "content-type": "application/json" }, body });
+    expect(response.status, response.body).to.equal(400);
+    expect((JSON.parse(response.body) as { error: { message: string } }).error.message).to.match(/not valid UTF-8/);
+  });
+
+  it("answers a valid request carrying hostile header and query names as usual (200, never a 500)", async () => {
+    const failures: string[] = [];
+    const body = Buffer.from(JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "user", content: "hostile" }] }));
+    for (const name of HOSTILE_NAMES) {
+      const asHeader = await rawRequest(`${local.stack.baseUrl}/v1/chat/completions`, {
+        headers: { "x-api-key": local.stack.apiKeys.pro, "content-type": "application/json", [name]: "1", [name.toUpperCase()]: "2" },
+        body,
+      });
+      const asQuery = await rawRequest(`${local.stack.baseUrl}/v1/chat/completions?${name}=1&${name}=2&${name}[x]=3`, {
+        headers: { "x-api-key": local.stack.apiKeys.pro, "content-type": "application/json" },
+        body,
+      });
+      for (const [how, response] of [["header", asHeader], ["query", asQuery]] as const) {
+        if (response.status !== 200) failures.push(`${how} ${name}: ${response.status} ${response.body.slice(0, 160)}`);
+      }
+    }
+    expect(failures, failures.join("\n")).to.deep.equal([]);
+  });
+
+  it("denies a hostile request without a key in OpenAI's shape", async () => {
+    const response = await rawRequest(`${local.stack.baseUrl}/v1/chat/completions?__proto__=1&constructor=2`, {
+      headers: { "content-type": "application/json", ["__proto__"]: "1", constructor: "2", toString: "3" },
+      body: Buffer.from("{}"),
+    });
+    expect(response.status).to.equal(403);
+    expect((JSON.parse(response.body) as { error: { code: string } }).error.code).to.equal("invalid_api_key");
   });
 });

@@ -1,10 +1,11 @@
 import { expect } from "chai";
 import { loadFunctionConfig } from "../../functions/ai-chat/config";
-import { handleRequest } from "../../functions/ai-chat/core";
+import { DEADLINE_RESERVE_MS, LAMBDA_RESPONSE_LIMIT_BYTES, handleRequest, serialisedSize } from "../../functions/ai-chat/core";
 import { transactionIdFor } from "../../functions/ai-chat/metering";
 import { UpstreamError, UpstreamTimeoutError } from "../../functions/ai-chat/errors";
 import { FakeUpstream, RecordingMeter, UPSTREAM_KEY, fakeDeps, jsonResponse, proxyRequest, testEnv } from "../helpers/fakes";
 import { chatBody } from "../helpers/events";
+import { recordForScan, registerSecret } from "../helpers/secret-scan";
 
 const completion = (usage?: unknown) => ({
   id: "chatcmpl-1",
@@ -175,4 +176,321 @@ describe("handleRequest (core)", () => {
     expect(response.statusCode).to.equal(200);
     expect(logs.some((l) => l.includes("metering_failed"))).to.equal(true);
   });
+});
+
+describe("handleRequest: billing", () => {
+  const PRICED_PLANS = {
+    starter: {
+      models: ["gpt-4o-mini", "gpt-4o", "unpriced-model"],
+      // Micro-units per 1M tokens: gpt-4o-mini at $0.15 / $0.60, cached input $0.075.
+      pricing: { currency: "usd", prices: { "gpt-4o-mini": { input: 150_000, output: 600_000, cachedInput: 75_000 }, "gpt-4o": { input: 2_500_000, output: 10_000_000 } } },
+    },
+    pro: {},
+  };
+  const pricedConfig = () => loadFunctionConfig(testEnv({ PLANS: JSON.stringify(PRICED_PLANS) }));
+
+  it("puts the plan's per-model cost on the record, in integer micro-units with cached tokens at their own price", async () => {
+    const usage = { prompt_tokens: 1000, completion_tokens: 500, total_tokens: 1500, prompt_tokens_details: { cached_tokens: 400 } };
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion(usage)));
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: chatBody() }), fakeDeps({ upstream, meter, config: pricedConfig() }));
+    expect(response.statusCode).to.equal(200);
+    // 600 × 0.15 + 400 × 0.075 + 500 × 0.60 = 90 + 30 + 300 = 420 micro-dollars.
+    expect(meter.records[0].cost).to.deep.equal({ currency: "usd", micros: 420 });
+    expect(meter.records[0].usage).to.deep.equal({ prompt_tokens: 1000, completion_tokens: 500, total_tokens: 1500, cached_tokens: 400 });
+  });
+
+  it("prices each model at its own price", async () => {
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion({ prompt_tokens: 1000, completion_tokens: 1000, total_tokens: 2000 })));
+    const meter = new RecordingMeter();
+    const deps = fakeDeps({ upstream, meter, config: pricedConfig() });
+    await handleRequest(proxyRequest({ json: chatBody({ model: "gpt-4o-mini" }) }), deps);
+    await handleRequest(proxyRequest({ json: chatBody({ model: "gpt-4o" }) }), deps);
+    expect(meter.records.map((r) => r.cost?.micros)).to.deep.equal([750, 12_500]);
+  });
+
+  it("refuses a model without a price on a plan that bills, with 400 model_not_priced, without calling the upstream", async () => {
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion({ prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 })));
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: chatBody({ model: "unpriced-model" }) }), fakeDeps({ upstream, meter, config: pricedConfig() }));
+    expect(response.statusCode).to.equal(400);
+    expect(JSON.parse(response.body).error).to.include({ type: "invalid_request_error", param: "model", code: "model_not_priced" });
+    expect(upstream.requests).to.have.length(0);
+    expect(meter.records[0]).to.include({ status: 400, model: "unpriced-model", cost: undefined });
+    expect(meter.records[0].usage.total_tokens).to.equal(0);
+  });
+
+  it("serves a plan without pricing and records no cost", async () => {
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion({ prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 })));
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ apiKeyId: "key-id-bob", json: chatBody({ model: "anything" }) }), fakeDeps({ upstream, meter, config: pricedConfig() }));
+    expect(response.statusCode).to.equal(200);
+    expect(meter.records[0].cost).to.equal(undefined);
+    expect(meter.records[0].usage.total_tokens).to.equal(2);
+  });
+
+  it("bills the validated usage: total recomputed when the upstream reports total_tokens 0", async () => {
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion({ prompt_tokens: 40, completion_tokens: 2, total_tokens: 0 })));
+    const meter = new RecordingMeter();
+    await handleRequest(proxyRequest({ json: chatBody() }), fakeDeps({ upstream, meter, config: pricedConfig() }));
+    expect(meter.records[0].usage).to.deep.equal({ prompt_tokens: 40, completion_tokens: 2, total_tokens: 42 });
+    expect(meter.records[0].usageEstimated).to.equal(false);
+  });
+
+  for (const [name, usage] of [
+    ["negative counts", { prompt_tokens: -1000, completion_tokens: -5, total_tokens: -1005 }],
+    ["string counts", { prompt_tokens: "12", completion_tokens: "3", total_tokens: "15" }],
+    ["fractional counts", { prompt_tokens: 1.5, completion_tokens: 2, total_tokens: 3.5 }],
+    ["absurd counts", { prompt_tokens: 1e15, completion_tokens: 1, total_tokens: 1e15 + 1 }],
+  ] as const) {
+    it(`estimates instead of billing ${name}`, async () => {
+      const upstream = new FakeUpstream(() => jsonResponse(200, completion(usage)));
+      const meter = new RecordingMeter();
+      await handleRequest(proxyRequest({ json: chatBody() }), fakeDeps({ upstream, meter, config: pricedConfig() }));
+      const record = meter.records[0];
+      expect(record.usageEstimated).to.equal(true);
+      expect(record.usage.completion_tokens).to.equal(2);
+      expect(record.usage.prompt_tokens).to.be.greaterThan(10);
+      expect(record.usage.total_tokens).to.equal(record.usage.prompt_tokens + 2);
+      expect(record.cost?.micros).to.be.greaterThan(0);
+    });
+  }
+
+  for (const status of [201, 203, 206]) {
+    it(`passes an upstream ${status} completion through and bills it`, async () => {
+      const upstream = new FakeUpstream(() => jsonResponse(status, completion({ prompt_tokens: 5, completion_tokens: 5, total_tokens: 10 })));
+      const meter = new RecordingMeter();
+      const response = await handleRequest(proxyRequest({ json: chatBody() }), fakeDeps({ upstream, meter, config: pricedConfig() }));
+      expect(response.statusCode).to.equal(status);
+      expect(meter.records[0]).to.include({ status, upstreamStatus: status, usageEstimated: false });
+      expect(meter.records[0].usage.total_tokens).to.equal(10);
+      expect(meter.records[0].cost).to.deep.equal({ currency: "usd", micros: 4 });
+    });
+  }
+
+  it("answers 502 response_too_large, bills nothing and records 502 when the serialised answer exceeds Lambda's 6 MiB", async () => {
+    // 2 MB of quotes: the upstream's JSON escapes each one (\"), and the proxy result escapes them again (\\\").
+    const answer = completion({ prompt_tokens: 5, completion_tokens: 900_000, total_tokens: 900_005 });
+    answer.choices[0].message.content = '"'.repeat(2_000_000);
+    const body = JSON.stringify(answer);
+    const upstream = new FakeUpstream(() => jsonResponse(200, body));
+    const meter = new RecordingMeter();
+    const logs: string[] = [];
+    const response = await handleRequest(proxyRequest({ json: chatBody() }), fakeDeps({ upstream, meter, logs }));
+    expect(Buffer.byteLength(body)).to.be.lessThan(LAMBDA_RESPONSE_LIMIT_BYTES);
+    expect(response.statusCode).to.equal(502);
+    expect(JSON.parse(response.body).error).to.include({ code: "response_too_large", type: "api_error" });
+    expect(meter.records[0]).to.include({ status: 502, upstreamStatus: 200, cost: undefined, usageEstimated: false });
+    expect(meter.records[0].usage).to.deep.equal({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
+    expect(logs.some((l) => l.includes('"answer_not_delivered"') && l.includes('"unbilled_completion_tokens":900000'))).to.equal(true);
+  });
+
+  it("counts the request_payload envelope and headers against Lambda's limit", async () => {
+    // An answer whose proxy result is 10 bytes under the limit without the envelope, and over it with the envelope.
+    const fill = (length: number) => JSON.stringify(completion({ prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 })).replace("Hi there", "x".repeat(length));
+    const sizeOf = (text: string) => serialisedSize({ statusCode: 200, headers: { "Content-Type": "application/json", "x-request-id": "same-id" }, body: text });
+    const body = fill(LAMBDA_RESPONSE_LIMIT_BYTES - 10 - sizeOf(fill(0)));
+    expect(sizeOf(body)).to.equal(LAMBDA_RESPONSE_LIMIT_BYTES - 10);
+    const upstream = new FakeUpstream(() => jsonResponse(200, body));
+    const config = loadFunctionConfig(testEnv({ RESPONSE_ENVELOPE: "request_payload" }));
+    const plain = await handleRequest(proxyRequest({ requestId: "same-id", json: chatBody() }), fakeDeps({ upstream, config }));
+    const wrapped = await handleRequest(proxyRequest({ requestId: "same-id", route: "/ai-chat", json: chatBody() }), fakeDeps({ upstream, config }));
+    expect(plain.statusCode).to.equal(200);
+    expect(wrapped.statusCode).to.equal(502);
+  });
+
+  it("gives the upstream only the time left before the deadline, keeping the metering timeout and a reserve", async () => {
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion({ prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 })));
+    const deps = { ...fakeDeps({ upstream }), clock: () => 1_000_000 };
+    await handleRequest(proxyRequest({ json: chatBody(), remainingMs: 10_000 }), deps);
+    expect(upstream.requests[0].timeoutMs).to.equal(10_000 - deps.config.moesif.timeoutMs - DEADLINE_RESERVE_MS);
+  });
+
+  it("answers 504 and bills nothing when the upstream's answer arrives too late to be delivered and metered", async () => {
+    let now = 1_000_000;
+    const upstream = new FakeUpstream(() => {
+      now += 9_500; // the upstream used almost all of the invocation's time
+      return jsonResponse(200, completion({ prompt_tokens: 7, completion_tokens: 7, total_tokens: 14 }));
+    });
+    const meter = new RecordingMeter();
+    const deps = { ...fakeDeps({ upstream, meter }), clock: () => now };
+    const response = await handleRequest(proxyRequest({ json: chatBody(), remainingMs: 10_000 }), deps);
+    expect(response.statusCode).to.equal(504);
+    expect(JSON.parse(response.body).error.code).to.equal("deadline_exceeded");
+    expect(meter.records[0]).to.include({ status: 504, upstreamStatus: 200, cost: undefined });
+    expect(meter.records[0].usage.total_tokens).to.equal(0);
+  });
+
+  it("does not call the upstream when the invocation has no time left for it", async () => {
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion()));
+    const response = await handleRequest(proxyRequest({ json: chatBody(), remainingMs: 1500 }), fakeDeps({ upstream }));
+    expect(response.statusCode).to.equal(504);
+    expect(upstream.requests).to.have.length(0);
+  });
+});
+
+describe("handleRequest: what reaches the upstream", () => {
+  it("strips a top-level `mock` field before forwarding, and only then re-serialises", async () => {
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion({ prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 })));
+    const meter = new RecordingMeter();
+    await handleRequest(proxyRequest({ json: chatBody({ temperature: 0.5, mock: { status: 500 } }) }), fakeDeps({ upstream, meter }));
+    const forwarded = JSON.parse(upstream.requests[0].body!);
+    expect(forwarded).to.not.have.property("mock");
+    expect(forwarded).to.deep.equal(chatBody({ temperature: 0.5 }));
+    expect(JSON.stringify(meter.records[0].requestBody)).to.not.include("mock");
+  });
+
+  it("forwards `mock` unchanged with FORWARD_MOCK_DIRECTIVES=true (the local model server)", async () => {
+    const raw = JSON.stringify(chatBody({ mock: { omit_usage: true } }));
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion({ prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 })));
+    const config = loadFunctionConfig(testEnv({ FORWARD_MOCK_DIRECTIVES: "true" }));
+    await handleRequest(proxyRequest({ json: raw }), fakeDeps({ upstream, config }));
+    expect(upstream.requests[0].body).to.equal(raw);
+  });
+
+  it("strips `mock` from a request nested 20,000 deep without crashing", async () => {
+    const raw = JSON.stringify(chatBody({ mock: {} })).replace(/}$/, `,"deep":${"[".repeat(20_000)}${"]".repeat(20_000)}}`);
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion({ prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 })));
+    const response = await handleRequest(proxyRequest({ json: raw }), fakeDeps({ upstream }));
+    expect(response.statusCode).to.equal(200);
+    expect(upstream.requests[0].body).to.not.include('"mock"');
+    expect(upstream.requests[0].body!.length).to.be.greaterThan(40_000);
+  });
+});
+
+describe("handleRequest: estimates that no input can break", () => {
+  // Built as text: JSON.stringify itself overflows the stack on these values.
+  const DEEP = "[".repeat(20_000) + '"x"' + "]".repeat(20_000);
+  const toolCalls = `[{"id":"c1","type":"function","function":{"name":"f","arguments":${DEEP}}}]`;
+
+  it("estimates an answer whose tool call arguments are nested 20,000 deep, and bills it", async () => {
+    const answer = `{"id":"chatcmpl-deep","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":${toolCalls}}}]}`;
+    const upstream = new FakeUpstream(() => jsonResponse(200, answer));
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: chatBody() }), fakeDeps({ upstream, meter }));
+    expect(response.statusCode).to.equal(200);
+    expect(meter.records[0].usageEstimated).to.equal(true);
+    expect(meter.records[0].usage.completion_tokens).to.be.greaterThan(1000);
+  });
+
+  it("estimates a prompt with tool calls and a content part nested 20,000 deep", async () => {
+    const messages = [
+      `{"role":"user","content":[{"type":"text","text":"hi"},{"type":"x-custom","data":${DEEP}}]}`,
+      `{"role":"assistant","content":null,"tool_calls":${toolCalls}}`,
+      `{"role":"tool","tool_call_id":"c1","content":"ok"}`,
+    ];
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion()));
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: `{"model":"gpt-4o-mini","messages":[${messages.join(",")}]}` }), fakeDeps({ upstream, meter }));
+    expect(response.statusCode).to.equal(200);
+    expect(meter.records[0].usage.prompt_tokens).to.be.greaterThan(2000);
+  });
+
+  it("counts tool definitions in the estimate", async () => {
+    const properties = Object.fromEntries(Array.from({ length: 400 }, (_, i) => [`field_${i}`, { type: "string", description: `The customer's ${i}th address line, as printed on the invoice.` }]));
+    const tools = [{ type: "function", function: { name: "create_invoice", description: "Creates an invoice.", parameters: { type: "object", properties } } }];
+    const upstream = new FakeUpstream(() => jsonResponse(200, completion()));
+    const meter = new RecordingMeter();
+    await handleRequest(proxyRequest({ json: chatBody({ tools }) }), fakeDeps({ upstream, meter }));
+    expect(meter.records[0].usage.prompt_tokens).to.be.greaterThan(8000);
+  });
+});
+
+describe("handleRequest: the model on every record", () => {
+  it("records the model of a request refused by validation", async () => {
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: { model: "gpt-4o-mini", messages: "not an array" } }), fakeDeps({ meter }));
+    expect(response.statusCode).to.equal(400);
+    expect(meter.records[0].model).to.equal("gpt-4o-mini");
+  });
+
+  it("records the model of a request refused before validation (unknown customer)", async () => {
+    const meter = new RecordingMeter();
+    await handleRequest(proxyRequest({ apiKeyId: "stranger", json: chatBody({ model: "gpt-4o" }) }), fakeDeps({ meter }));
+    expect(meter.records[0]).to.include({ status: 403, model: "gpt-4o" });
+  });
+
+  it("cuts a very long model name, in the record and in the error message", async () => {
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: chatBody({ model: "m".repeat(100_000) }) }), fakeDeps({ meter }));
+    expect(response.statusCode).to.equal(404);
+    expect(meter.records[0].model).to.equal("m".repeat(256));
+    expect(response.body.length).to.be.lessThan(1000);
+  });
+
+  it("records no model when the request names none (or not as a string)", async () => {
+    const meter = new RecordingMeter();
+    await handleRequest(proxyRequest({ json: { model: 42, messages: [] } }), fakeDeps({ meter }));
+    expect(meter.records[0].model).to.equal(undefined);
+  });
+});
+
+describe("handleRequest: secrets an upstream echoes", () => {
+  const APP_ID = "moesif-app-id-echo-test-0001";
+  registerSecret(APP_ID);
+  const config = () => loadFunctionConfig(testEnv({ MOESIF_APPLICATION_ID: APP_ID }));
+  const base64 = (s: string) => Buffer.from(s).toString("base64");
+  const escaped = (s: string) => s.replace(/-/g, "\\u002d");
+
+  /** Everything that left the core for the caller, the logs and the meter. */
+  const expectNoSecret = (response: { body: string; headers: Record<string, string> }, logs: string[], meter: RecordingMeter) => {
+    const everything = [response.body, JSON.stringify(response.headers), ...logs, JSON.stringify(meter.records)].join("\n");
+    recordForScan("core echo tests", [everything]);
+    for (const secret of [UPSTREAM_KEY, APP_ID]) {
+      expect(everything).to.not.include(secret);
+      expect(everything).to.not.include(base64(secret).slice(4, -4));
+      expect(everything).to.not.include(encodeURIComponent(secret));
+    }
+  };
+
+  const run = async (answer: () => ReturnType<typeof jsonResponse>, request = proxyRequest({ json: chatBody() })) => {
+    const meter = new RecordingMeter();
+    const logs: string[] = [];
+    const response = await handleRequest(request, fakeDeps({ upstream: new FakeUpstream(answer), meter, logs, config: config() }));
+    return { response, logs, meter };
+  };
+
+  it("redacts the key from a 2xx body's id and model", async () => {
+    const { response, logs, meter } = await run(() => jsonResponse(200, { ...completion({ prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 }), id: `chatcmpl-${UPSTREAM_KEY}`, model: UPSTREAM_KEY }));
+    expect(response.statusCode).to.equal(200);
+    expect(JSON.parse(response.body).id).to.equal("chatcmpl-[REDACTED]");
+    expectNoSecret(response, logs, meter);
+  });
+
+  it("redacts the key from the upstream's model list", async () => {
+    const { response, logs, meter } = await run(
+      () => jsonResponse(200, { object: "list", data: [{ id: "m1", object: "model", owned_by: UPSTREAM_KEY }] }),
+      proxyRequest({ method: "GET", route: "/v1/models", apiKeyId: "key-id-bob" }),
+    );
+    expect(response.statusCode).to.equal(200);
+    expectNoSecret(response, logs, meter);
+  });
+
+  it("drops a Retry-After header that carries the key", async () => {
+    const { response, logs, meter } = await run(() => jsonResponse(429, { error: { message: "slow", type: "requests", code: null } }, { "retry-after": UPSTREAM_KEY }));
+    expect(response.statusCode).to.equal(429);
+    expect(response.headers["Retry-After"]).to.equal(undefined);
+    expectNoSecret(response, logs, meter);
+  });
+
+  it("redacts a JSON-escaped key (sk\\u002d…) from a 4xx body, and the metering record never holds it decoded", async () => {
+    const text = `{"error":{"message":"Incorrect API key provided: ${escaped(UPSTREAM_KEY)}","type":"invalid_request_error","param":null,"code":"bad_key"}}`;
+    const { response, logs, meter } = await run(() => jsonResponse(400, text));
+    expect(response.statusCode).to.equal(400);
+    expect(JSON.parse(response.body).error.message).to.equal("Incorrect API key provided: [REDACTED]");
+    expectNoSecret(response, logs, meter);
+  });
+
+  for (const [name, spell] of [
+    ["base64", (s: string) => `token=${base64(`user:${s}`)}`],
+    ["URL-encoded", (s: string) => `https://example.test/?key=${encodeURIComponent(s)}&x=${encodeURIComponent(s).toLowerCase()}`],
+    ["with escaped slashes", (s: string) => s.replace(/-/g, "\\/")],
+  ] as const) {
+    it(`redacts a ${name} key and Moesif application id from a 4xx body`, async () => {
+      const text = `{"error":{"message":"${spell(UPSTREAM_KEY)} ${spell(APP_ID)}","type":"invalid_request_error","param":null,"code":null}}`;
+      const { response, logs, meter } = await run(() => jsonResponse(422, text));
+      expect(response.statusCode).to.equal(422);
+      expectNoSecret(response, logs, meter);
+    });
+  }
 });

@@ -31,6 +31,8 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
           MOESIF_APPLICATION_ID: APP_ID,
           MOESIF_BASE_URI: collector.url,
           METERING_TIMEOUT_MS: "300",
+          // The loopback upstream is the built-in model server, which takes its faults from `mock`.
+          FORWARD_MOCK_DIRECTIVES: "true",
           ...env,
         },
         { write: (line) => logs.push(line) },
@@ -281,6 +283,29 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
       ]);
       expect(collector.requests.at(-1)?.url).to.equal("/v1/events/batch");
     });
+
+    it("keeps metering every later request after one whose body nests 20,000 arrays (MOESIF_LOG_BODIES=true)", async () => {
+      const nested = `${"[".repeat(20_000)}${"]".repeat(20_000)}`; // JSON.stringify itself overflows on this
+      const handler = makeHandler({ MOESIF_LOG_BODIES: "true" });
+      // Whatever the function answers to such a body, it is one metered request like any other.
+      const deep = await invoke(handler, { body: `${JSON.stringify(chatBody()).slice(0, -1)},"extra":${nested}}` });
+      const later = [await invoke(handler), await invoke(handler)];
+      const ids = collector.events().map((e) => e.transaction_id);
+      expect(ids).to.have.members([deep, ...later].map((o) => transactionIdFor(o.event.requestContext.requestId)));
+      for (const { result } of later) expect(result.statusCode).to.equal(200);
+    });
+
+    it("meters a request with 3,600 long top-level fields in one event of at most 64 KB, and the next one too", async () => {
+      const handler = makeHandler();
+      // ~970 KB, under MAX_REQUEST_BYTES: every field is a short scalar, which is what events kept without bodies.
+      const fields = Object.fromEntries(Array.from({ length: 3600 }, (_, i) => [`field_${i}`, "x".repeat(256)]));
+      const wide = await invoke(handler, { body: { ...chatBody(), ...fields } });
+      const next = await invoke(handler);
+      expect(collector.events().map((e) => e.transaction_id)).to.have.members(
+        [wide, next].map((o) => transactionIdFor(o.event.requestContext.requestId)),
+      );
+      for (const payload of collector.rawPayloads) expect(Buffer.byteLength(payload)).to.be.at.most(64 * 1024);
+    });
   });
 
   it("serves without metering when MOESIF_APPLICATION_ID is unset", async () => {
@@ -300,6 +325,65 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
   it("uses the seed's Authorization=Bearer variable when UPSTREAM_API_KEY is absent", async () => {
     const { result } = await invoke(makeHandler({ UPSTREAM_API_KEY: undefined, Authorization: `Bearer ${UPSTREAM_KEY}` }));
     expect(result.statusCode).to.equal(200);
+  });
+
+  it("meters the URI API Gateway asserts (domain, stage, route), never the client's Host or X-Forwarded-Proto", async () => {
+    const event = createApiGatewayEvent({ apiKey: CALLER_KEY, body: chatBody(), stage: "prod", headers: { Host: "free.example/ai-chat?", "X-Forwarded-Proto": "gopher" } });
+    event.requestContext.domainName = "abc123.execute-api.us-east-1.amazonaws.com";
+    const result = await makeHandler()(event, createContext());
+    expect(result.statusCode).to.equal(200);
+    const [sent] = collector.events();
+    expect((sent.request as { uri: string }).uri).to.equal("https://abc123.execute-api.us-east-1.amazonaws.com/prod/v1/chat/completions");
+    expect(JSON.stringify(sent)).to.not.include("free.example");
+  });
+
+  it("bounds the upstream call by the Lambda's remaining time, and the event says the 504 the caller got", async () => {
+    const handler = makeHandler({ UPSTREAM_TIMEOUT_MS: "20000" });
+    const event = createApiGatewayEvent({ apiKey: CALLER_KEY, body: chatBody({ mock: { latency_ms: 5000 } }) });
+    // 3.5 s left: 300 ms are kept for metering and 2 s in reserve, so the upstream gets 1.2 s.
+    const result = await handler(event, createContext({ getRemainingTimeInMillis: () => 3500 }));
+    expect(result.statusCode).to.equal(504);
+    expect(JSON.parse(result.body).error.code).to.equal("upstream_timeout");
+    const [sent] = collector.events();
+    expect((sent.response as { status: number }).status).to.equal(504);
+    expect(sent.metadata).to.include({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
+  });
+
+  it("answers 502 response_too_large for a completion that fits the upstream limit but not Lambda's, billing nothing", async () => {
+    upstream.override = (_req, res) => {
+      // 2.5 MB of quotes: 5 MB as the upstream's JSON, 10 MB once the proxy result escapes it again.
+      const text = JSON.stringify({ id: "chatcmpl-big", object: "chat.completion", choices: [{ index: 0, message: { role: "assistant", content: '"'.repeat(2_500_000) } }], usage: { prompt_tokens: 3, completion_tokens: 700_000, total_tokens: 700_003 } });
+      res.writeHead(200, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(text) });
+      res.end(text);
+    };
+    const { result, json } = await invoke(makeHandler());
+    expect(result.statusCode).to.equal(502);
+    expect(json.error.code).to.equal("response_too_large");
+    const [sent] = collector.events();
+    expect((sent.response as { status: number }).status).to.equal(502);
+    expect(sent.metadata).to.include({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, upstream_status: 200 });
+  });
+
+  it("estimates a 24,000-letter single-word prompt to an upstream that omits usage, and meters the 200 it answers", async () => {
+    const { result } = await invoke(makeHandler(), { body: chatBody({ messages: [{ role: "user", content: "z".repeat(24_000) }], mock: { omit_usage: true } }) });
+    expect(result.statusCode).to.equal(200);
+    const [sent] = collector.events();
+    expect((sent.response as { status: number }).status).to.equal(200);
+    expect(sent.metadata).to.include({ usage_estimated: true });
+    expect(sent.metadata?.prompt_tokens).to.be.greaterThan(2000);
+  });
+
+  it("keeps a JSON-escaped upstream key out of the caller's answer, the logs and the Moesif event", async () => {
+    upstream.override = (_req, res) => {
+      const escaped = UPSTREAM_KEY.replace(/-/g, "\\u002d");
+      const text = `{"error":{"message":"Incorrect API key provided: ${escaped}","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}`;
+      res.writeHead(400, { "Content-Type": "application/json", "Retry-After": UPSTREAM_KEY });
+      res.end(text);
+    };
+    const { result } = await invoke(makeHandler({ MOESIF_LOG_BODIES: "true" }));
+    expect(result.statusCode).to.equal(400);
+    expect(collector.events()).to.have.length(1);
+    assertNoSecrets(result.body, JSON.stringify(result.headers));
   });
 
   it("bills the API Gateway source IP, not a client-sent X-Forwarded-For", async () => {

@@ -1,6 +1,6 @@
 import { expect } from "chai";
 import { BadRequestError, PayloadTooLargeError } from "../../functions/ai-chat/errors";
-import { parseChatCompletionRequest } from "../../functions/ai-chat/validate";
+import { parseChatCompletionRequest, type RequestFacts } from "../../functions/ai-chat/validate";
 
 const parse = (body: string | Buffer, max = 1024 * 1024) => parseChatCompletionRequest(typeof body === "string" ? Buffer.from(body) : body, max).request;
 
@@ -57,5 +57,27 @@ describe("parseChatCompletionRequest", () => {
 
   it("answers 413 above the byte limit", () => {
     expect(() => parse(JSON.stringify({ model: "m", messages: [{ role: "user", content: "x".repeat(200) }] }), 100)).to.throw(PayloadTooLargeError);
+  });
+
+  it("reports the model as soon as the body parses, even when a later check fails", () => {
+    const facts: RequestFacts = {};
+    expect(() => parseChatCompletionRequest(Buffer.from(JSON.stringify({ model: "gpt-4o", messages: [] })), 1024, undefined, facts)).to.throw(BadRequestError);
+    expect(facts.model).to.equal("gpt-4o");
+  });
+
+  it("reports only string model names, cut to 256 characters", () => {
+    const factsOf = (model: unknown) => {
+      const facts: RequestFacts = {};
+      try {
+        parseChatCompletionRequest(Buffer.from(JSON.stringify({ model, messages: "x" })), 1024 * 1024, undefined, facts);
+      } catch {
+        // the request is invalid on purpose
+      }
+      return facts.model;
+    };
+    expect(factsOf("m".repeat(10_000))).to.equal("m".repeat(256));
+    expect(factsOf(42)).to.equal(undefined);
+    expect(factsOf({ name: "gpt-4o" })).to.equal(undefined);
+    expect(factsOf("")).to.equal(undefined);
   });
 });

@@ -8,7 +8,7 @@ export interface EventOptions {
   resource?: string;
   path?: string;
   body?: unknown;
-  /** Send `body` base64-encoded, as API Gateway does for binary media types. */
+  /** Send `body` base64-encoded, as the deployed API does for every body (its binary media type is every type). @default true */
   base64?: boolean;
   headers?: Record<string, string>;
   apiKeyId?: string | null;
@@ -18,13 +18,14 @@ export interface EventOptions {
   sourceIp?: string;
 }
 
-/** A REST API (payload 1.0) Lambda proxy event as API Gateway builds it. */
+/** A REST API (payload 1.0) Lambda proxy event as the deployed API builds it (bodies base64-encoded). */
 export function createApiGatewayEvent(options: EventOptions = {}): APIGatewayProxyEvent {
   counter += 1;
   const resource = options.resource ?? "/v1/chat/completions";
   const stage = options.stage ?? "beta";
   const rawBody = options.body === undefined ? null : typeof options.body === "string" ? options.body : JSON.stringify(options.body);
-  const body = rawBody !== null && options.base64 ? Buffer.from(rawBody).toString("base64") : rawBody;
+  const base64 = rawBody !== null && options.base64 !== false;
+  const body = base64 ? Buffer.from(rawBody).toString("base64") : rawBody;
   const headers = {
     Host: "abc123.execute-api.us-east-1.amazonaws.com",
     "Content-Type": "application/json",
@@ -43,11 +44,12 @@ export function createApiGatewayEvent(options: EventOptions = {}): APIGatewayPro
     pathParameters: null,
     stageVariables: null,
     body,
-    isBase64Encoded: !!options.base64,
+    isBase64Encoded: base64,
     requestContext: {
       accountId: "123456789012",
       apiId: "abc123",
-      authorizer: undefined,
+      // What API Gateway passes on from the Lambda authorizer's result.
+      authorizer: options.apiKey ? { principalId: "api-key" } : undefined,
       protocol: "HTTP/1.1",
       httpMethod: options.method ?? "POST",
       path: `/${stage}${options.path ?? resource}`,

@@ -11,13 +11,20 @@ config:
   metered-ai-api:stageName: beta
   metered-ai-api:plans:
     starter:
-      rateLimit: 100000
-      burstLimit: 100000
+      rateLimit: 10000
+      burstLimit: 5000
       models: [gpt-4o-mini]
+      currency: usd
+      prices:
+        gpt-4o-mini: { input: 0.15, output: 0.6 }
     pro:
-      rateLimit: 100000
-      burstLimit: 100000
-      prices: { inputPer1k: 0.25, outputPer1k: 1.0 }
+      rateLimit: 10000
+      burstLimit: 5000
+      currency: usd
+      prices:
+        gpt-4o: { input: 2.5, output: 10 }
+        gpt-4o-mini: { input: 0.25, output: 1.0, cachedInput: 0.125 }
+        gpt-3.5-turbo: { input: 0.5, output: 1.5 }
   metered-ai-api:customers:
     starter: { plan: starter, stripeCustomerId: cus_starter }
     pro: { plan: pro, stripeCustomerId: cus_pro }

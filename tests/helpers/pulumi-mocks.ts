@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import * as pulumi from "@pulumi/pulumi";
 
 /** Pulumi's marker for a secret value inside mock inputs (runtime/rpc.js specialSecretSig). */
@@ -6,50 +7,180 @@ const SECRET_SIG = "4dabf18193072939515e22adb298388d";
 export const isSecretInput = (value: unknown): boolean => typeof value === "object" && value !== null && SECRET_SIG in value;
 export const unsecret = (value: unknown): any => (isSecretInput(value) ? (value as { value: unknown }).value : value);
 
+/** The resource options the SDK sent to the engine (what mocks' `newResource` is not told). */
+export interface RecordedOptions {
+  deleteBeforeReplace: boolean;
+  additionalSecretOutputs: string[];
+  retainOnDelete: boolean;
+  /** URNs of explicit and implicit dependencies. */
+  dependencies: string[];
+  parent: string;
+}
+
 export interface Recorded {
   type: string;
   name: string;
+  /** The id the mock gave the resource. */
+  id: string;
+  /** The inputs as the engine would receive them (secret inputs wrapped, see `isSecretInput`). */
   inputs: any;
+  /** The state the mock answered: inputs plus the computed outputs a provider would add. */
+  state: Record<string, any>;
+  options: RecordedOptions;
+  urn: string;
 }
 
-/** Mocks that record every resource and fill in the computed outputs the program reads. Unmocked calls throw. */
-export function recordingMocks(created: Recorded[]): pulumi.runtime.Mocks {
+const ACCOUNT = "123456789012";
+const REGION = "us-east-1";
+
+/** A deterministic string of `length` characters from [a-z0-9] (API Gateway ids) or [A-Za-z0-9] (key values). */
+function derived(seed: string, length: number, alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"): string {
+  let out = "";
+  for (let i = 0; out.length < length; i++) {
+    for (const byte of createHash("sha256").update(`${seed}:${i}`).digest()) {
+      if (out.length < length) out += alphabet[byte % alphabet.length];
+    }
+  }
+  return out;
+}
+
+/** An API key value of the kind API Gateway generates: 40 alphanumeric characters. */
+export function mockApiKeyValue(logicalName: string): string {
+  return derived(`key-value:${logicalName}`, 40, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789");
+}
+
+/** A Stripe webhook signing secret of realistic length. */
+export const MOCK_WEBHOOK_SECRET = `whsec_${derived("webhook", 32, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")}`;
+
+/**
+ * Mocks that record every resource (inputs, answered state and the options the SDK sent) and fill in the computed
+ * outputs the program reads, the way the AWS provider would: auto-names, ARNs, API Gateway's 10-character key ids,
+ * the key value on both the ApiKey and the UsagePlanKey. Unmocked calls throw.
+ */
+export function recordingMocks(created: Recorded[], pendingOptions: Map<string, RecordedOptions & { urn: string }> = new Map()): pulumi.runtime.Mocks {
+  const keyValues = new Map<string, string>();
   return {
     newResource(args) {
-      created.push({ type: args.type, name: args.name, inputs: args.inputs });
-      const id = `${args.name}-id`;
-      const state: Record<string, unknown> = { ...args.inputs };
+      const inputs = args.inputs;
+      const state: Record<string, any> = { ...inputs };
+      let id = `${args.name}-id`;
+      const autoName = () => `${args.name}-${derived(`autoname:${args.name}`, 7, "0123456789abcdef")}`;
       switch (args.type) {
         case "aws:lambda/function:Function":
-          state.arn = `arn:aws:lambda:us-east-1:123456789012:function:${args.inputs.name}`;
-          state.invokeArn = `arn:aws:apigateway:us-east-1:lambda:path/2015-03-31/functions/${state.arn}/invocations`;
+          state.name = inputs.name ?? autoName();
+          state.arn = `arn:aws:lambda:${REGION}:${ACCOUNT}:function:${state.name}`;
+          state.invokeArn = `arn:aws:apigateway:${REGION}:lambda:path/2015-03-31/functions/${state.arn}/invocations`;
           break;
         case "aws:apigateway/restApi:RestApi":
+          id = derived(`id:${args.name}`, 10);
           state.rootResourceId = "root-id";
-          state.executionArn = `arn:aws:execute-api:us-east-1:123456789012:${id}`;
+          state.executionArn = `arn:aws:execute-api:${REGION}:${ACCOUNT}:${id}`;
           break;
         case "aws:apigateway/stage:Stage":
-          state.invokeUrl = `https://${args.inputs.restApi}.execute-api.us-east-1.amazonaws.com/${args.inputs.stageName}`;
+          state.invokeUrl = `https://${inputs.restApi}.execute-api.${REGION}.amazonaws.com/${inputs.stageName}`;
           break;
         case "aws:apigateway/apiKey:ApiKey":
-          state.value = `key-value-${args.name}`;
+          id = derived(`id:${args.name}`, 10);
+          state.value = mockApiKeyValue(args.name);
+          keyValues.set(id, state.value);
+          break;
+        case "aws:apigateway/usagePlanKey:UsagePlanKey":
+          // What GetUsagePlanKey returns: the key's name and value (terraform-provider-aws usage_plan_key.go Read).
+          state.value = keyValues.get(inputs.keyId);
+          state.name = `${inputs.keyId}-name`;
           break;
         case "aws:iam/role:Role":
-          state.arn = `arn:aws:iam::123456789012:role/${args.name}`;
+          state.name = inputs.name ?? autoName();
+          state.arn = `arn:aws:iam::${ACCOUNT}:role/${state.name}`;
           break;
         case "aws:cloudwatch/logGroup:LogGroup":
-          state.arn = `arn:aws:logs:us-east-1:123456789012:log-group:${args.inputs.name}`;
+          // The provider's name_prefix adds a 26-character unique suffix.
+          state.name = inputs.name ?? `${inputs.namePrefix ?? "terraform-"}${derived(`prefix:${args.name}`, 26, "0123456789")}`;
+          state.arn = `arn:aws:logs:${REGION}:${ACCOUNT}:log-group:${state.name}`;
+          break;
+        case "aws:ssm/parameter:Parameter":
+          state.arn = `arn:aws:ssm:${REGION}:${ACCOUNT}:parameter${inputs.name}`;
+          break;
+        case "aws:apigateway/authorizer:Authorizer":
+          id = derived(`id:${args.name}`, 6);
           break;
         case "stripe:index/webhookEndpoint:WebhookEndpoint":
-          state.secret = "whsec_mock_signing_secret";
+          state.secret = MOCK_WEBHOOK_SECRET;
           break;
       }
+      const options = pendingOptions.get(`${args.type}::${args.name}`);
+      created.push({
+        type: args.type,
+        name: args.name,
+        id,
+        inputs,
+        state,
+        urn: options?.urn ?? "",
+        options: options ?? { deleteBeforeReplace: false, additionalSecretOutputs: [], retainOnDelete: false, dependencies: [], parent: "" },
+      });
       return { id, state };
     },
     call(args) {
       throw new Error(`unmocked call ${args.token}`);
     },
   };
+}
+
+/**
+ * `setMocks` with `recordingMocks`, plus a look at each RegisterResource request before the mock monitor answers
+ * it: resource options (deleteBeforeReplace, additionalSecretOutputs, retainOnDelete, dependencies) never reach
+ * `newResource`, so they are read from the request itself, as the engine would receive them.
+ */
+export async function setRecordingMocks(created: Recorded[], project: string, stack: string, preview = false): Promise<void> {
+  const pending = new Map<string, RecordedOptions & { urn: string }>();
+  await pulumi.runtime.setMocks(recordingMocks(created, pending), project, stack, preview);
+  const monitor = pulumi.runtime.getMonitor() as unknown as {
+    registerResource(req: RegisterResourceRequest, callback: unknown): unknown;
+  };
+  const registerResource = monitor.registerResource.bind(monitor);
+  monitor.registerResource = (req, callback) => {
+    const type = req.getType();
+    const name = req.getName();
+    // The URN the mock monitor gives it (runtime/mocks.js newUrn): the parent's qualified type, then this type.
+    const parentType = req.getParent() ? req.getParent().split("::")[2].split("$").pop() : "";
+    const qualifiedType = parentType ? `${parentType}$${type}` : type;
+    pending.set(`${type}::${name}`, {
+      deleteBeforeReplace: req.getDeletebeforereplace(),
+      additionalSecretOutputs: req.getAdditionalsecretoutputsList(),
+      retainOnDelete: req.getRetainondelete() === true,
+      dependencies: req.getDependenciesList(),
+      parent: req.getParent(),
+      urn: `urn:pulumi:${stack}::${project}::${qualifiedType}::${name}`,
+    });
+    return registerResource(req, callback);
+  };
+}
+
+interface RegisterResourceRequest {
+  getType(): string;
+  getName(): string;
+  getParent(): string;
+  getDeletebeforereplace(): boolean;
+  getAdditionalsecretoutputsList(): string[];
+  getRetainondelete(): boolean | undefined;
+  getDependenciesList(): string[];
+}
+
+/**
+ * The resource's state as the engine would store it in the checkpoint in plain text: without the outputs the SDK
+ * asked to keep secret (`additionalSecretOutputs`) and without the properties whose input was secret.
+ */
+export function plainState(resource: Recorded): Record<string, unknown> {
+  const secret = new Set(resource.options.additionalSecretOutputs);
+  return redactSecrets(Object.fromEntries(Object.entries(resource.state).filter(([key]) => !secret.has(key)))) as Record<string, unknown>;
+}
+
+/** Replaces every secret value, at any depth, by a marker: the engine encrypts those in the checkpoint. */
+export function redactSecrets(value: unknown): unknown {
+  if (isSecretInput(value)) return "[secret]";
+  if (Array.isArray(value)) return value.map(redactSecrets);
+  if (value && typeof value === "object") return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, redactSecrets(v)]));
+  return value;
 }
 
 export function promiseOf<T>(output: pulumi.Output<T>): Promise<T> {

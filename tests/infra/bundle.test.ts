@@ -1,14 +1,18 @@
 import { expect } from "chai";
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { bundleFunction } from "../../infra/bundle";
 import { UpstreamServer } from "../../scripts/local/upstream-server";
 import { chatBody, createApiGatewayEvent, createContext } from "../helpers/events";
 import { CUSTOMERS, PLANS, UPSTREAM_KEY } from "../helpers/fakes";
 
-describe("bundleFunction (the esbuild bundle pulumi up deploys)", () => {
-  const outdir = fs.mkdtempSync(path.join(os.tmpdir(), "ai-chat-bundle-"));
+// Inside the repository, so that the `@aws-sdk/*` packages the bundle leaves to the Lambda runtime (which ships
+// them) resolve from node_modules, as they resolve from /var/runtime on Lambda.
+const BUILD = path.resolve(__dirname, "../../.build/test-bundles");
+
+describe("bundleFunction (the esbuild bundles pulumi up deploys)", () => {
+  const outdir = path.join(BUILD, `ai-chat-${process.pid}`);
+  const authorizerDir = path.join(BUILD, `authorizer-${process.pid}`);
   const saved = { ...process.env };
   let upstream: UpstreamServer;
 
@@ -19,12 +23,14 @@ describe("bundleFunction (the esbuild bundle pulumi up deploys)", () => {
     process.env = saved;
     await upstream.stop();
     fs.rmSync(outdir, { recursive: true, force: true });
+    fs.rmSync(authorizerDir, { recursive: true, force: true });
   });
 
   it("builds a minified CommonJS handler with two parameters that serves and estimates usage from its own files", async () => {
-    const { entry } = bundleFunction(path.resolve(__dirname, "../../functions/ai-chat/index.ts"), outdir);
+    const { entry } = bundleFunction(path.resolve(__dirname, "../../functions/ai-chat/index.ts"), outdir, { files: { "plans.json": JSON.stringify(PLANS) } });
     expect(fs.statSync(entry).size).to.be.greaterThan(10_000);
     expect(fs.existsSync(path.join(outdir, "node_modules/js-tiktoken/dist/ranks/o200k_base.cjs"))).to.equal(true);
+    expect(JSON.parse(fs.readFileSync(path.join(outdir, "plans.json"), "utf8"))).to.deep.equal(PLANS);
 
     Object.assign(process.env, {
       UPSTREAM_BASE_URL: upstream.url,
@@ -32,6 +38,8 @@ describe("bundleFunction (the esbuild bundle pulumi up deploys)", () => {
       CUSTOMERS: JSON.stringify(CUSTOMERS),
       PLANS: JSON.stringify(PLANS),
       LOG_LEVEL: "error",
+      // Lets the built-in model server's `mock` field through, so that it omits usage and the bundle must estimate.
+      FORWARD_MOCK_DIRECTIVES: "true",
     });
     delete process.env.MOESIF_APPLICATION_ID;
     // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -41,6 +49,39 @@ describe("bundleFunction (the esbuild bundle pulumi up deploys)", () => {
     const result = await bundled.handler(createApiGatewayEvent({ body: chatBody({ mock: { omit_usage: true } }) }), createContext());
     expect(result.statusCode).to.equal(200);
     const loadedRanks = Object.keys(require.cache).filter((file) => file.includes("o200k_base"));
-    expect(loadedRanks.some((file) => file.startsWith(outdir))).to.equal(true);
+    expect(loadedRanks.some((file) => file.startsWith(outdir)), JSON.stringify(loadedRanks)).to.equal(true);
+  });
+
+  it("builds the authorizer alone, without the tokenizer files, and it hands a Bearer key to the usage plan", async () => {
+    const { entry } = bundleFunction(path.resolve(__dirname, "../../functions/authorizer/index.ts"), authorizerDir, { tokenizerRanks: false });
+    expect(fs.readdirSync(authorizerDir)).to.deep.equal(["index.js"]);
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const authorizer = require(entry) as { handler: (event: unknown) => Promise<{ usageIdentifierKey?: string; policyDocument: { Statement: Array<{ Effect: string }> } }> };
+    const key = "A".repeat(40);
+    const methodArn = "arn:aws:execute-api:us-east-1:123456789012:abc/beta/POST/v1/chat/completions";
+    const allowed = await authorizer.handler({ type: "REQUEST", methodArn, headers: { Authorization: `Bearer ${key}` } });
+    expect(allowed.usageIdentifierKey).to.equal(key);
+    expect(allowed.policyDocument.Statement[0].Effect).to.equal("Allow");
+    const denied = await authorizer.handler({ type: "REQUEST", methodArn, headers: {} });
+    expect(denied.policyDocument.Statement[0].Effect).to.equal("Deny");
+  });
+
+  it("leaves the AWS SDK to the Lambda runtime instead of bundling it", () => {
+    const dir = path.join(BUILD, `sdk-${process.pid}`);
+    fs.mkdirSync(dir, { recursive: true });
+    const source = path.join(dir, "entry.ts");
+    fs.writeFileSync(source, 'import { GetParametersCommand, SSMClient } from "@aws-sdk/client-ssm";\nexport const handler = async () => new SSMClient({}).send(new GetParametersCommand({ Names: ["x"] }));\n');
+    try {
+      const { entry } = bundleFunction(source, path.join(dir, "out"), { tokenizerRanks: false });
+      const code = fs.readFileSync(entry, "utf8");
+      expect(code).to.include('require("@aws-sdk/client-ssm")');
+      expect(code.length).to.be.lessThan(2_000);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("refuses extra file names that would escape the bundle directory", () => {
+    expect(() => bundleFunction(path.resolve(__dirname, "../../functions/authorizer/index.ts"), authorizerDir, { tokenizerRanks: false, files: { "../x.json": "{}" } })).to.throw(/plain names/);
   });
 });

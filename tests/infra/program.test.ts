@@ -1,136 +1,455 @@
 import { expect } from "chai";
+import fs from "node:fs";
+import path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
-import { MOESIF_STRIPE_EVENTS } from "../../infra/moesif-stripe-webhook";
-import { deploymentTrigger, logWritePolicy, ROUTES } from "../../infra/metered-ai-api";
-import { isSecretInput, promiseOf, recordingMocks, unsecret, type Recorded } from "../helpers/pulumi-mocks";
-import { recordForScan, registerSecret } from "../helpers/secret-scan";
 import { ROUTES as CORE_ROUTES } from "../../functions/ai-chat/core";
+import { environmentBytes, functionPlans, PLANS_FILE, plannedEnvironment, secretParameterNames } from "../../infra/function-env";
+import { GATEWAY_RESPONSES, KEEPS_STATUS } from "../../infra/gateway-responses";
+import { ACCESS_LOG_FORMAT, AUTHORIZER_STAGE_VARIABLE, deploymentTrigger, logWritePolicy, ROUTES } from "../../infra/metered-ai-api";
+import { MOESIF_STRIPE_EVENTS } from "../../infra/moesif-stripe-webhook";
+import { parseStackConfig } from "../../infra/stack-config";
+import { isSecretInput, MOCK_WEBHOOK_SECRET, mockApiKeyValue, plainState, promiseOf, redactSecrets, setRecordingMocks, unsecret, type Recorded } from "../helpers/pulumi-mocks";
+import { recordForScan, registerSecret } from "../helpers/secret-scan";
 
 const PROJECT = "metered-ai-api";
-const UPSTREAM_SECRET = "sk-upstream-secret-for-infra-tests";
+// Realistic lengths: OpenAI project keys are ~164 characters, Moesif application ids ~150, Stripe keys ~107.
+const UPSTREAM_SECRET = `sk-proj-${"Ab3".repeat(52)}`;
+const MOESIF_APP_ID = `eyJhcHAiOiI${"mOeSiF9".repeat(20)}`;
+const STRIPE_KEY = `sk_test_${"51Stripe".repeat(12)}`;
 const WEBHOOK_URL = "https://api.moesif.net/example/stripe/webhook";
-const STRIPE_KEY = "sk_test_stripe_secret_for_infra_tests";
-registerSecret(UPSTREAM_SECRET, STRIPE_KEY, "moesif-app-id-secret");
+registerSecret(UPSTREAM_SECRET, MOESIF_APP_ID, STRIPE_KEY, MOCK_WEBHOOK_SECRET);
+
+const PLANS = {
+  starter: {
+    rateLimit: 2,
+    burstLimit: 5,
+    quota: { limit: 1000, period: "MONTH" },
+    models: ["gpt-4o-mini"],
+    prices: { "gpt-4o-mini": { input: 0.15, cachedInput: 0.075, output: 0.6 } },
+  },
+  pro: { rateLimit: 20, burstLimit: 40, quota: { limit: 100000, period: "WEEK", offset: 1 }, currency: "usd", prices: { "gpt-4o": { input: "2.50", output: "10.00" } } },
+  free: { rateLimit: 1, burstLimit: 1 },
+};
+const CUSTOMERS = { acme: { plan: "starter", stripeCustomerId: "cus_acme" }, globex: { plan: "pro", stripeCustomerId: "cus_globex" } };
 
 const baseConfig: Record<string, string> = {
   [`${PROJECT}:upstreamApiKey`]: UPSTREAM_SECRET,
-  [`${PROJECT}:moesifApplicationId`]: "moesif-app-id-secret",
+  [`${PROJECT}:moesifApplicationId`]: MOESIF_APP_ID,
   [`${PROJECT}:moesifStripeWebhookUrl`]: WEBHOOK_URL,
   [`${PROJECT}:stageName`]: "beta",
   "stripe:apiKey": STRIPE_KEY,
   [`${PROJECT}:logRetentionDays`]: "14",
-  [`${PROJECT}:plans`]: JSON.stringify({
-    starter: { rateLimit: 2, burstLimit: 5, quota: { limit: 1000, period: "MONTH" }, models: ["gpt-4o-mini"] },
-    pro: { rateLimit: 20, burstLimit: 40, quota: { limit: 100000, period: "WEEK", offset: 1 } },
-  }),
-  [`${PROJECT}:customers`]: JSON.stringify({
-    acme: { plan: "starter", stripeCustomerId: "cus_acme" },
-    globex: { plan: "pro", stripeCustomerId: "cus_globex" },
-  }),
+  [`${PROJECT}:plans`]: JSON.stringify(PLANS),
+  [`${PROJECT}:customers`]: JSON.stringify(CUSTOMERS),
 };
+const SECRET_KEYS = [`${PROJECT}:upstreamApiKey`, `${PROJECT}:moesifApplicationId`, "stripe:apiKey"];
 
 type Program = typeof import("../../infra/index");
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const { waitForRPCs } = require("@pulumi/pulumi/runtime/settings") as { waitForRPCs(): Promise<void> };
 
-/** Runs the program under mocks with the given config; returns its module and the resources it registered. */
-async function runProgram(config: Record<string, string>): Promise<{ program: Program; created: Recorded[] }> {
+/** Runs the program under mocks with the given config; returns its module and every resource it registered. */
+async function runProgram(config: Record<string, string>, stack = "dev"): Promise<{ program: Program; created: Recorded[] }> {
   const created: Recorded[] = [];
-  await pulumi.runtime.setMocks(recordingMocks(created), PROJECT, "dev", false);
-  pulumi.runtime.setAllConfig(config, [`${PROJECT}:upstreamApiKey`, `${PROJECT}:moesifApplicationId`]);
+  await setRecordingMocks(created, PROJECT, stack);
+  pulumi.runtime.setAllConfig(config, SECRET_KEYS);
   delete require.cache[require.resolve("../../infra/index")];
   const program = (await import("../../infra/index")) as Program;
   await promiseOf(program.invokeUrl);
   await promiseOf(program.stripeWebhookEndpointId);
+  await waitForRPCs();
+  for (const resource of created) if (resource.type === "aws:apigateway/apiKey:ApiKey") registerSecret(mockApiKeyValue(resource.name));
   return { program, created };
 }
 
-describe("Pulumi program (infra/index.ts under mocks)", () => {
-  let program: Program;
-  let created: Recorded[];
+const withConfig = (change: Record<string, string | undefined>): Record<string, string> => {
+  const config: Record<string, string> = { ...baseConfig };
+  for (const [key, value] of Object.entries(change)) {
+    if (value === undefined) delete config[key];
+    else config[key] = value;
+  }
+  return config;
+};
+
+const finder = (created: Recorded[]) => {
   const ofType = (type: string) => created.filter((r) => r.type === type);
+  const named = (type: string, name: string) => {
+    const found = ofType(type).find((r) => r.name === name);
+    expect(found, `${type} ${name}`).to.not.equal(undefined);
+    return found!;
+  };
   const one = (type: string) => {
     const found = ofType(type);
     expect(found, type).to.have.length(1);
     return found[0];
   };
+  return { ofType, named, one };
+};
+
+/** All exported stack outputs of the program module. */
+function stackOutputs(program: Program): Array<[string, pulumi.Output<unknown>]> {
+  return Object.entries(program).filter(([, value]) => pulumi.Output.isInstance(value)) as Array<[string, pulumi.Output<unknown>]>;
+}
+
+describe("Pulumi program (infra/index.ts under mocks)", function () {
+  this.timeout(60_000);
+  let program: Program;
+  let created: Recorded[];
+  let ofType: (type: string) => Recorded[];
+  let named: (type: string, name: string) => Recorded;
+  let one: (type: string) => Recorded;
+  const chatFn = () => named("aws:lambda/function:Function", "metered-ai-api-fn");
+  const authorizerFn = () => named("aws:lambda/function:Function", "metered-ai-api-authorizer");
+  const variables = () => chatFn().inputs.environment.variables as Record<string, string>;
 
   before(async () => {
     ({ program, created } = await runProgram(baseConfig));
+    ({ ofType, named, one } = finder(created));
   });
 
-  it("creates a REGIONAL REST API with the three routes, each requiring an API key", () => {
-    expect(one("aws:apigateway/restApi:RestApi").inputs.endpointConfiguration.types).to.equal("REGIONAL");
-    const methods = ofType("aws:apigateway/method:Method");
-    expect(methods.map((m) => m.inputs.httpMethod).sort()).to.deep.equal(["GET", "POST", "POST"]);
-    for (const method of methods) {
-      expect(method.inputs.apiKeyRequired, method.name).to.equal(true);
-      expect(method.inputs.authorization).to.equal("NONE");
-    }
-    const paths = ofType("aws:apigateway/resource:Resource").map((r) => r.inputs.pathPart).sort();
-    expect(paths).to.deep.equal(["ai-chat", "chat", "completions", "models", "v1"]);
-  });
-
-  it("integrates every method as AWS_PROXY with the function's invoke ARN", () => {
-    const fnArn = "arn:aws:lambda:us-east-1:123456789012:function:metered-ai-api-dev-ai-chat";
-    const integrations = ofType("aws:apigateway/integration:Integration");
-    expect(integrations).to.have.length(3);
-    for (const integration of integrations) {
-      expect(integration.inputs).to.include({ type: "AWS_PROXY", integrationHttpMethod: "POST", timeoutMilliseconds: 29000 });
-      expect(integration.inputs.uri).to.equal(`arn:aws:apigateway:us-east-1:lambda:path/2015-03-31/functions/${fnArn}/invocations`);
-    }
-  });
-
-  it("scopes each Lambda permission to this API, stage, method and path", () => {
-    const arns = ofType("aws:lambda/permission:Permission").map((p) => p.inputs.sourceArn).sort();
-    const base = "arn:aws:execute-api:us-east-1:123456789012:metered-ai-api-api-id/beta";
-    expect(arns).to.deep.equal([`${base}/GET/v1/models`, `${base}/POST/ai-chat`, `${base}/POST/v1/chat/completions`]);
-    for (const permission of ofType("aws:lambda/permission:Permission")) {
-      expect(permission.inputs.principal).to.equal("apigateway.amazonaws.com");
-      expect(permission.inputs.sourceArn).to.not.include("*");
-    }
-  });
-
-  it("deploys nodejs22.x on arm64 with a retained log group and a role limited to that log group", () => {
-    const fn = one("aws:lambda/function:Function");
-    expect(fn.inputs).to.include({ runtime: "nodejs22.x", handler: "index.handler", memorySize: 512, timeout: 29 });
-    expect(fn.inputs.architectures).to.deep.equal(["arm64"]);
-    const logGroup = one("aws:cloudwatch/logGroup:LogGroup");
-    expect(logGroup.inputs).to.include({ name: "/aws/lambda/metered-ai-api-dev-ai-chat", retentionInDays: 14 });
-    expect(fn.inputs.loggingConfig.logGroup).to.equal(logGroup.inputs.name);
-    const policy = JSON.parse(one("aws:iam/rolePolicy:RolePolicy").inputs.policy);
-    for (const statement of policy.Statement) {
-      expect(statement.Resource).to.not.equal("*");
-      for (const action of statement.Action) expect(action).to.not.include("*");
-    }
-    expect(ofType("aws:iam/rolePolicyAttachment:RolePolicyAttachment")).to.have.length(0);
-  });
-
-  it("keeps the function environment secret and keys CUSTOMERS by the created API key ids", () => {
-    const environment = one("aws:lambda/function:Function").inputs.environment;
-    expect(isSecretInput(environment)).to.equal(true);
-    const variables = unsecret(environment).variables;
-    expect(variables.UPSTREAM_API_KEY).to.equal(UPSTREAM_SECRET);
-    expect(JSON.parse(variables.CUSTOMERS)).to.deep.equal({
-      "metered-ai-api-key-acme-id": { customerId: "acme", plan: "starter", stripeCustomerId: "cus_acme" },
-      "metered-ai-api-key-globex-id": { customerId: "globex", plan: "pro", stripeCustomerId: "cus_globex" },
+  describe("API and routes", () => {
+    it("creates a REGIONAL REST API that takes the key from the authorizer and passes bodies as binary", () => {
+      const api = one("aws:apigateway/restApi:RestApi").inputs;
+      expect(api.endpointConfiguration.types).to.equal("REGIONAL");
+      expect(api.apiKeySource).to.equal("AUTHORIZER");
+      expect(api.binaryMediaTypes).to.deep.equal(["*/*"]);
     });
-    expect(JSON.parse(variables.PLANS)).to.deep.equal({ starter: { models: ["gpt-4o-mini"] }, pro: {} });
+
+    it("guards every route with the REQUEST authorizer and still requires an API key on it", () => {
+      const authorizer = one("aws:apigateway/authorizer:Authorizer");
+      const methods = ofType("aws:apigateway/method:Method");
+      expect(methods.map((m) => m.inputs.httpMethod).sort()).to.deep.equal(["GET", "POST", "POST"]);
+      for (const method of methods) {
+        expect(method.inputs, method.name).to.include({ authorization: "CUSTOM", authorizerId: authorizer.id, apiKeyRequired: true });
+      }
+      const paths = ofType("aws:apigateway/resource:Resource").map((r) => r.inputs.pathPart).sort();
+      expect(paths).to.deep.equal(["ai-chat", "chat", "completions", "models", "v1"]);
+    });
+
+    it("wires an uncached REQUEST authorizer whose identity source every request carries", () => {
+      const authorizer = one("aws:apigateway/authorizer:Authorizer").inputs;
+      expect(authorizer).to.include({ type: "REQUEST", authorizerResultTtlInSeconds: 0, identitySource: `stageVariables.${AUTHORIZER_STAGE_VARIABLE}` });
+      expect(authorizer.authorizerUri).to.equal(authorizerFn().state.invokeArn);
+      expect(authorizer.authorizerCredentials).to.equal(undefined);
+      const stage = one("aws:apigateway/stage:Stage").inputs;
+      expect(stage.variables[AUTHORIZER_STAGE_VARIABLE]).to.be.a("string").and.not.equal("");
+    });
+
+    it("runs the authorizer as its own small function with its own role and log group, invocable only by this API's authorizer", () => {
+      const fn = authorizerFn();
+      expect(fn.inputs).to.include({ runtime: "nodejs22.x", handler: "index.handler", memorySize: 128 });
+      expect(fn.inputs.role).to.not.equal(chatFn().inputs.role);
+      expect(fn.inputs.loggingConfig.logGroup).to.match(/^\/aws\/lambda\/metered-ai-api-dev-authorizer-/);
+      expect(fn.inputs.loggingConfig).to.include({ logFormat: "JSON", systemLogLevel: "WARN" });
+      const policy = JSON.parse(named("aws:iam/rolePolicy:RolePolicy", "metered-ai-api-authorizer-policy").inputs.policy);
+      expect(policy.Statement).to.have.length(1);
+      expect(policy.Statement[0].Resource).to.equal(`arn:aws:logs:us-east-1:123456789012:log-group:${fn.inputs.loggingConfig.logGroup}:*`);
+      const permission = named("aws:lambda/permission:Permission", "metered-ai-api-authorizer-permission").inputs;
+      const api = one("aws:apigateway/restApi:RestApi").state;
+      expect(permission).to.include({ function: fn.state.name, principal: "apigateway.amazonaws.com" });
+      expect(permission.sourceArn).to.equal(`${api.executionArn}/authorizers/${one("aws:apigateway/authorizer:Authorizer").id}`);
+    });
+
+    it("integrates every method as AWS_PROXY with the chat function's invoke ARN", () => {
+      const integrations = ofType("aws:apigateway/integration:Integration");
+      expect(integrations).to.have.length(3);
+      for (const integration of integrations) {
+        expect(integration.inputs).to.include({ type: "AWS_PROXY", integrationHttpMethod: "POST", timeoutMilliseconds: 29000, uri: chatFn().state.invokeArn });
+      }
+    });
+
+    it("scopes each Lambda permission to this API, stage, method and path", () => {
+      const api = one("aws:apigateway/restApi:RestApi").state;
+      const arns = ofType("aws:lambda/permission:Permission")
+        .filter((p) => p.inputs.function === chatFn().state.name)
+        .map((p) => p.inputs.sourceArn)
+        .sort();
+      const base = `${api.executionArn}/beta`;
+      expect(arns).to.deep.equal([`${base}/GET/v1/models`, `${base}/POST/ai-chat`, `${base}/POST/v1/chat/completions`]);
+      for (const arn of arns) expect(arn).to.not.include("*");
+    });
+
+    it("serves exactly the routes the function routes", () => {
+      expect(CORE_ROUTES.map((r) => `${r.method} ${r.route}`)).to.deep.equal(ROUTES.map((r) => `${r.method} ${r.path}`));
+    });
   });
 
-  it("creates one usage plan per plan with its throttle and quota, on the stage", () => {
-    const plans = ofType("aws:apigateway/usagePlan:UsagePlan");
-    const byName = Object.fromEntries(plans.map((p) => [p.name, p.inputs]));
-    expect(byName["metered-ai-api-plan-starter"].throttleSettings).to.deep.equal({ rateLimit: 2, burstLimit: 5 });
-    expect(byName["metered-ai-api-plan-starter"].quotaSettings).to.deep.equal({ limit: 1000, period: "MONTH", offset: 0 });
-    expect(byName["metered-ai-api-plan-pro"].quotaSettings).to.deep.equal({ limit: 100000, period: "WEEK", offset: 1 });
-    for (const plan of plans) expect(plan.inputs.apiStages).to.deep.equal([{ apiId: "metered-ai-api-api-id", stage: "beta" }]);
+  describe("gateway responses", () => {
+    it("customises every response in the table, keeping API Gateway's status for DEFAULT_4XX/5XX", () => {
+      const responses = ofType("aws:apigateway/response:Response");
+      expect(responses.map((r) => r.inputs.responseType).sort()).to.deep.equal(GATEWAY_RESPONSES.map((s) => s.responseType).sort());
+      for (const spec of GATEWAY_RESPONSES) {
+        const response = responses.find((r) => r.inputs.responseType === spec.responseType)!.inputs;
+        expect(response.restApiId).to.equal(one("aws:apigateway/restApi:RestApi").id);
+        if (KEEPS_STATUS.has(spec.responseType)) expect(response.statusCode, spec.responseType).to.equal(undefined);
+        else expect(response.statusCode, spec.responseType).to.equal(String(spec.statusCode));
+      }
+    });
+
+    it("answers in OpenAI's error shape: each template is valid JSON once API Gateway substitutes the method and path", () => {
+      for (const response of ofType("aws:apigateway/response:Response")) {
+        const template: string = response.inputs.responseTemplates["application/json"];
+        const body = JSON.parse(template.split("$context.httpMethod").join("POST").split("$context.path").join("/beta/v1/embeddings"));
+        expect(Object.keys(body.error).sort(), response.inputs.responseType).to.deep.equal(["code", "message", "param", "type"]);
+        expect(template).to.not.match(/\$(?!context\.(httpMethod|path)\b)/);
+      }
+      const unknownRoute = ofType("aws:apigateway/response:Response").find((r) => r.inputs.responseType === "MISSING_AUTHENTICATION_TOKEN")!.inputs;
+      expect(unknownRoute.responseTemplates["application/json"]).to.include("$context.path");
+    });
+
+    it("sends Retry-After when throttled and x-should-retry: false when the quota is spent", () => {
+      const byType = Object.fromEntries(ofType("aws:apigateway/response:Response").map((r) => [r.inputs.responseType, r.inputs]));
+      expect(byType.THROTTLED).to.include({ statusCode: "429" });
+      expect(byType.THROTTLED.responseParameters).to.deep.equal({ "gatewayresponse.header.Retry-After": "'1'" });
+      expect(JSON.parse(byType.THROTTLED.responseTemplates["application/json"]).error.code).to.equal("rate_limit_exceeded");
+      expect(byType.QUOTA_EXCEEDED.responseParameters).to.deep.equal({ "gatewayresponse.header.x-should-retry": "'false'" });
+      expect(JSON.parse(byType.QUOTA_EXCEEDED.responseTemplates["application/json"]).error.code).to.equal("insufficient_quota");
+      expect(JSON.parse(byType.INVALID_API_KEY.responseTemplates["application/json"]).error).to.include({ code: "invalid_api_key" });
+      expect(JSON.parse(byType.INVALID_API_KEY.responseTemplates["application/json"]).error.message).to.match(/Authorization: Bearer/);
+    });
   });
 
-  it("puts each customer's API key on its plan", () => {
-    const links = ofType("aws:apigateway/usagePlanKey:UsagePlanKey").map((k) => [k.inputs.keyId, k.inputs.usagePlanId]);
-    expect(links).to.have.deep.members([
-      ["metered-ai-api-key-acme-id", "metered-ai-api-plan-starter-id"],
-      ["metered-ai-api-key-globex-id", "metered-ai-api-plan-pro-id"],
-    ]);
+  describe("deployment", () => {
+    const tracked = [
+      "aws:apigateway/restApi:RestApi",
+      "aws:apigateway/resource:Resource",
+      "aws:apigateway/method:Method",
+      "aws:apigateway/integration:Integration",
+      "aws:apigateway/authorizer:Authorizer",
+      "aws:apigateway/response:Response",
+    ];
+    const snapshotOf = (resources: Recorded[]) => Object.fromEntries(resources.filter((r) => tracked.includes(r.type)).map((r) => [r.name, r.inputs]));
+
+    it("derives the redeploy trigger from the inputs of every method, integration, resource, authorizer, gateway response and the API", () => {
+      const deployment = one("aws:apigateway/deployment:Deployment");
+      expect(deployment.inputs.triggers.redeployment).to.equal(deploymentTrigger(snapshotOf(created)));
+    });
+
+    it("changes the trigger when any single input of any of them changes, and not when nothing does", () => {
+      const snapshot = snapshotOf(created);
+      const base = deploymentTrigger(snapshot);
+      expect(deploymentTrigger(JSON.parse(JSON.stringify(snapshot)))).to.equal(base);
+      let variants = 0;
+      for (const [name, inputs] of Object.entries(snapshot)) {
+        for (const field of Object.keys(inputs as object)) {
+          const changed = JSON.parse(JSON.stringify(snapshot));
+          changed[name][field] = typeof changed[name][field] === "number" ? changed[name][field] + 1 : { edited: changed[name][field] };
+          expect(deploymentTrigger(changed), `${name}.${field}`).to.not.equal(base);
+          variants++;
+        }
+        const removed = { ...snapshot };
+        delete removed[name];
+        expect(deploymentTrigger(removed), `without ${name}`).to.not.equal(base);
+      }
+      expect(variants).to.be.greaterThan(60);
+    });
+
+    it("deploys only after every method, integration, gateway response, the authorizer and every Lambda permission exist", () => {
+      const deployment = one("aws:apigateway/deployment:Deployment");
+      const mustPrecede = created.filter((r) => [...tracked.slice(1), "aws:lambda/permission:Permission"].includes(r.type));
+      expect(mustPrecede.length).to.be.greaterThan(20);
+      for (const resource of mustPrecede) expect(deployment.options.dependencies, resource.name).to.include(resource.urn);
+    });
+  });
+
+  describe("stage", () => {
+    it("writes JSON access logs to their own log group with the configured retention, never the key itself", () => {
+      const stage = one("aws:apigateway/stage:Stage").inputs;
+      const accessLogs = named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-access-logs");
+      expect(accessLogs.inputs.retentionInDays).to.equal(14);
+      expect(stage.accessLogSettings).to.deep.equal({ destinationArn: accessLogs.state.arn, format: ACCESS_LOG_FORMAT });
+      const line = JSON.parse(ACCESS_LOG_FORMAT.replace(/\$context\.error\.messageString/g, '"Forbidden"').replace(/\$context\.[A-Za-z.]+/g, "x"));
+      expect(line).to.have.property("requestId");
+      expect(line).to.have.property("apiKeyId");
+      expect(ACCESS_LOG_FORMAT).to.not.match(/\$context\.identity\.apiKey(?!Id)/);
+    });
+
+    it("sets the region's API Gateway CloudWatch role before the stage enables logging, and keeps it on destroy", () => {
+      const account = one("aws:apigateway/account:Account");
+      const role = named("aws:iam/role:Role", "metered-ai-api-apigateway-cloudwatch-role");
+      expect(JSON.parse(role.inputs.assumeRolePolicy).Statement[0].Principal).to.deep.equal({ Service: "apigateway.amazonaws.com" });
+      const attachment = one("aws:iam/rolePolicyAttachment:RolePolicyAttachment");
+      expect(attachment.inputs.policyArn).to.equal("arn:aws:iam::aws:policy/service-role/AmazonAPIGatewayPushToCloudWatchLogs");
+      expect(account.inputs.cloudwatchRoleArn).to.equal(role.state.arn);
+      for (const retained of [account, role, attachment]) expect(retained.options.retainOnDelete, retained.name).to.equal(true);
+      expect(one("aws:apigateway/stage:Stage").options.dependencies).to.include(account.urn);
+    });
+
+    it("throttles the whole stage at the configured ceiling", () => {
+      const settings = one("aws:apigateway/methodSettings:MethodSettings").inputs;
+      expect(settings).to.include({ methodPath: "*/*", stageName: "beta" });
+      expect(settings.settings).to.deep.equal({ throttlingRateLimit: 10000, throttlingBurstLimit: 5000 });
+    });
+  });
+
+  describe("function", () => {
+    it("deploys nodejs22.x on arm64, unreserved by default, logging to its retained log group", () => {
+      const fn = chatFn();
+      expect(fn.inputs).to.include({ runtime: "nodejs22.x", handler: "index.handler", memorySize: 512, timeout: 29, reservedConcurrentExecutions: -1 });
+      expect(fn.inputs.architectures).to.deep.equal(["arm64"]);
+      const logGroup = named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-fn-logs");
+      expect(logGroup.inputs).to.include({ namePrefix: "/aws/lambda/metered-ai-api-dev-ai-chat-", retentionInDays: 14 });
+      expect(fn.inputs.loggingConfig.logGroup).to.equal(logGroup.state.name);
+    });
+
+    it("keeps both secrets in SSM SecureString parameters named after the stack", () => {
+      const names = secretParameterNames("dev");
+      const parameters = Object.fromEntries(ofType("aws:ssm/parameter:Parameter").map((p) => [p.inputs.name, p.inputs]));
+      expect(Object.keys(parameters).sort()).to.deep.equal([names.moesifApplicationId, names.upstreamApiKey].sort());
+      expect(parameters[names.upstreamApiKey].type).to.equal("SecureString");
+      expect(parameters[names.moesifApplicationId].type).to.equal("SecureString");
+      expect(isSecretInput(parameters[names.upstreamApiKey].value)).to.equal(true);
+      expect(unsecret(parameters[names.upstreamApiKey].value)).to.equal(UPSTREAM_SECRET);
+      expect(unsecret(parameters[names.moesifApplicationId].value)).to.equal(MOESIF_APP_ID);
+    });
+
+    it("gives the function the parameters' names and no secret value: its environment is plain", () => {
+      const environment = chatFn().inputs.environment;
+      expect(isSecretInput(environment)).to.equal(false);
+      const vars = variables();
+      expect(vars.UPSTREAM_API_KEY_PARAMETER).to.equal("/metered-ai-api/dev/upstream-api-key");
+      expect(vars.MOESIF_APPLICATION_ID_PARAMETER).to.equal("/metered-ai-api/dev/moesif-application-id");
+      expect(vars).to.not.have.any.keys("UPSTREAM_API_KEY", "MOESIF_APPLICATION_ID", "PLANS");
+      const text = JSON.stringify(vars);
+      for (const secret of [UPSTREAM_SECRET, MOESIF_APP_ID, STRIPE_KEY]) expect(text).to.not.include(secret);
+    });
+
+    it("lets the role read exactly those two parameters and write its own log group, nothing else", () => {
+      const policy = JSON.parse(named("aws:iam/rolePolicy:RolePolicy", "metered-ai-api-policy").inputs.policy);
+      const parameterArns = ofType("aws:ssm/parameter:Parameter").map((p) => p.state.arn).sort();
+      expect(parameterArns).to.deep.equal([
+        "arn:aws:ssm:us-east-1:123456789012:parameter/metered-ai-api/dev/moesif-application-id",
+        "arn:aws:ssm:us-east-1:123456789012:parameter/metered-ai-api/dev/upstream-api-key",
+      ]);
+      const logGroup = named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-fn-logs");
+      expect(policy.Statement).to.have.length(2);
+      expect(policy.Statement[0]).to.deep.equal({ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroup.state.arn}:*` });
+      expect(policy.Statement[1]).to.deep.include({ Effect: "Allow", Action: ["ssm:GetParameters", "ssm:GetParameter"] });
+      expect([...policy.Statement[1].Resource].sort()).to.deep.equal(parameterArns);
+      expect(JSON.stringify(policy)).to.not.include("kms:");
+      expect(ofType("aws:iam/rolePolicyAttachment:RolePolicyAttachment").map((a) => a.inputs.policyArn)).to.not.include("arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole");
+    });
+
+    it("keys CUSTOMERS by the created API key ids and points PLANS_FILE at plans.json", () => {
+      const keyId = (customer: string) => named("aws:apigateway/apiKey:ApiKey", `metered-ai-api-key-${customer}`).id;
+      const vars = variables();
+      expect(JSON.parse(vars.CUSTOMERS)).to.deep.equal({
+        [keyId("acme")]: { customerId: "acme", plan: "starter", stripeCustomerId: "cus_acme" },
+        [keyId("globex")]: { customerId: "globex", plan: "pro", stripeCustomerId: "cus_globex" },
+      });
+      expect(keyId("acme")).to.match(/^[a-z0-9]{10}$/);
+      expect(vars.PLANS_FILE).to.equal(PLANS_FILE);
+    });
+
+    it("writes plans.json, in the function's format with prices in micro-units, into the bundle it deploys", async () => {
+      const code = chatFn().inputs.code as pulumi.asset.AssetArchive;
+      const assets = (await (code as unknown as { assets: Promise<Record<string, pulumi.asset.FileArchive>> }).assets) as Record<string, pulumi.asset.FileArchive>;
+      const dir = await (assets["."] as unknown as { path: Promise<string> }).path;
+      expect(fs.existsSync(path.join(dir, "index.js"))).to.equal(true);
+      const plans = JSON.parse(fs.readFileSync(path.join(dir, PLANS_FILE), "utf8"));
+      expect(plans).to.deep.equal(functionPlans(parseStackConfig({ plans: PLANS }, { forDeploy: false }).plans));
+      expect(plans.starter).to.deep.equal({
+        models: ["gpt-4o-mini"],
+        pricing: { currency: "usd", prices: { "gpt-4o-mini": { input: 150_000, cachedInput: 75_000, output: 600_000 } } },
+      });
+      expect(plans.pro).to.deep.equal({ models: ["gpt-4o"], pricing: { currency: "usd", prices: { "gpt-4o": { input: 2_500_000, output: 10_000_000 } } } });
+      expect(plans.free).to.deep.equal({});
+    });
+
+    it("measures the environment at preview exactly as deployed: JSON bytes, 10-character key ids", () => {
+      const vars = variables();
+      const deployed = environmentBytes(vars);
+      expect(deployed).to.equal(Buffer.byteLength(JSON.stringify(vars), "utf8"));
+      const planned = plannedEnvironment(parseStackConfig({ plans: PLANS, customers: CUSTOMERS, moesifStripeWebhookUrl: WEBHOOK_URL, logRetentionDays: 14 }, { forDeploy: true, stack: "dev" }), "dev");
+      expect(environmentBytes(planned)).to.equal(deployed);
+      expect(deployed).to.be.at.most(4096);
+    });
+  });
+
+  describe("usage plans and keys", () => {
+    it("creates one usage plan per plan with its throttle and quota, on the stage", () => {
+      const plans = ofType("aws:apigateway/usagePlan:UsagePlan");
+      const byName = Object.fromEntries(plans.map((p) => [p.name, p.inputs]));
+      expect(byName["metered-ai-api-plan-starter"].throttleSettings).to.deep.equal({ rateLimit: 2, burstLimit: 5 });
+      expect(byName["metered-ai-api-plan-starter"].quotaSettings).to.deep.equal({ limit: 1000, period: "MONTH", offset: 0 });
+      expect(byName["metered-ai-api-plan-pro"].quotaSettings).to.deep.equal({ limit: 100000, period: "WEEK", offset: 1 });
+      expect(byName["metered-ai-api-plan-free"].quotaSettings).to.equal(undefined);
+      const apiId = one("aws:apigateway/restApi:RestApi").id;
+      for (const plan of plans) expect(plan.inputs.apiStages).to.deep.equal([{ apiId, stage: "beta" }]);
+    });
+
+    it("puts each customer's API key on its plan, deleting the old association before creating a new one", () => {
+      const keyId = (customer: string) => named("aws:apigateway/apiKey:ApiKey", `metered-ai-api-key-${customer}`).id;
+      const links = ofType("aws:apigateway/usagePlanKey:UsagePlanKey");
+      expect(links.map((k) => [k.inputs.keyId, k.inputs.usagePlanId])).to.have.deep.members([
+        [keyId("acme"), "metered-ai-api-plan-starter-id"],
+        [keyId("globex"), "metered-ai-api-plan-pro-id"],
+      ]);
+      for (const link of links) {
+        expect(link.options.deleteBeforeReplace, link.name).to.equal(true);
+        expect(link.inputs.keyType).to.equal("API_KEY");
+      }
+    });
+
+    it("keeps key values secret in the state: the ApiKey's and the UsagePlanKey's `value`", () => {
+      for (const resource of [...ofType("aws:apigateway/apiKey:ApiKey"), ...ofType("aws:apigateway/usagePlanKey:UsagePlanKey")]) {
+        expect(resource.state.value, resource.name).to.match(/^[A-Za-z0-9]{40}$/);
+        expect(resource.options.additionalSecretOutputs, resource.name).to.include("value");
+      }
+    });
+
+    it("replaces only the association when a customer changes plan: the key's inputs stay identical", async () => {
+      const moved = await runProgram(withConfig({ [`${PROJECT}:customers`]: JSON.stringify({ ...CUSTOMERS, acme: { plan: "pro", stripeCustomerId: "cus_acme" } }) }));
+      const before = finder(created);
+      const after = finder(moved.created);
+      const key = "metered-ai-api-key-acme";
+      expect(after.named("aws:apigateway/apiKey:ApiKey", key).inputs).to.deep.equal(before.named("aws:apigateway/apiKey:ApiKey", key).inputs);
+      const link = "metered-ai-api-plan-key-acme";
+      const [oldLink, newLink] = [before.named("aws:apigateway/usagePlanKey:UsagePlanKey", link), after.named("aws:apigateway/usagePlanKey:UsagePlanKey", link)];
+      // keyId, keyType and usagePlanId are ForceNew in terraform-provider-aws (usage_plan_key.go): a change replaces.
+      const changed = Object.keys(newLink.inputs).filter((field) => JSON.stringify(newLink.inputs[field]) !== JSON.stringify(oldLink.inputs[field]));
+      expect(changed).to.deep.equal(["usagePlanId"]);
+      expect(newLink.inputs.usagePlanId).to.equal("metered-ai-api-plan-pro-id");
+      expect(newLink.options.deleteBeforeReplace).to.equal(true);
+    });
+  });
+
+  describe("stack outputs and the secret scan", () => {
+    it("exports the URLs, ids, names and secrets, with key values and the webhook secret kept secret", async () => {
+      const api = one("aws:apigateway/restApi:RestApi").state;
+      const base = `https://${api.executionArn.split(":").pop()}.execute-api.us-east-1.amazonaws.com/beta`;
+      expect(await promiseOf(program.invokeUrl)).to.equal(base);
+      expect(await promiseOf(program.aiChatUrl)).to.equal(`${base}/ai-chat`);
+      expect(await promiseOf(program.openaiBaseUrl)).to.equal(`${base}/v1`);
+      const keyIds = await promiseOf(program.apiKeyIds);
+      expect(Object.keys(keyIds)).to.have.members(["acme", "globex"]);
+      expect(await promiseOf(program.usagePlanIds)).to.deep.equal({ starter: "metered-ai-api-plan-starter-id", pro: "metered-ai-api-plan-pro-id", free: "metered-ai-api-plan-free-id" });
+      expect(await pulumi.isSecret(program.apiKeys)).to.equal(true);
+      expect(await promiseOf(program.apiKeys)).to.deep.equal({ acme: mockApiKeyValue("metered-ai-api-key-acme"), globex: mockApiKeyValue("metered-ai-api-key-globex") });
+      expect(await pulumi.isSecret(program.stripeWebhookSecret)).to.equal(true);
+      expect(await promiseOf(program.functionName)).to.equal(chatFn().state.name);
+      expect(await promiseOf(program.authorizerFunctionName)).to.equal(authorizerFn().state.name);
+      expect(await promiseOf(program.accessLogGroupName)).to.equal(named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-access-logs").state.name);
+      expect(await promiseOf(program.functionLogGroupName)).to.equal(chatFn().inputs.loggingConfig.logGroup);
+      expect(await promiseOf(program.stripeWebhookEndpointId)).to.equal("moesif-stripe-endpoint-id");
+    });
+
+    it("hands the whole plain-text state and every non-secret output to the secret scan", async () => {
+      const outputs = stackOutputs(program);
+      expect(outputs.map(([name]) => name)).to.include.members(["invokeUrl", "apiKeys", "apiKeyIds", "usagePlanIds", "functionName", "stripeWebhookSecret"]);
+      for (const [name, output] of outputs) {
+        if (await pulumi.isSecret(output)) continue;
+        recordForScan(`stack output ${name}`, [JSON.stringify(await promiseOf(output))]);
+      }
+      const states = created.map((r) => JSON.stringify(plainState(r)));
+      recordForScan("resource state", states);
+      // The scan sees the state: every key value is there unless marked secret.
+      const keyValues = ofType("aws:apigateway/apiKey:ApiKey").map((k) => k.state.value as string);
+      expect(created.map((r) => JSON.stringify(redactSecrets(r.state))).join("\n")).to.include(keyValues[0]);
+      for (const value of [...keyValues, UPSTREAM_SECRET, MOESIF_APP_ID, STRIPE_KEY, MOCK_WEBHOOK_SECRET]) {
+        for (const state of states) expect(state).to.not.include(value);
+      }
+    });
   });
 
   it("points a Stripe webhook at Moesif with the explicit customer, subscription and invoice events", () => {
@@ -138,72 +457,74 @@ describe("Pulumi program (infra/index.ts under mocks)", () => {
     expect(endpoint.inputs.url).to.equal(WEBHOOK_URL);
     expect(endpoint.inputs.enabledEvents).to.deep.equal([...MOESIF_STRIPE_EVENTS]);
     for (const event of endpoint.inputs.enabledEvents) expect(event).to.not.include("*");
-    expect(endpoint.inputs.enabledEvents).to.include.members(["customer.created", "customer.subscription.updated", "invoice.paid"]);
-  });
-
-  it("exports the URLs, key ids and plan ids, with key values and the webhook secret kept secret", async () => {
-    expect(await promiseOf(program.invokeUrl)).to.equal("https://metered-ai-api-api-id.execute-api.us-east-1.amazonaws.com/beta");
-    expect(await promiseOf(program.aiChatUrl)).to.match(/\/beta\/ai-chat$/);
-    expect(await promiseOf(program.openaiBaseUrl)).to.match(/\/beta\/v1$/);
-    expect(await promiseOf(program.apiKeyIds)).to.deep.equal({ acme: "metered-ai-api-key-acme-id", globex: "metered-ai-api-key-globex-id" });
-    expect(await promiseOf(program.usagePlanIds)).to.deep.equal({ starter: "metered-ai-api-plan-starter-id", pro: "metered-ai-api-plan-pro-id" });
-    expect(await pulumi.isSecret(program.apiKeys)).to.equal(true);
-    expect(await promiseOf(program.apiKeys)).to.deep.equal({ acme: "key-value-metered-ai-api-key-acme", globex: "key-value-metered-ai-api-key-globex" });
-    expect(await pulumi.isSecret(program.stripeWebhookSecret)).to.equal(true);
-    expect(await promiseOf(program.stripeWebhookEndpointId)).to.equal("moesif-stripe-endpoint-id");
-  });
-
-  it("keeps secrets out of every non-secret output and resource input but the function environment", async () => {
-    const plainOutputs = [program.invokeUrl, program.aiChatUrl, program.openaiBaseUrl, program.apiKeyIds, program.usagePlanIds, program.functionName, program.stripeWebhookEndpointId];
-    for (const output of plainOutputs) expect(await pulumi.isSecret(output as pulumi.Output<unknown>)).to.equal(false);
-    const values = await Promise.all(plainOutputs.map((o) => promiseOf(o as pulumi.Output<unknown>)));
-    recordForScan("stack outputs", values.map((v) => JSON.stringify(v)));
-    recordForScan("resource inputs", created.filter((r) => r.type !== "aws:lambda/function:Function").map((r) => JSON.stringify(r.inputs)));
-  });
-
-  it("serves exactly the routes the function routes", () => {
-    expect(CORE_ROUTES.map((r) => `${r.method} ${r.route}`)).to.deep.equal(ROUTES.map((r) => `${r.method} ${r.path}`));
-  });
-
-  it("redeploys when the routes or the function change, and not otherwise", () => {
-    const deployment = one("aws:apigateway/deployment:Deployment");
-    const arn = ofType("aws:apigateway/integration:Integration")[0].inputs.uri;
-    expect(deployment.inputs.triggers.redeployment).to.equal(deploymentTrigger(ROUTES, arn));
-    expect(deploymentTrigger(ROUTES, arn)).to.equal(deploymentTrigger([...ROUTES.map((r) => ({ ...r }))], arn));
-    expect(deploymentTrigger([...ROUTES, { path: "/v1/embeddings", method: "POST" }], arn)).to.not.equal(deploymentTrigger(ROUTES, arn));
-    expect(deploymentTrigger(ROUTES.map((r) => (r.path === "/ai-chat" ? { ...r, method: "GET" as const } : r)), arn)).to.not.equal(deploymentTrigger(ROUTES, arn));
-    expect(deploymentTrigger(ROUTES, `${arn}-v2`)).to.not.equal(deploymentTrigger(ROUTES, arn));
   });
 
   it("writes a log policy scoped to one log group", () => {
     const policy = JSON.parse(logWritePolicy("arn:aws:logs:us-east-1:1:log-group:/aws/lambda/x"));
-    expect(policy.Statement[0].Resource).to.equal("arn:aws:logs:us-east-1:1:log-group:/aws/lambda/x:*");
+    expect(policy.Statement).to.deep.equal([{ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: "arn:aws:logs:us-east-1:1:log-group:/aws/lambda/x:*" }]);
+  });
+
+  describe("settings from the stack config", () => {
+    it("reserves concurrency, throttles the stage and leaves the region's API Gateway account alone when told to", async () => {
+      const { created: custom } = await runProgram(
+        withConfig({
+          [`${PROJECT}:reservedConcurrency`]: "50",
+          [`${PROJECT}:stageThrottleRateLimit`]: "200",
+          [`${PROJECT}:stageThrottleBurstLimit`]: "100",
+          [`${PROJECT}:manageApiGatewayAccount`]: "false",
+        }),
+      );
+      const find = finder(custom);
+      expect(find.named("aws:lambda/function:Function", "metered-ai-api-fn").inputs.reservedConcurrentExecutions).to.equal(50);
+      expect(find.one("aws:apigateway/methodSettings:MethodSettings").inputs.settings).to.deep.equal({ throttlingRateLimit: 200, throttlingBurstLimit: 100 });
+      expect(find.ofType("aws:apigateway/account:Account")).to.have.length(0);
+      expect(find.ofType("aws:iam/rolePolicyAttachment:RolePolicyAttachment")).to.have.length(0);
+    });
+
+    it("names resources validly for a stack called my.stack, and leaves unique-per-account names to auto-naming", async () => {
+      const { created: dotted } = await runProgram(baseConfig, "my.stack");
+      const find = finder(dotted);
+      for (const fn of find.ofType("aws:lambda/function:Function")) {
+        expect(fn.inputs.name, fn.name).to.equal(undefined);
+        expect(fn.state.name).to.match(/^[A-Za-z0-9_-]{1,64}$/);
+      }
+      for (const role of find.ofType("aws:iam/role:Role")) expect(role.inputs.name, role.name).to.equal(undefined);
+      for (const group of find.ofType("aws:cloudwatch/logGroup:LogGroup")) {
+        expect(group.inputs.name, group.name).to.equal(undefined);
+        expect(group.inputs.namePrefix).to.match(/^[A-Za-z0-9_\-/.#]+$/).and.include("my-stack");
+      }
+      for (const parameter of find.ofType("aws:ssm/parameter:Parameter")) expect(parameter.inputs.name).to.match(/^\/metered-ai-api\/my-stack\/[a-z-]+$/);
+      const names = dotted.filter((r) => typeof r.inputs?.name === "string").map((r) => r.inputs.name as string);
+      expect(names.length).to.be.greaterThan(5);
+      for (const name of names) expect(name).to.not.include("my.stack");
+      const vars = find.named("aws:lambda/function:Function", "metered-ai-api-fn").inputs.environment.variables;
+      expect(vars.UPSTREAM_API_KEY_PARAMETER).to.equal("/metered-ai-api/my-stack/upstream-api-key");
+    });
   });
 
   describe("bad config fails the program with a message naming the key", () => {
     const cases: Array<[string, Record<string, string | undefined>, RegExp]> = [
       ["a customer on an unknown plan", { [`${PROJECT}:customers`]: JSON.stringify({ acme: { plan: "gold" } }) }, /metered-ai-api:customers\.acme\.plan.*unknown plan "gold"/],
       ["a quota period that is not DAY/WEEK/MONTH", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, quota: { limit: 5, period: "YEAR" } } }) }, /plans\.starter\.quota\.period.*DAY, WEEK or MONTH/],
+      ["a WEEK quota offset above 6", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, quota: { limit: 5, period: "WEEK", offset: 7 } } }) }, /plans\.starter\.quota\.offset.*0 to 6/],
       ["a missing webhook URL", { [`${PROJECT}:moesifStripeWebhookUrl`]: undefined }, /moesifStripeWebhookUrl.*required/],
       ["a non-positive rate limit", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 0, burstLimit: 1 } }) }, /plans\.starter\.rateLimit.*positive/],
-      ["a non-positive burst limit", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: -2 } }) }, /plans\.starter\.burstLimit.*positive/],
-      ["a non-positive quota limit", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, quota: { limit: 0, period: "DAY" } } }) }, /plans\.starter\.quota\.limit.*positive/],
       ["no plans", { [`${PROJECT}:plans`]: undefined }, /metered-ai-api:plans/],
       ["a missing upstream key", { [`${PROJECT}:upstreamApiKey`]: undefined }, /upstreamApiKey.*pulumi config set --secret/],
+      ["a missing Moesif application id", { [`${PROJECT}:moesifApplicationId`]: undefined }, /moesifApplicationId.*pulumi config set --secret/],
       ["an http webhook URL", { [`${PROJECT}:moesifStripeWebhookUrl`]: "http://insecure.example" }, /moesifStripeWebhookUrl.*https/],
-      ["more customers than the Lambda environment can hold", { [`${PROJECT}:customers`]: JSON.stringify(Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`customer-${i}`, { plan: "pro", stripeCustomerId: `cus_${"X".repeat(14)}` }]))) }, /metered-ai-api:customers.*40 customers need \d+ bytes/],
+      ["an http upstream that is not loopback", { [`${PROJECT}:upstreamBaseUrl`]: "http://10.0.0.5:8000/v1" }, /upstreamBaseUrl.*https:\/\//],
+      ["the old price shape", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, prices: { inputPer1k: 0.0003, outputPer1k: 0.0012, currency: "usd" } } }) }, /plans\.starter\.prices.*old.*gpt-4o-mini: \{input: 0\.15/],
+      ["a listed model without a price", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, models: ["gpt-4o", "gpt-4o-mini"], prices: { "gpt-4o-mini": { input: 0.15, output: 0.6 } } } }) }, /plans\.starter\.prices.*no price for "gpt-4o"/],
+      ["an upstream timeout that leaves no margin under 29 s", { [`${PROJECT}:upstreamTimeoutMs`]: "28000" }, /upstreamTimeoutMs.*31000 ms exceeds API Gateway's integration timeout/],
+      ["more customers than the Lambda environment can hold", { [`${PROJECT}:customers`]: JSON.stringify(Object.fromEntries(Array.from({ length: 60 }, (_, i) => [`customer-${i}`, { plan: "pro", stripeCustomerId: `cus_${"X".repeat(14)}` }]))) }, /metered-ai-api:customers.*60 customers make the function's environment \d+ bytes/],
       ["an unknown architecture", { [`${PROJECT}:lambdaArchitecture`]: "sparc" }, /lambdaArchitecture/],
     ];
     for (const [name, change, message] of cases) {
       it(`rejects ${name}`, async () => {
-        const config: Record<string, string> = { ...baseConfig };
-        for (const [key, value] of Object.entries(change)) {
-          if (value === undefined) delete config[key];
-          else config[key] = value;
-        }
         let failure: unknown;
         try {
-          await runProgram(config);
+          await runProgram(withConfig(change));
         } catch (err) {
           failure = err;
         }

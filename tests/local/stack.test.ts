@@ -6,6 +6,7 @@ import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import OpenAI from "openai";
+import { gatewayResponse, renderGatewayBody } from "../../infra/gateway-responses";
 import { quotaPeriodStart, TokenBucket } from "../../scripts/local/gateway";
 import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
 import { tempProject } from "../helpers/local-project";
@@ -14,6 +15,16 @@ import { recordForScan, registerSecret } from "../helpers/secret-scan";
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, "../..");
 const TS_NODE = [path.join(ROOT, "node_modules/ts-node/dist/bin.js"), "--transpile-only"];
+
+/** Asserts that `response` is the deployed API's gateway response `type` for this request, byte for byte. */
+async function expectGatewayResponse(response: Response, type: string, request: { method: string; path: string }, errorType: string): Promise<void> {
+  const spec = gatewayResponse(type);
+  expect(response.status, type).to.equal(spec.statusCode);
+  expect(await response.text()).to.equal(renderGatewayBody(spec, request));
+  expect(response.headers.get("content-type")).to.equal("application/json");
+  expect(response.headers.get("x-amzn-errortype")).to.equal(errorType);
+  for (const [name, value] of Object.entries(spec.headers)) expect(response.headers.get(name), name).to.equal(value);
+}
 
 const STACK_YAML = `
 config:
@@ -24,7 +35,9 @@ config:
       burstLimit: 3
       quota: { limit: 5, period: DAY }
       models: [gpt-4o-mini]
-      prices: { inputPer1k: 0.5, outputPer1k: 1.5 }
+      currency: usd
+      prices:
+        gpt-4o-mini: { input: 0.5, output: 1.5 }
     pro:
       rateLimit: 1000
       burstLimit: 1000
@@ -40,12 +53,13 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
   const logs: string[] = [];
 
   const start = () => startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l) });
-  const post = (route: string, body: unknown, key?: string) =>
+  const post = (route: string, body: unknown, key?: string, headers: Record<string, string> = {}) =>
     fetch(`${stack.baseUrl}${route}`, {
       method: "POST",
-      headers: { "content-type": "application/json", ...(key ? { "x-api-key": key } : {}) },
+      headers: { "content-type": "application/json", ...(key ? { "x-api-key": key } : {}), ...headers },
       body: typeof body === "string" ? body : JSON.stringify(body),
     });
+  const chatPath = "/beta/v1/chat/completions";
 
   before(async () => {
     project = tempProject(STACK_YAML);
@@ -93,35 +107,66 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
     expect(((await response.json()) as { object: string }).object).to.equal("chat.completion");
   });
 
-  it("answers 403 Forbidden without a key and with a wrong key, as API Gateway does", async () => {
-    for (const key of [undefined, "not-a-real-key-0000000000000000000000000"]) {
-      const response = await post("/v1/chat/completions", { model: "gpt-4o", messages: [{ role: "user", content: "x" }] }, key);
-      expect(response.status).to.equal(403);
-      expect(await response.json()).to.deep.equal({ message: "Forbidden" });
-    }
+  it("forwards mock directives to its built-in model server (FORWARD_MOCK_DIRECTIVES)", async () => {
+    const response = await post("/v1/chat/completions", { model: "gpt-4o-mini", messages: [{ role: "user", content: "mock" }], mock: { latency_ms: 1 } }, stack.apiKeys.globex);
+    expect(response.status).to.equal(200);
+    const forwarded = JSON.parse(stack.upstream!.received[stack.upstream!.received.length - 1].body) as { mock?: unknown };
+    expect(forwarded.mock).to.deep.equal({ latency_ms: 1 });
+  });
+
+  it("takes the key from Authorization: Bearer, as curl and the SDKs' apiKey send it", async () => {
+    const body = { model: "gpt-4o-mini", messages: [{ role: "user", content: "bearer" }] };
+    const response = await post("/v1/chat/completions", body, undefined, { authorization: `Bearer ${stack.apiKeys.globex}` });
+    expect(response.status).to.equal(200);
+    expect(((await response.json()) as { object: string }).object).to.equal("chat.completion");
+  });
+
+  it("prefers x-api-key over Authorization, as the authorizer does", async () => {
+    const body = { model: "gpt-4o-mini", messages: [{ role: "user", content: "both" }] };
+    const good = await post("/v1/chat/completions", body, stack.apiKeys.globex, { authorization: "Bearer placeholder-key-000000000000000" });
+    expect(good.status).to.equal(200);
+    const bad = await post("/v1/chat/completions", body, "not-a-real-key-0000000000000000000000000", { authorization: `Bearer ${stack.apiKeys.globex}` });
+    await expectGatewayResponse(bad, "INVALID_API_KEY", { method: "POST", path: chatPath }, "ForbiddenException");
+  });
+
+  it("answers 403 in OpenAI's shape without a key (the authorizer denies) and with an unknown key", async () => {
+    const body = { model: "gpt-4o", messages: [{ role: "user", content: "x" }] };
+    await expectGatewayResponse(await post("/v1/chat/completions", body), "ACCESS_DENIED", { method: "POST", path: chatPath }, "AccessDeniedException");
+    await expectGatewayResponse(await post("/v1/chat/completions", body, undefined, { authorization: "Bearer short" }), "ACCESS_DENIED", { method: "POST", path: chatPath }, "AccessDeniedException");
+    const unknown = await post("/v1/chat/completions", body, "not-a-real-key-0000000000000000000000000");
+    await expectGatewayResponse(unknown, "INVALID_API_KEY", { method: "POST", path: chatPath }, "ForbiddenException");
   });
 
   it("answers 413 for bodies over API Gateway's 10 MB limit, before the function runs", async () => {
     const eventsBefore = stack.store!.all().length;
     const response = await post("/v1/chat/completions", "x".repeat(10 * 1024 * 1024 + 1), stack.apiKeys.globex);
-    expect(response.status).to.equal(413);
-    expect(await response.json()).to.deep.equal({ message: "Request Too Long" });
+    await expectGatewayResponse(response, "REQUEST_TOO_LARGE", { method: "POST", path: chatPath }, "BadRequestException");
     expect(stack.store!.all().length).to.equal(eventsBefore);
   });
 
-  it("answers 403 Missing Authentication Token for routes the API does not have", async () => {
-    const response = await post("/v1/embeddings", {}, stack.apiKeys.globex);
-    expect(response.status).to.equal(403);
-    expect(await response.json()).to.deep.equal({ message: "Missing Authentication Token" });
+  it("answers 413 for bodies whose base64 event passes Lambda's 6 MB invoke limit, before the function runs", async () => {
+    const eventsBefore = stack.store!.all().length;
+    const response = await post("/v1/chat/completions", "x".repeat(5 * 1024 * 1024), stack.apiKeys.globex);
+    await expectGatewayResponse(response, "REQUEST_TOO_LARGE", { method: "POST", path: chatPath }, "BadRequestException");
+    expect(stack.store!.all().length).to.equal(eventsBefore);
   });
 
-  it("throttles past the burst with 429 Too Many Requests, then enforces the daily quota with 429 Limit Exceeded", async () => {
+  it("answers unknown routes and methods in OpenAI's shape, naming the method and path as sent", async () => {
+    await expectGatewayResponse(await post("/v1/embeddings", {}, stack.apiKeys.globex), "MISSING_AUTHENTICATION_TOKEN", { method: "POST", path: "/beta/v1/embeddings" }, "MissingAuthenticationTokenException");
+    const wrongMethod = await fetch(`${stack.baseUrl}/v1/chat/completions?x=1`, { headers: { "x-api-key": stack.apiKeys.globex } });
+    await expectGatewayResponse(wrongMethod, "MISSING_AUTHENTICATION_TOKEN", { method: "GET", path: chatPath }, "MissingAuthenticationTokenException");
+    const noStage = await fetch(`${stack.baseUrl.replace(/\/beta$/, "")}/v1/models`);
+    await expectGatewayResponse(noStage, "MISSING_AUTHENTICATION_TOKEN", { method: "GET", path: "/v1/models" }, "MissingAuthenticationTokenException");
+  });
+
+  it("throttles past the burst with 429 rate_limit_exceeded and Retry-After, then enforces the daily quota with 429 insufficient_quota", async () => {
     const body = { model: "gpt-4o-mini", messages: [{ role: "user", content: "burst" }] };
     const burst = await Promise.all([1, 2, 3, 4].map(() => post("/v1/chat/completions", body, stack.apiKeys.acme)));
     const statuses = burst.map((r) => r.status).sort();
     expect(statuses).to.deep.equal([200, 200, 200, 429]);
     const throttled = burst.find((r) => r.status === 429)!;
-    expect(await throttled.json()).to.deep.equal({ message: "Too Many Requests" });
+    await expectGatewayResponse(throttled, "THROTTLED", { method: "POST", path: chatPath }, "TooManyRequestsException");
+    expect(throttled.headers.get("retry-after")).to.equal("1");
 
     // 3 of 5 used; refill (1 req/s) and use the remaining 2, then the quota is gone.
     for (let i = 0; i < 2; i++) {
@@ -130,16 +175,15 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
     }
     await new Promise((resolve) => setTimeout(resolve, 1050));
     const exhausted = await post("/v1/chat/completions", body, stack.apiKeys.acme);
-    expect(exhausted.status).to.equal(429);
-    expect(await exhausted.json()).to.deep.equal({ message: "Limit Exceeded" });
+    await expectGatewayResponse(exhausted, "QUOTA_EXCEEDED", { method: "POST", path: chatPath }, "LimitExceededException");
+    expect(exhausted.headers.get("x-should-retry")).to.equal("false");
   });
 
   it("keeps quota counters across a restart", async () => {
     await stack.stop();
     stack = await start();
     const response = await post("/v1/chat/completions", { model: "gpt-4o-mini", messages: [{ role: "user", content: "again" }] }, stack.apiKeys.acme);
-    expect(response.status).to.equal(429);
-    expect(await response.json()).to.deep.equal({ message: "Limit Exceeded" });
+    await expectGatewayResponse(response, "QUOTA_EXCEEDED", { method: "POST", path: chatPath }, "LimitExceededException");
   });
 
   it("stores exactly one event per request with the customer and token counts, and npm run usage agrees", async () => {
@@ -177,7 +221,7 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
       const fromReport = Object.fromEntries(report.map((r) => [`${r.customer}/${r.model}`, { prompt: r.prompt_tokens, completion: r.completion_tokens, requests: r.requests }]));
       expect(fromReport).to.deep.equal(sums);
       const acme = report.find((r) => r.customer === "acme")!;
-      expect(acme.cost).to.be.closeTo((sums["acme/gpt-4o-mini"].prompt / 1000) * 0.5 + (sums["acme/gpt-4o-mini"].completion / 1000) * 1.5, 1e-6);
+      expect(acme.cost).to.be.closeTo((sums["acme/gpt-4o-mini"].prompt / 1_000_000) * 0.5 + (sums["acme/gpt-4o-mini"].completion / 1_000_000) * 1.5, 1e-6);
       expect(report.find((r) => r.customer === "globex")!.cost).to.equal(null);
     } finally {
       await own.stop();
@@ -261,10 +305,10 @@ describe("npm start lifecycle", () => {
         });
         child.once("exit", (code) => reject(new Error(`exited early with ${code}: ${output}`)));
       });
-      expect(output).to.include("curl -s");
-      expect(output).to.include("new OpenAI({ baseURL:");
       const keys = JSON.parse(fs.readFileSync(path.join(dir, ".local/api-keys.json"), "utf8")) as Record<string, string>;
-      const response = await fetch(`${url}/v1/models`, { headers: { "x-api-key": keys.globex } });
+      expect(output).to.include(`curl -s ${url}/v1/chat/completions -H 'Authorization: Bearer ${keys.acme}'`);
+      expect(output).to.include(`new OpenAI({ baseURL: "${url}/v1", apiKey: "${keys.acme}" })`);
+      const response = await fetch(`${url}/v1/models`, { headers: { authorization: `Bearer ${keys.globex}` } });
       expect(response.status).to.equal(200);
       const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
       child.kill("SIGTERM");

@@ -1,0 +1,77 @@
+import { expect } from "chai";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { loadFunctionConfig } from "../../functions/ai-chat/config";
+import { handleRequest } from "../../functions/ai-chat/core";
+import { chatBody } from "../helpers/events";
+import { FakeUpstream, fakeDeps, jsonResponse, proxyRequest, testEnv } from "../helpers/fakes";
+
+const PRICED = { starter: { models: ["gpt-4o-mini"], pricing: { currency: "eur", prices: { "gpt-4o-mini": { input: 150_000, output: 600_000 } } } }, pro: {} };
+
+describe("loadFunctionConfig: plans and prices", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "plans-file-"));
+  const cwd = process.cwd();
+  after(() => {
+    process.chdir(cwd);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("reads per-model prices from PLANS", () => {
+    const config = loadFunctionConfig(testEnv({ PLANS: JSON.stringify(PRICED) }));
+    expect(config.problems).to.deep.equal([]);
+    expect(config.plans.starter.pricing).to.deep.equal(PRICED.starter.pricing);
+    expect(config.plans.pro.pricing).to.equal(undefined);
+  });
+
+  it("reads PLANS_FILE relative to the working directory when PLANS is not set", () => {
+    fs.writeFileSync(path.join(dir, "plans.json"), JSON.stringify(PRICED));
+    process.chdir(dir);
+    try {
+      const config = loadFunctionConfig(testEnv({ PLANS: undefined, PLANS_FILE: "plans.json" }));
+      expect(config.problems).to.deep.equal([]);
+      expect(config.plans.starter.pricing?.currency).to.equal("eur");
+    } finally {
+      process.chdir(cwd);
+    }
+  });
+
+  it("answers 500 service_misconfigured, naming the file in the log only, when PLANS_FILE is missing", async () => {
+    const logs: string[] = [];
+    const config = loadFunctionConfig(testEnv({ PLANS: undefined, PLANS_FILE: path.join(dir, "absent.json") }));
+    expect(config.problems[0]).to.match(/PLANS_FILE .*absent\.json.* cannot be read: ENOENT/);
+    const upstream = new FakeUpstream(() => jsonResponse(200, {}));
+    const response = await handleRequest(proxyRequest({ json: chatBody() }), fakeDeps({ config, logs, upstream }));
+    expect(response.statusCode).to.equal(500);
+    expect(JSON.parse(response.body).error.code).to.equal("service_misconfigured");
+    expect(response.body).to.not.include("absent.json");
+    expect(logs.some((l) => l.includes("absent.json"))).to.equal(true);
+    expect(upstream.requests).to.have.length(0);
+  });
+
+  const invalid: Array<[string, unknown]> = [
+    ["a fractional price", { p: { pricing: { currency: "usd", prices: { m: { input: 0.15, output: 1 } } } } }],
+    ["a negative price", { p: { pricing: { currency: "usd", prices: { m: { input: -1, output: 1 } } } } }],
+    ["a price as a string", { p: { pricing: { currency: "usd", prices: { m: { input: "150000", output: 1 } } } } }],
+    ["a misspelt price field", { p: { pricing: { currency: "usd", prices: { m: { input: 1, ouput: 1 } } } } }],
+    ["a missing output price", { p: { pricing: { currency: "usd", prices: { m: { input: 1 } } } } }],
+    ["an upper-case currency", { p: { pricing: { currency: "USD", prices: {} } } }],
+    ["a misspelt plan field", { p: { pricng: { currency: "usd", prices: {} } } }],
+    ["models that are not strings", { p: { models: [1] } }],
+    ["JSON that is not an object", []],
+  ];
+  for (const [name, plans] of invalid) {
+    it(`reports ${name} as a configuration problem`, () => {
+      const config = loadFunctionConfig(testEnv({ PLANS: JSON.stringify(plans), CUSTOMERS: "{}" }));
+      expect(config.problems).to.have.length(1);
+      expect(config.problems[0]).to.match(/^PLANS/);
+    });
+  }
+
+  it("reads secret parameter names and the mock-forwarding switch", () => {
+    const config = loadFunctionConfig(testEnv({ UPSTREAM_API_KEY_PARAMETER: "/svc/upstream", MOESIF_APPLICATION_ID_PARAMETER: " /svc/moesif ", FORWARD_MOCK_DIRECTIVES: "true" }));
+    expect(config.secretParameters).to.deep.equal({ upstreamApiKey: "/svc/upstream", moesifApplicationId: "/svc/moesif" });
+    expect(config.forwardMockDirectives).to.equal(true);
+    expect(loadFunctionConfig(testEnv()).forwardMockDirectives).to.equal(false);
+  });
+});

@@ -1,0 +1,179 @@
+import { expect } from "chai";
+import { environmentBytes, functionEnvironment, functionPlans, plannedEnvironment, sanitizeStackName, secretParameterNames } from "../../infra/function-env";
+import { MAX_QUOTA_OFFSET, parseStackConfig, StackConfigError, type QuotaPeriod } from "../../infra/stack-config";
+
+const PLAN = { rateLimit: 5, burstLimit: 10 };
+const parse = (values: Record<string, unknown>, stack = "dev") => parseStackConfig({ plans: { starter: PLAN }, ...values }, { forDeploy: false, stack });
+const refusal = (values: Record<string, unknown>): string => {
+  try {
+    parse(values);
+  } catch (err) {
+    expect(err).to.be.instanceOf(StackConfigError);
+    return (err as Error).message;
+  }
+  throw new Error(`accepted ${JSON.stringify(values)}`);
+};
+const withPrices = (plan: Record<string, unknown>) => ({ plans: { starter: { ...PLAN, ...plan } } });
+
+describe("stack config (infra/stack-config.ts)", () => {
+  describe("prices per 1M tokens, per model, in integer micro-units", () => {
+    it("parses a pasted price list exactly, numbers or decimal strings, with the plan's currency", () => {
+      const config = parse(
+        withPrices({ currency: "EUR", prices: { "gpt-4o-mini": { input: 0.15, cachedInput: 0.075, output: 0.6 }, "gpt-4o": { input: "2.50", cachedInput: "1.25", output: "10.00" }, o1: { input: 15, output: 60, reasoning: 60 } } }),
+      );
+      expect(config.plans.starter.currency).to.equal("eur");
+      expect(config.plans.starter.prices).to.deep.equal({
+        "gpt-4o-mini": { input: 150_000, cachedInput: 75_000, output: 600_000 },
+        "gpt-4o": { input: 2_500_000, cachedInput: 1_250_000, output: 10_000_000 },
+        o1: { input: 15_000_000, output: 60_000_000, reasoning: 60_000_000 },
+      });
+      expect(Number.isInteger(config.plans.starter.prices!["gpt-4o-mini"].cachedInput)).to.equal(true);
+    });
+
+    it("defaults the currency to usd and leaves plans without prices unbilled", () => {
+      const config = parseStackConfig({ plans: { paid: { ...PLAN, prices: { m: { input: 1, output: 2 } } }, free: PLAN } }, { forDeploy: false });
+      expect(config.plans.paid.currency).to.equal("usd");
+      expect(config.plans.free).to.deep.equal(PLAN);
+    });
+
+    it("refuses the old {inputPer1k, outputPer1k, currency} shape and shows the new one", () => {
+      const message = refusal(withPrices({ prices: { inputPer1k: 0.0003, outputPer1k: 0.0012, currency: "usd" } }));
+      expect(message).to.match(/"metered-ai-api:plans\.starter\.prices".*old \{inputPer1k, outputPer1k, currency\} shape/);
+      expect(message).to.include("prices: {gpt-4o-mini: {input: 0.15, cachedInput: 0.075, output: 0.60}}");
+    });
+
+    it("refuses more than 6 decimal places, naming the field", () => {
+      expect(refusal(withPrices({ prices: { "gpt-4o-mini": { input: 0.1500001, output: 0.6 } } }))).to.match(/plans\.starter\.prices\.gpt-4o-mini\.input.*more than 6 decimal places/);
+    });
+
+    it("refuses a model in `models` that has no price, naming the model", () => {
+      expect(refusal(withPrices({ models: ["gpt-4o-mini", "gpt-4o"], prices: { "gpt-4o-mini": { input: 0.15, output: 0.6 } } }))).to.match(
+        /"metered-ai-api:plans\.starter\.prices": has no price for "gpt-4o"/,
+      );
+    });
+
+    it("refuses typos: a misspelt price field, plan field or quota field never prices anything at zero", () => {
+      expect(refusal(withPrices({ prices: { "gpt-4o-mini": { input: 0.15, ouput: 0.6 } } }))).to.match(/plans\.starter\.prices\.gpt-4o-mini\.ouput.*not a price field/);
+      expect(refusal(withPrices({ price: { "gpt-4o-mini": { input: 0.15, output: 0.6 } } }))).to.match(/plans\.starter\.price".*not a plan field/);
+      expect(refusal(withPrices({ quota: { limit: 5, period: "DAY", ofset: 0 } }))).to.match(/plans\.starter\.quota\.ofset.*not a quota field/);
+    });
+
+    it("refuses a bad currency, a currency without prices, an empty price list and negative prices", () => {
+      expect(refusal(withPrices({ currency: "dollars", prices: { m: { input: 1, output: 1 } } }))).to.match(/plans\.starter\.currency.*three-letter/);
+      expect(refusal(withPrices({ currency: "usd" }))).to.match(/plans\.starter\.currency.*applies to prices/);
+      expect(refusal(withPrices({ prices: {} }))).to.match(/plans\.starter\.prices.*names no model/);
+      expect(refusal(withPrices({ prices: { m: { input: -1, output: 1 } } }))).to.match(/plans\.starter\.prices\.m\.input.*non-negative/);
+    });
+
+    it("gives the function each plan's models and prices; a billing plan without `models` may call its priced models", () => {
+      const config = parseStackConfig(
+        { plans: { listed: { ...PLAN, models: ["a"], prices: { a: { input: 1, output: 2 }, b: { input: 3, output: 4 } } }, priced: { ...PLAN, prices: { a: { input: 1, output: 2 } } }, open: PLAN, limited: { ...PLAN, models: ["x"] } } },
+        { forDeploy: false },
+      );
+      expect(functionPlans(config.plans)).to.deep.equal({
+        listed: { models: ["a"], pricing: { currency: "usd", prices: { a: { input: 1_000_000, output: 2_000_000 }, b: { input: 3_000_000, output: 4_000_000 } } } },
+        priced: { models: ["a"], pricing: { currency: "usd", prices: { a: { input: 1_000_000, output: 2_000_000 } } } },
+        open: {},
+        limited: { models: ["x"] },
+      });
+    });
+  });
+
+  describe("quota offsets", () => {
+    const quota = (period: string, offset: number) => withPrices({ quota: { limit: 100, period, offset } });
+    for (const [period, max] of Object.entries(MAX_QUOTA_OFFSET) as Array<[QuotaPeriod, number]>) {
+      it(`accepts 0-${max} for ${period} and refuses ${max + 1} and -1`, () => {
+        expect(parse(quota(period, max)).plans.starter.quota).to.deep.equal({ limit: 100, period, offset: max });
+        expect(parse(quota(period, 0)).plans.starter.quota!.offset).to.equal(0);
+        expect(refusal(quota(period, max + 1))).to.match(new RegExp(`plans\\.starter\\.quota\\.offset.*for period ${period}`));
+        expect(refusal(quota(period, -1))).to.match(/plans\.starter\.quota\.offset/);
+      });
+    }
+    it("knows API Gateway's ranges: DAY 0, WEEK 0-6, MONTH 0-27", () => {
+      expect(MAX_QUOTA_OFFSET).to.deep.equal({ DAY: 0, WEEK: 6, MONTH: 27 });
+    });
+  });
+
+  describe("URLs the function sends secrets to", () => {
+    for (const key of ["upstreamBaseUrl", "moesifBaseUri"]) {
+      it(`${key}: https anywhere, plain http only on loopback`, () => {
+        for (const ok of ["https://api.openai.com/v1", "http://127.0.0.1:11434/v1", "http://localhost:8000/v1", "http://[::1]:8000", "http://127.8.9.10"]) {
+          expect(parse({ [key]: ok })[key as "upstreamBaseUrl"], ok).to.equal(ok.replace(/\/+$/, ""));
+        }
+        for (const bad of ["http://192.168.1.5:8000/v1", "http://api.example.com", "http://localhost.example.com", "http://127.0.0.1.nip.io", "ftp://127.0.0.1", "not a url"]) {
+          expect(refusal({ [key]: bad }), bad).to.include(`"metered-ai-api:${key}"`);
+        }
+      });
+    }
+    it("requires https for the Stripe webhook, even on loopback", () => {
+      expect(refusal({ moesifStripeWebhookUrl: "http://127.0.0.1/hook" })).to.match(/moesifStripeWebhookUrl.*https/);
+    });
+  });
+
+  describe("timeouts", () => {
+    it("defaults to 25 s upstream + 1 s metering + 2 s margin, under API Gateway's 29 s and the 29 s function timeout", () => {
+      const config = parse({});
+      expect([config.upstreamTimeoutMs, config.meteringTimeoutMs, config.lambdaTimeoutSeconds]).to.deep.equal([25_000, 1_000, 29]);
+    });
+    it("refuses settings that leave less than the 2 s margin under 29 s or under the function timeout", () => {
+      expect(parse({ upstreamTimeoutMs: 26_000 }).upstreamTimeoutMs).to.equal(26_000);
+      expect(refusal({ upstreamTimeoutMs: 26_001 })).to.match(/upstreamTimeoutMs.*29001 ms exceeds API Gateway's integration timeout/);
+      expect(refusal({ meteringTimeoutMs: 2_001 })).to.match(/upstreamTimeoutMs.*exceeds API Gateway/);
+      expect(refusal({ lambdaTimeoutSeconds: 20 })).to.match(/upstreamTimeoutMs.*exceeds lambdaTimeoutSeconds \(20000 ms\)/);
+      expect(parse({ lambdaTimeoutSeconds: 28 }).lambdaTimeoutSeconds).to.equal(28);
+    });
+  });
+
+  describe("the function's 4 KB environment", () => {
+    it("measures what Lambda measures: the JSON-serialised variables map, quotes escaped", () => {
+      const variables = { A: '{"k":"v"}', B: "é" };
+      expect(environmentBytes(variables)).to.equal(Buffer.byteLength(JSON.stringify(variables), "utf8"));
+      expect(environmentBytes(variables)).to.equal('{"A":"{\\"k\\":\\"v\\"}","B":"é"}'.length + 1);
+    });
+
+    it("refuses customers whose escaped JSON overflows 4096 bytes even when the raw lengths would fit", () => {
+      // Adding raw lengths (the old check: names + CUSTOMERS + PLANS, no quotes, no escapes) undercounts each
+      // customer by the escapes of its 14 quotes. Find a customer count where the two disagree.
+      const customers = (n: number) => Object.fromEntries(Array.from({ length: n }, (_, i) => [`c${String(i).padStart(3, "0")}`, { plan: "starter", stripeCustomerId: "cus_0123456789" }]));
+      const rawSum = (vars: Record<string, string>) => Object.entries(vars).reduce((sum, [k, v]) => sum + k.length + v.length, 0);
+      const planned = (n: number) => plannedEnvironment({ ...parse({}), customers: customers(n) }, "dev");
+      const n = Array.from({ length: 200 }, (_, i) => i + 1).find((count) => environmentBytes(planned(count)) > 4096)!;
+      const vars = planned(n);
+      expect(environmentBytes(vars)).to.be.greaterThan(4096);
+      expect(rawSum(vars), "the raw sum would have let it through").to.be.at.most(4096);
+      expect(refusal({ customers: customers(n) })).to.match(new RegExp(`"metered-ai-api:customers": ${n} customers make the function's environment ${environmentBytes(vars)} bytes`));
+      expect(parse({ customers: customers(n - 1) }).customers).to.have.property("c000");
+    });
+
+    it("holds no secret: the upstream key and the Moesif application id are parameter names", () => {
+      const vars = functionEnvironment(parse({}), "prod");
+      expect(vars).to.include({ UPSTREAM_API_KEY_PARAMETER: "/metered-ai-api/prod/upstream-api-key", MOESIF_APPLICATION_ID_PARAMETER: "/metered-ai-api/prod/moesif-application-id", PLANS_FILE: "plans.json" });
+      for (const name of ["UPSTREAM_API_KEY", "MOESIF_APPLICATION_ID", "PLANS"]) expect(vars).to.not.have.property(name);
+    });
+  });
+
+  describe("names derived from the stack", () => {
+    it("sanitises stack names for Lambda, IAM and SSM: my.stack → my-stack", () => {
+      expect(sanitizeStackName("my.stack")).to.equal("my-stack");
+      expect(sanitizeStackName("prod_eu-1")).to.equal("prod_eu-1");
+      expect(secretParameterNames("my.stack").upstreamApiKey).to.equal("/metered-ai-api/my-stack/upstream-api-key");
+    });
+  });
+
+  describe("operations settings", () => {
+    it("defaults reserved concurrency to unreserved, the stage ceiling to 10000/5000 and manages the account role", () => {
+      const config = parse({});
+      expect(config).to.include({ reservedConcurrency: -1, stageThrottleRateLimit: 10_000, stageThrottleBurstLimit: 5_000, manageApiGatewayAccount: true });
+    });
+    it("refuses a reserved concurrency of 0 and a stage ceiling below a plan's limits", () => {
+      expect(refusal({ reservedConcurrency: 0 })).to.match(/reservedConcurrency.*0 would stop every invocation/);
+      expect(refusal({ stageThrottleRateLimit: 4 })).to.match(/stageThrottleRateLimit.*below plan "starter"'s rateLimit 5/);
+      expect(refusal({ stageThrottleBurstLimit: 9 })).to.match(/stageThrottleBurstLimit.*below plan "starter"'s burstLimit 10/);
+    });
+    it("caps request bodies at 4 MiB, which base64 encoding still fits into Lambda's 6 MB event", () => {
+      expect(parse({ maxRequestBytes: 4 * 1024 * 1024 }).maxRequestBytes).to.equal(4_194_304);
+      expect(Math.ceil((4 * 1024 * 1024) / 3) * 4).to.be.lessThan(6 * 1024 * 1024 - 64 * 1024);
+      expect(refusal({ maxRequestBytes: 4 * 1024 * 1024 + 1 })).to.match(/maxRequestBytes/);
+    });
+  });
+});
