@@ -93,8 +93,10 @@ export const GATEWAY_RESPONSES: readonly GatewayResponseSpec[] = [
     headers: {},
   },
   {
+    // A function error. AWS documents 504 as this type's default, but access logs show Lambda errors answered 502
+    // with this type (DataBiosphere/azul#8192), so the status is left to API Gateway (see KEEPS_STATUS).
     responseType: "INTEGRATION_FAILURE",
-    statusCode: 504,
+    statusCode: 502,
     body: error("The service failed to process the request. Retry later.", "api_error", "integration_failure"),
     headers: {},
   },
@@ -118,8 +120,8 @@ export const GATEWAY_RESPONSES: readonly GatewayResponseSpec[] = [
   },
 ];
 
-/** The DEFAULT_4XX / DEFAULT_5XX entries keep API Gateway's actual status; the others set their own. */
-export const KEEPS_STATUS = new Set(["DEFAULT_4XX", "DEFAULT_5XX"]);
+/** These entries keep API Gateway's actual status; the others set their own. */
+export const KEEPS_STATUS = new Set(["DEFAULT_4XX", "DEFAULT_5XX", "INTEGRATION_FAILURE"]);
 
 export function gatewayResponse(responseType: string): GatewayResponseSpec {
   const spec = GATEWAY_RESPONSES.find((r) => r.responseType === responseType);

@@ -28,6 +28,11 @@ export interface UsageRecord {
   usageEstimated: boolean;
   /** What this request costs in the plan's currency (integer micro-units); absent on plans without prices. */
   cost?: Cost;
+  /**
+   * Whether the core billed this request (it delivered a completion). Meters report `billed` only for a 2xx status
+   * as well; when absent, a 2xx answer with tokens or a cost counts as billed.
+   */
+  billed?: boolean;
   upstreamStatus?: number;
   upstreamMs?: number;
   status: number;

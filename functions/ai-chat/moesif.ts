@@ -145,7 +145,7 @@ export function toMoesifEvent(record: UsageRecord, logBodies: boolean): MoesifEv
       cached_tokens: usage.prompt_tokens_details?.cached_tokens ?? 0,
       reasoning_tokens: usage.completion_tokens_details?.reasoning_tokens ?? 0,
       usage_estimated: record.usageEstimated === true,
-      billed: success && (usage.total_tokens > 0 || (costMicros ?? 0) > 0),
+      billed: success && (record.billed ?? (usage.total_tokens > 0 || (costMicros ?? 0) > 0)),
       cost_micros: costMicros,
       currency: costMicros !== null && typeof record.cost?.currency === "string" ? clip(record.cost.currency, MAX_FIELD_CHARS) : null,
       stage: typeof record.stage === "string" ? clip(record.stage, MAX_FIELD_CHARS) : null,

@@ -213,8 +213,8 @@ export class GatewayEmulator extends LoopbackServer {
       result = await withTimeout(this.options.handler(JSON.parse(payload) as APIGatewayProxyEvent, context), timeoutMs);
     } catch (err) {
       if (err === TIMED_OUT) return sendGatewayResponse(exchange, "INTEGRATION_TIMEOUT");
-      // A function error: API Gateway answers 502 "Internal server error" (DEFAULT_5XX keeps the status).
-      return sendGatewayResponse(exchange, "DEFAULT_5XX", 502);
+      // A function error: API Gateway answers 502 with INTEGRATION_FAILURE (which keeps that status).
+      return sendGatewayResponse(exchange, "INTEGRATION_FAILURE", 502);
     }
     sendResult(exchange, result);
   }

@@ -30,6 +30,8 @@ export interface LocalStackOptions {
   env?: NodeJS.ProcessEnv;
   /** Where the function's log lines go. @default stdout */
   write?: (line: string) => void;
+  /** How many raw payloads the built-in collector keeps in memory; tests that scan every payload pass "all". */
+  keepRawPayloads?: "all" | { count: number; chars: number };
 }
 
 export interface LocalStack {
@@ -136,7 +138,7 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
     let moesifBase = env.MOESIF_BASE_URI ?? config.moesifBaseUri;
     let moesifAppId = env.MOESIF_APPLICATION_ID;
     if (!moesifAppId) {
-      collector = await new MoesifCollector({ applicationId: LOCAL_MOESIF_APP_ID, store }).start();
+      collector = await new MoesifCollector({ applicationId: LOCAL_MOESIF_APP_ID, store, keepRawPayloads: options.keepRawPayloads }).start();
       started.push(collector);
       moesifBase = collector.url;
       moesifAppId = LOCAL_MOESIF_APP_ID;

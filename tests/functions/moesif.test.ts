@@ -115,6 +115,8 @@ describe("Moesif event (toMoesifEvent)", () => {
     for (const status of [200, 201, 203]) expect(toMoesifEvent(usageRecord({ status }), false).metadata.billed, `status ${status}`).to.equal(true);
     const none: TokenUsage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
     expect(toMoesifEvent(usageRecord({ status: 200, usage: none }), false).metadata.billed).to.equal(false);
+    expect(toMoesifEvent(usageRecord({ status: 200, billed: false }), false).metadata.billed).to.equal(false);
+    expect(toMoesifEvent(usageRecord({ status: 502, billed: true }), false).metadata.billed).to.equal(false);
     for (const status of [400, 429, 502]) {
       const error = { error: { message: "nope", type: "api_error", param: null, code: null } };
       expect(toMoesifEvent(usageRecord({ status, usage: none, responseBody: error }), false).metadata.billed).to.equal(false);

@@ -67,7 +67,7 @@ export function useLocalStack(name: string, env: NodeJS.ProcessEnv = {}): { read
   const logs: string[] = [];
   let stack: LocalStack | undefined;
   before(async () => {
-    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env, write: (l) => logs.push(l) });
+    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env, write: (l) => logs.push(l), keepRawPayloads: "all" });
     registerSecret(...Object.values(stack.apiKeys));
   });
   after(async () => {

@@ -208,12 +208,12 @@ describe("GatewayEmulator", () => {
     const gw = useGateway({ integrationTimeoutMs: 200 });
     const path = "/beta/v1/chat/completions";
 
-    it("answers DEFAULT_5XX with API Gateway's 502 when the function throws", async () => {
+    it("answers INTEGRATION_FAILURE with API Gateway's 502 when the function throws", async () => {
       gw.setReply(async () => {
         throw new Error("boom with a secret sk-live-123");
       });
       const response = await gw.send("/v1/chat/completions", { headers: { "x-api-key": KEY } });
-      expectGatewayBody(response, "DEFAULT_5XX", { method: "POST", path }, 502);
+      expectGatewayBody(response, "INTEGRATION_FAILURE", { method: "POST", path }, 502);
       expect(response.body).to.not.include("sk-live");
     });
 

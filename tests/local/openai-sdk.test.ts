@@ -71,7 +71,7 @@ describe("the official OpenAI JS SDK against the local stack", () => {
 
   before(async () => {
     project = tempProject(SDK_STACK_YAML);
-    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l) });
+    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l), keepRawPayloads: "all" });
     registerSecret(...Object.values(stack.apiKeys));
   });
   after(async () => {

@@ -52,7 +52,7 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
   let stack: LocalStack;
   const logs: string[] = [];
 
-  const start = () => startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l) });
+  const start = () => startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l), keepRawPayloads: "all" });
   const post = (route: string, body: unknown, key?: string, headers: Record<string, string> = {}) =>
     fetch(`${stack.baseUrl}${route}`, {
       method: "POST",
