@@ -152,8 +152,9 @@ export class SsmParameterReader implements ParameterReader {
 }
 
 /**
- * A meter built once the Moesif application id is known (it may come from SSM). Until then records are not sent:
- * that only happens to requests answered before the secrets resolved, which produced no completion and bill nothing.
+ * A meter built once the Moesif application id is known (it may come from SSM). A record that arrives first (a 403
+ * answered before the core needed any secret) resolves the secrets itself; a record that still finds no id (SSM is
+ * failing) is logged and dropped — it belongs to a request that produced no completion and bills nothing.
  */
 export class DeferredMeter implements UsageMeter {
   private meter?: UsageMeter;
@@ -165,9 +166,16 @@ export class DeferredMeter implements UsageMeter {
   ) {}
 
   async record(record: UsageRecord): Promise<void> {
-    const applicationId = this.secrets.current().moesifApplicationId;
+    let applicationId = this.secrets.current().moesifApplicationId;
     if (!applicationId) {
-      this.log.warn("metering_skipped", { request_id: record.requestId, status: record.status, reason: "the Moesif application id is not loaded yet" });
+      try {
+        applicationId = (await this.secrets.resolve()).moesifApplicationId;
+      } catch {
+        // The secrets port has logged why; the record is skipped below.
+      }
+    }
+    if (!applicationId) {
+      this.log.warn("metering_skipped", { request_id: record.requestId, status: record.status, reason: "the Moesif application id could not be read" });
       return;
     }
     this.meter ??= this.build(applicationId);

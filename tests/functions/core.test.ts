@@ -198,6 +198,7 @@ describe("handleRequest: billing", () => {
     expect(response.statusCode).to.equal(200);
     // 600 × 0.15 + 400 × 0.075 + 500 × 0.60 = 90 + 30 + 300 = 420 micro-dollars.
     expect(meter.records[0].cost).to.deep.equal({ currency: "usd", micros: 420 });
+    expect(meter.records[0].billed).to.equal(true);
     expect(meter.records[0].usage).to.deep.equal({ prompt_tokens: 1000, completion_tokens: 500, total_tokens: 1500, cached_tokens: 400 });
   });
 
@@ -281,7 +282,7 @@ describe("handleRequest: billing", () => {
     expect(Buffer.byteLength(body)).to.be.lessThan(LAMBDA_RESPONSE_LIMIT_BYTES);
     expect(response.statusCode).to.equal(502);
     expect(JSON.parse(response.body).error).to.include({ code: "response_too_large", type: "api_error" });
-    expect(meter.records[0]).to.include({ status: 502, upstreamStatus: 200, cost: undefined, usageEstimated: false });
+    expect(meter.records[0]).to.include({ status: 502, upstreamStatus: 200, cost: undefined, usageEstimated: false, billed: false });
     expect(meter.records[0].usage).to.deep.equal({ prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
     expect(logs.some((l) => l.includes('"answer_not_delivered"') && l.includes('"unbilled_completion_tokens":900000'))).to.equal(true);
   });
@@ -318,7 +319,7 @@ describe("handleRequest: billing", () => {
     const response = await handleRequest(proxyRequest({ json: chatBody(), remainingMs: 10_000 }), deps);
     expect(response.statusCode).to.equal(504);
     expect(JSON.parse(response.body).error.code).to.equal("deadline_exceeded");
-    expect(meter.records[0]).to.include({ status: 504, upstreamStatus: 200, cost: undefined });
+    expect(meter.records[0]).to.include({ status: 504, upstreamStatus: 200, cost: undefined, billed: false });
     expect(meter.records[0].usage.total_tokens).to.equal(0);
   });
 

@@ -201,3 +201,31 @@ describe("ParameterStoreSecrets", () => {
     expect(await secrets.resolve()).to.deep.equal({ upstreamApiKey: "from-ssm", moesifApplicationId: "direct-app" });
   });
 });
+
+describe("DeferredMeter", () => {
+  it("meters a request answered before any secret was needed (403) once the application id resolves", async () => {
+    const ssm = await new SsmServer({ "/metered/moesif-app-id": SSM_APP_ID }).start();
+    const collector = await new MoesifCollector({ applicationId: SSM_APP_ID }).start();
+    try {
+      const handler = createHandler(() =>
+        createDeps({
+          UPSTREAM_API_KEY: "sk-direct-key-for-deferred-meter",
+          MOESIF_APPLICATION_ID_PARAMETER: "/metered/moesif-app-id",
+          MOESIF_BASE_URI: collector.url,
+          CUSTOMERS: JSON.stringify(CUSTOMERS),
+          AWS_REGION: "us-east-1",
+          AWS_ENDPOINT_URL_SSM: ssm.url,
+          AWS_ACCESS_KEY_ID: "AKIDLOCALTEST",
+          AWS_SECRET_ACCESS_KEY: "local-test-secret-access-key",
+          LOG_LEVEL: "error",
+        }, { write: () => undefined }),
+      );
+      const result = await handler(createApiGatewayEvent({ apiKey: CALLER_KEY, apiKeyId: "key-id-nobody", body: chatBody() }), createContext());
+      expect(result.statusCode).to.equal(403);
+      expect(collector.events()).to.have.length(1);
+      expect((collector.events()[0].response as { status: number }).status).to.equal(403);
+    } finally {
+      await Promise.all([ssm.stop(), collector.stop()]);
+    }
+  });
+});
