@@ -51,7 +51,7 @@ interface AwsLambdaGlobal {
 }
 
 function runtime(): AwsLambdaGlobal | undefined {
-  const candidate = (globalThis as { awslambda?: AwsLambdaGlobal }).awslambda;
+  const candidate = (globalThis as unknown as { awslambda?: AwsLambdaGlobal }).awslambda;
   return candidate && typeof candidate.streamifyResponse === "function" ? candidate : undefined;
 }
 
