@@ -27,6 +27,7 @@ export const PLAIN_KEYS = [
   "responseEnvelope",
   "logBodies",
   "upstreamTimeoutMs",
+  "upstreamIdleTimeoutMs",
   "meteringTimeoutMs",
   "maxRequestBytes",
   "lambdaMemoryMb",

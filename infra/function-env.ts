@@ -88,6 +88,7 @@ export function functionEnvironment(config: StackConfig, stack: string): Record<
     UPSTREAM_BASE_URL: config.upstreamBaseUrl,
     UPSTREAM_API_KEY_PARAMETER: parameters.upstreamApiKey,
     UPSTREAM_TIMEOUT_MS: String(config.upstreamTimeoutMs),
+    UPSTREAM_IDLE_TIMEOUT_MS: String(config.upstreamIdleTimeoutMs),
     MAX_REQUEST_BYTES: String(config.maxRequestBytes),
     RESPONSE_ENVELOPE: config.responseEnvelope,
     MOESIF_APPLICATION_ID_PARAMETER: parameters.moesifApplicationId,

@@ -3,10 +3,9 @@ import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import { customersVariable, ROUTES, sanitizeStackName } from "./function-env";
 import { GATEWAY_RESPONSES, gatewayResponseParameters, gatewayResponseTemplate, KEEPS_STATUS } from "./gateway-responses";
-import { INTEGRATION_TIMEOUT_MS, type CustomerConfig, type PlanConfig } from "./stack-config";
+import { type CustomerConfig, type PlanConfig } from "./stack-config";
 
 export { ROUTES, type RouteSpec } from "./function-env";
-export { INTEGRATION_TIMEOUT_MS } from "./stack-config";
 
 /**
  * The stage variable the authorizer names as its identity source. Why not "no identity source": the AWS provider
@@ -78,7 +77,7 @@ export interface MeteredAiApiArgs {
   secretParameters?: SecretParameterArgs[];
   /** @default 512 */
   memoryMb?: number;
-  /** @default 29 */
+  /** Function timeout, also the (streamed) integration's. @default 300 */
   timeoutSeconds?: number;
   /** @default "arm64" */
   architecture?: "arm64" | "x86_64";
@@ -120,6 +119,7 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     super("metered-ai-api:index:MeteredAiApi", name, {}, opts);
     const parent = { parent: this };
     const stageName = args.stageName ?? "beta";
+    const timeoutSeconds = args.timeoutSeconds ?? 300;
     const retentionInDays = args.logRetentionDays ?? 30;
     // Human-readable names where AWS does not require them to be unique (API, plans, keys). Names AWS does require
     // unique per account and region (functions, roles, log groups) are left to Pulumi's auto-naming, so two
@@ -171,7 +171,7 @@ export class MeteredAiApi extends pulumi.ComponentResource {
         code: args.code,
         role: role.arn,
         memorySize: args.memoryMb ?? 512,
-        timeout: args.timeoutSeconds ?? 29,
+        timeout: timeoutSeconds,
         reservedConcurrentExecutions: args.reservedConcurrency ?? -1,
         environment: { variables: environment },
         loggingConfig: { logFormat: "Text", logGroup: logGroup.name },
@@ -302,8 +302,13 @@ export class MeteredAiApi extends pulumi.ComponentResource {
           type: "AWS_PROXY",
           // Lambda proxy integrations are always invoked with POST, whatever the route's method.
           integrationHttpMethod: "POST",
-          uri: fn.invokeArn,
-          timeoutMilliseconds: INTEGRATION_TIMEOUT_MS,
+          // Every route streams (InvokeWithResponseStream): `stream: true` answers flow chunk by chunk past API
+          // Gateway's 29 s buffered limit, and buffered answers are one write of the same stream
+          // (https://docs.aws.amazon.com/apigateway/latest/developerguide/response-transfer-mode-lambda.html).
+          responseTransferMode: "STREAM",
+          uri: fn.responseStreamingInvokeArn,
+          // The integration waits as long as the function may run (at most 900 s in STREAM mode).
+          timeoutMilliseconds: Math.min(timeoutSeconds * 1000, 900_000),
         }),
         parent,
       );

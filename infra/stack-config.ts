@@ -22,8 +22,16 @@ export const LOG_RETENTION_DAYS = [1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 36
  */
 export const MAX_QUOTA_OFFSET: Record<QuotaPeriod, number> = { DAY: 0, WEEK: 6, MONTH: 27 };
 
-/** API Gateway's REST integration limit (ms) unless raised by a quota request. */
-export const INTEGRATION_TIMEOUT_MS = 29_000;
+/**
+ * API Gateway's limits for a streamed (`responseTransferMode: STREAM`) Lambda integration: at most 900,000 ms in all
+ * (@pulumi/aws 7.48 apigateway/integration.d.ts: "The maximum value is … 900,000 when `responseTransferMode` is
+ * `STREAM`"), and a stream that sends nothing for 5 minutes is cut on Regional endpoints
+ * (https://docs.aws.amazon.com/apigateway/latest/developerguide/response-transfer-mode.html). Every route streams, so
+ * the old 29 s integration limit no longer applies; a buffered answer sends nothing until it is complete, so its
+ * deadline must fit the idle timeout.
+ */
+export const STREAM_MAX_DURATION_MS = 900_000;
+export const STREAM_IDLE_TIMEOUT_MS = 300_000;
 /**
  * Time kept free between the upstream deadline plus the metering bound and the 29 s limit: cold start, reading the
  * secrets from SSM on the first request, parsing and answering. Without it, a slow upstream answer ends as API
@@ -74,7 +82,10 @@ export interface StackConfig {
   customers: Record<string, CustomerConfig>;
   responseEnvelope: "none" | "request_payload";
   logBodies: boolean;
+  /** Deadline of a buffered answer, and of a stream's first byte. */
   upstreamTimeoutMs: number;
+  /** Longest pause allowed between two chunks of a streamed answer. */
+  upstreamIdleTimeoutMs: number;
   meteringTimeoutMs: number;
   maxRequestBytes: number;
   lambdaMemoryMb: number;
@@ -155,10 +166,11 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
     }
   }
 
-  const upstreamTimeoutMs = integer(values, "upstreamTimeoutMs", 25_000, 1, 900_000);
+  const upstreamTimeoutMs = integer(values, "upstreamTimeoutMs", 120_000, 1, 900_000);
+  const upstreamIdleTimeoutMs = integer(values, "upstreamIdleTimeoutMs", 60_000, 1_000, 900_000);
   const meteringTimeoutMs = integer(values, "meteringTimeoutMs", 1000, 1, 10_000);
-  const lambdaTimeoutSeconds = integer(values, "lambdaTimeoutSeconds", 29, 1, 900);
-  checkTimeouts(upstreamTimeoutMs, meteringTimeoutMs, lambdaTimeoutSeconds);
+  const lambdaTimeoutSeconds = integer(values, "lambdaTimeoutSeconds", 300, 1, 900);
+  checkTimeouts(upstreamTimeoutMs, upstreamIdleTimeoutMs, meteringTimeoutMs, lambdaTimeoutSeconds);
 
   const config: StackConfig = {
     stageName,
@@ -170,6 +182,7 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
     responseEnvelope: envelope,
     logBodies: boolean(values, "logBodies", false),
     upstreamTimeoutMs,
+    upstreamIdleTimeoutMs,
     meteringTimeoutMs,
     maxRequestBytes: integer(values, "maxRequestBytes", 1024 * 1024, 1, MAX_REQUEST_BYTES_LIMIT),
     lambdaMemoryMb: integer(values, "lambdaMemoryMb", 512, 128, 10_240),
@@ -197,10 +210,14 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
 }
 
 /**
- * The upstream deadline plus the metering bound plus a margin must fit both API Gateway's integration limit and the
- * function's own timeout, or the caller gets a gateway 504 with nothing metered.
+ * Every deadline must leave the function time to answer and meter before anything cuts it off, or the caller gets a
+ * gateway error with nothing metered:
+ * - a buffered answer (upstreamTimeoutMs) plus the metering bound plus a margin must fit the function's timeout and
+ *   API Gateway's 5-minute idle timeout (a buffered answer sends nothing until it is complete);
+ * - the gap allowed between two streamed chunks (upstreamIdleTimeoutMs) must be shorter than that idle timeout;
+ * - the function's timeout is also the integration's, at most 900 s for a streamed integration.
  */
-function checkTimeouts(upstreamTimeoutMs: number, meteringTimeoutMs: number, lambdaTimeoutSeconds: number): void {
+function checkTimeouts(upstreamTimeoutMs: number, upstreamIdleTimeoutMs: number, meteringTimeoutMs: number, lambdaTimeoutSeconds: number): void {
   const needed = upstreamTimeoutMs + meteringTimeoutMs + TIMEOUT_MARGIN_MS;
   const fits = (limit: number, what: string) => {
     if (needed > limit) {
@@ -210,8 +227,14 @@ function checkTimeouts(upstreamTimeoutMs: number, meteringTimeoutMs: number, lam
       );
     }
   };
-  fits(INTEGRATION_TIMEOUT_MS, "API Gateway's integration timeout");
+  fits(STREAM_IDLE_TIMEOUT_MS, "API Gateway's 5-minute idle timeout for a streamed integration");
   fits(lambdaTimeoutSeconds * 1000, "lambdaTimeoutSeconds");
+  if (upstreamIdleTimeoutMs + TIMEOUT_MARGIN_MS > STREAM_IDLE_TIMEOUT_MS) {
+    throw new StackConfigError("upstreamIdleTimeoutMs", `${upstreamIdleTimeoutMs} ms + ${TIMEOUT_MARGIN_MS} ms margin exceeds API Gateway's 5-minute idle timeout for a stream`);
+  }
+  if (upstreamIdleTimeoutMs + meteringTimeoutMs + TIMEOUT_MARGIN_MS > lambdaTimeoutSeconds * 1000) {
+    throw new StackConfigError("upstreamIdleTimeoutMs", `${upstreamIdleTimeoutMs} ms + meteringTimeoutMs + margin exceeds lambdaTimeoutSeconds (${lambdaTimeoutSeconds * 1000} ms)`);
+  }
 }
 
 function parsePlans(raw: unknown): Record<string, PlanConfig> {

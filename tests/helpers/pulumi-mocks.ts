@@ -70,6 +70,7 @@ export function recordingMocks(created: Recorded[], pendingOptions: Map<string, 
           state.name = inputs.name ?? autoName();
           state.arn = `arn:aws:lambda:${REGION}:${ACCOUNT}:function:${state.name}`;
           state.invokeArn = `arn:aws:apigateway:${REGION}:lambda:path/2015-03-31/functions/${state.arn}/invocations`;
+          state.responseStreamingInvokeArn = `arn:aws:apigateway:${REGION}:lambda:path/2021-11-15/functions/${state.arn}/response-streaming-invocations`;
           break;
         case "aws:apigateway/restApi:RestApi":
           id = derived(`id:${args.name}`, 10);

@@ -150,12 +150,26 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       expect(permission.sourceArn).to.equal(`${api.executionArn}/authorizers/${one("aws:apigateway/authorizer:Authorizer").id}`);
     });
 
-    it("integrates every method as AWS_PROXY with the chat function's invoke ARN", () => {
+    it("integrates every method as a streamed AWS_PROXY integration with the function's response-streaming ARN", () => {
       const integrations = ofType("aws:apigateway/integration:Integration");
       expect(integrations).to.have.length(3);
       for (const integration of integrations) {
-        expect(integration.inputs).to.include({ type: "AWS_PROXY", integrationHttpMethod: "POST", timeoutMilliseconds: 29000, uri: chatFn().state.invokeArn });
+        expect(integration.inputs).to.include({
+          type: "AWS_PROXY",
+          integrationHttpMethod: "POST",
+          responseTransferMode: "STREAM",
+          timeoutMilliseconds: 300_000,
+          uri: chatFn().state.responseStreamingInvokeArn,
+        });
+        expect(integration.inputs.uri).to.match(/\/2021-11-15\/functions\/.*\/response-streaming-invocations$/);
       }
+    });
+
+    it("keeps the integration timeout equal to the function's timeout", async () => {
+      const { created: longer } = await runProgram({ ...baseConfig, [`${PROJECT}:lambdaTimeoutSeconds`]: "900" });
+      const timeouts = longer.filter((r) => r.type === "aws:apigateway/integration:Integration").map((r) => r.inputs.timeoutMilliseconds);
+      expect(timeouts).to.deep.equal([900_000, 900_000, 900_000]);
+      expect(longer.find((r) => r.type === "aws:lambda/function:Function" && r.inputs.handler === "index.handler" && r.inputs.timeout === 900)).to.not.equal(undefined);
     });
 
     it("scopes each Lambda permission to this API, stage, method and path", () => {
@@ -285,7 +299,7 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
   describe("function", () => {
     it("deploys nodejs22.x on arm64, unreserved by default, logging to its retained log group", () => {
       const fn = chatFn();
-      expect(fn.inputs).to.include({ runtime: "nodejs22.x", handler: "index.handler", memorySize: 512, timeout: 29, reservedConcurrentExecutions: -1 });
+      expect(fn.inputs).to.include({ runtime: "nodejs22.x", handler: "index.handler", memorySize: 512, timeout: 300, reservedConcurrentExecutions: -1 });
       expect(fn.inputs.architectures).to.deep.equal(["arm64"]);
       const logGroup = named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-fn-logs");
       expect(logGroup.inputs).to.include({ namePrefix: "/aws/lambda/metered-ai-api-dev-ai-chat-", retentionInDays: 14 });
@@ -516,7 +530,7 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       ["an http upstream that is not loopback", { [`${PROJECT}:upstreamBaseUrl`]: "http://10.0.0.5:8000/v1" }, /upstreamBaseUrl.*https:\/\//],
       ["the old price shape", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, prices: { inputPer1k: 0.0003, outputPer1k: 0.0012, currency: "usd" } } }) }, /plans\.starter\.prices.*old.*gpt-4o-mini: \{input: 0\.15/],
       ["a listed model without a price", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, models: ["gpt-4o", "gpt-4o-mini"], prices: { "gpt-4o-mini": { input: 0.15, output: 0.6 } } } }) }, /plans\.starter\.prices.*no price for "gpt-4o"/],
-      ["an upstream timeout that leaves no margin under 29 s", { [`${PROJECT}:upstreamTimeoutMs`]: "28000" }, /upstreamTimeoutMs.*31000 ms exceeds API Gateway's integration timeout/],
+      ["a buffered deadline past API Gateway's 5-minute stream idle timeout", { [`${PROJECT}:upstreamTimeoutMs`]: "298000", [`${PROJECT}:lambdaTimeoutSeconds`]: "900" }, /upstreamTimeoutMs.*301000 ms exceeds API Gateway's 5-minute idle timeout/],
       ["more customers than the Lambda environment can hold", { [`${PROJECT}:customers`]: JSON.stringify(Object.fromEntries(Array.from({ length: 60 }, (_, i) => [`customer-${i}`, { plan: "pro", stripeCustomerId: `cus_${"X".repeat(14)}` }]))) }, /metered-ai-api:customers.*60 customers make the function's environment \d+ bytes/],
       ["an unknown architecture", { [`${PROJECT}:lambdaArchitecture`]: "sparc" }, /lambdaArchitecture/],
     ];

@@ -111,18 +111,22 @@ describe("stack config (infra/stack-config.ts)", () => {
   });
 
   describe("timeouts", () => {
-    it("defaults to 25 s upstream + 1 s metering + 2 s margin, under API Gateway's 29 s and the 29 s function timeout", () => {
+    it("defaults to a 300 s function (the streamed integration's timeout), 120 s buffered answers and 60 s stream idle gaps", () => {
       const config = parse({});
-      expect([config.upstreamTimeoutMs, config.meteringTimeoutMs, config.lambdaTimeoutSeconds]).to.deep.equal([25_000, 1_000, 29]);
+      expect([config.upstreamTimeoutMs, config.upstreamIdleTimeoutMs, config.meteringTimeoutMs, config.lambdaTimeoutSeconds]).to.deep.equal([120_000, 60_000, 1_000, 300]);
     });
-    it("refuses settings that leave less than the 2 s margin under 29 s or under the function timeout", () => {
-      expect(parse({ upstreamTimeoutMs: 26_000 }).upstreamTimeoutMs).to.equal(26_000);
-      expect(refusal({ upstreamTimeoutMs: 26_001 })).to.match(/upstreamTimeoutMs.*29001 ms exceeds API Gateway's integration timeout/);
-      expect(refusal({ meteringTimeoutMs: 2_001 })).to.match(/upstreamTimeoutMs.*exceeds API Gateway/);
+    it("refuses a buffered deadline that leaves less than the 2 s margin under the function timeout or the 5-minute idle timeout", () => {
+      expect(parse({ upstreamTimeoutMs: 297_000 }).upstreamTimeoutMs).to.equal(297_000);
+      expect(refusal({ upstreamTimeoutMs: 297_001 })).to.match(/upstreamTimeoutMs.*300001 ms exceeds API Gateway's 5-minute idle timeout/);
       expect(refusal({ lambdaTimeoutSeconds: 20 })).to.match(/upstreamTimeoutMs.*exceeds lambdaTimeoutSeconds \(20000 ms\)/);
-      expect(parse({ lambdaTimeoutSeconds: 28 }).lambdaTimeoutSeconds).to.equal(28);
+      expect(parse({ lambdaTimeoutSeconds: 29, upstreamTimeoutMs: 25_000, upstreamIdleTimeoutMs: 20_000 }).lambdaTimeoutSeconds).to.equal(29);
+    });
+    it("refuses a stream idle gap at or past API Gateway's idle timeout or the function timeout", () => {
+      expect(refusal({ upstreamIdleTimeoutMs: 299_000 })).to.match(/upstreamIdleTimeoutMs.*5-minute idle timeout/);
+      expect(refusal({ lambdaTimeoutSeconds: 60, upstreamTimeoutMs: 30_000, upstreamIdleTimeoutMs: 58_000 })).to.match(/upstreamIdleTimeoutMs.*lambdaTimeoutSeconds/);
     });
   });
+
 
   describe("the function's 4 KB environment", () => {
     it("measures what Lambda measures: the JSON-serialised variables map, quotes escaped", () => {
