@@ -107,7 +107,8 @@ export function customersVariable(keyIds: Record<string, string>, customers: Rec
 /** The environment the stack will deploy, with placeholder key ids of API Gateway's length. */
 export function plannedEnvironment(config: StackConfig, stack: string): Record<string, string> {
   const keyIds = Object.fromEntries(Object.keys(config.customers).map((id, i) => [id, String(i).padStart(API_KEY_ID_LENGTH, "k")]));
-  return { ...functionEnvironment(config, stack), CUSTOMERS: customersVariable(keyIds, config.customers) };
+  // SECRETS_VERSION: the two parameters' versions, e.g. "12.3"; room for five digits each.
+  return { ...functionEnvironment(config, stack), CUSTOMERS: customersVariable(keyIds, config.customers), SECRETS_VERSION: "99999.99999" };
 }
 
 /**

@@ -158,9 +158,15 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       },
       parent,
     );
+    // SECRETS_VERSION changes whenever a parameter's value does (SSM bumps its version), so a rotated secret reaches
+    // every container: the configuration update replaces the warm ones, which cache the secrets for their life.
     const environment = pulumi
-      .all(apiKeys.map(({ key }) => key.id))
-      .apply((ids) => ({ ...args.environment, CUSTOMERS: customersVariable(Object.fromEntries(apiKeys.map(({ customerId }, i) => [customerId, ids[i]])), args.customers) }));
+      .all([pulumi.all(apiKeys.map(({ key }) => key.id)), pulumi.all(parameters.map((p) => p.version))])
+      .apply(([ids, versions]) => ({
+        ...args.environment,
+        CUSTOMERS: customersVariable(Object.fromEntries(apiKeys.map(({ customerId }, i) => [customerId, ids[i]])), args.customers),
+        ...(parameters.length > 0 ? { SECRETS_VERSION: secretsVersion(versions) } : {}),
+      }));
     const fn = new aws.lambda.Function(
       `${name}-fn`,
       {
@@ -448,6 +454,11 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       usagePlanIds: this.usagePlanIds,
     });
   }
+}
+
+/** The parameters' versions as one short value, e.g. `3.1`. */
+export function secretsVersion(versions: ReadonlyArray<number | undefined>): string {
+  return versions.map((v) => String(v ?? 0)).join(".");
 }
 
 function recordOf(entries: Array<[string, pulumi.Output<string>]>): pulumi.Output<Record<string, string>> {

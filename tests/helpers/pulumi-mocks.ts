@@ -101,6 +101,8 @@ export function recordingMocks(created: Recorded[], pendingOptions: Map<string, 
           break;
         case "aws:ssm/parameter:Parameter":
           state.arn = `arn:aws:ssm:${REGION}:${ACCOUNT}:parameter${inputs.name}`;
+          // SSM numbers a parameter's values from 1; a new value gets the next version.
+          state.version = 1;
           break;
         case "aws:apigateway/authorizer:Authorizer":
           id = derived(`id:${args.name}`, 6);

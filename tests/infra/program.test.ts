@@ -5,7 +5,7 @@ import * as pulumi from "@pulumi/pulumi";
 import { ROUTES as CORE_ROUTES } from "../../functions/ai-chat/core";
 import { environmentBytes, functionPlans, PLANS_FILE, plannedEnvironment, secretParameterNames } from "../../infra/function-env";
 import { GATEWAY_RESPONSES, KEEPS_STATUS } from "../../infra/gateway-responses";
-import { ACCESS_LOG_FORMAT, AUTHORIZER_STAGE_VARIABLE, deploymentTrigger, logWritePolicy, ROUTES } from "../../infra/metered-ai-api";
+import { ACCESS_LOG_FORMAT, AUTHORIZER_STAGE_VARIABLE, deploymentTrigger, logWritePolicy, ROUTES, secretsVersion } from "../../infra/metered-ai-api";
 import { MOESIF_STRIPE_EVENTS } from "../../infra/moesif-stripe-webhook";
 import { parseStackConfig } from "../../infra/stack-config";
 import { isSecretInput, MOCK_WEBHOOK_SECRET, mockApiKeyValue, plainState, promiseOf, redactSecrets, setRecordingMocks, unsecret, type Recorded } from "../helpers/pulumi-mocks";
@@ -328,6 +328,13 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       for (const secret of [UPSTREAM_SECRET, MOESIF_APP_ID, STRIPE_KEY]) expect(text).to.not.include(secret);
     });
 
+    it("puts the parameters' versions in the environment, so a rotated secret replaces warm containers", () => {
+      const versions = ofType("aws:ssm/parameter:Parameter").map((p) => p.state.version);
+      expect(versions).to.deep.equal([1, 1]);
+      expect(variables().SECRETS_VERSION).to.equal("1.1");
+      expect(secretsVersion([3, 1])).to.not.equal(secretsVersion([4, 1]));
+    });
+
     it("lets the role read exactly those two parameters and write its own log group, nothing else", () => {
       const policy = JSON.parse(named("aws:iam/rolePolicy:RolePolicy", "metered-ai-api-policy").inputs.policy);
       const parameterArns = ofType("aws:ssm/parameter:Parameter").map((p) => p.state.arn).sort();
@@ -370,12 +377,14 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       expect(plans.free).to.deep.equal({});
     });
 
-    it("measures the environment at preview exactly as deployed: JSON bytes, 10-character key ids", () => {
+    it("measures the environment at preview as deployed: JSON bytes, 10-character key ids, the largest secrets version", () => {
       const vars = variables();
       const deployed = environmentBytes(vars);
       expect(deployed).to.equal(Buffer.byteLength(JSON.stringify(vars), "utf8"));
       const planned = plannedEnvironment(parseStackConfig({ plans: PLANS, customers: CUSTOMERS, moesifStripeWebhookUrl: WEBHOOK_URL, logRetentionDays: 14 }, { forDeploy: true, stack: "dev" }), "dev");
-      expect(environmentBytes(planned)).to.equal(deployed);
+      // Exact but for SECRETS_VERSION, which the plan sizes for the largest versions ("99999.99999"; here "1.1").
+      expect(environmentBytes({ ...planned, SECRETS_VERSION: vars.SECRETS_VERSION })).to.equal(deployed);
+      expect(environmentBytes(planned)).to.be.greaterThan(deployed);
       expect(deployed).to.be.at.most(4096);
     });
   });
