@@ -245,6 +245,7 @@ function parsePlans(raw: unknown): Record<string, PlanConfig> {
   for (const [name, plan] of Object.entries(raw)) {
     const key = `plans.${name}`;
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(name)) throw new StackConfigError(key, "plan names use letters, digits, '-' and '_' only");
+    if (isReservedName(name)) throw new StackConfigError(key, `"${name}" is reserved; choose another plan name`);
     if (!isRecord(plan)) throw new StackConfigError(key, "must be an object");
     for (const field of Object.keys(plan)) {
       if (!PLAN_FIELDS.includes(field)) throw new StackConfigError(`${key}.${field}`, `is not a plan field; use ${PLAN_FIELDS.join(", ")}`);
@@ -319,6 +320,7 @@ function parseCustomers(raw: unknown, plans: Record<string, PlanConfig>): Record
   for (const [id, customer] of Object.entries(raw)) {
     const key = `customers.${id}`;
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(id)) throw new StackConfigError(key, "customer ids use letters, digits, '-' and '_' only");
+    if (isReservedName(id)) throw new StackConfigError(key, `"${id}" is reserved; choose another customer id`);
     if (!isRecord(customer)) throw new StackConfigError(key, "must be an object {plan, stripeCustomerId}");
     if (typeof customer.plan !== "string" || !Object.prototype.hasOwnProperty.call(plans, customer.plan)) {
       throw new StackConfigError(`${key}.plan`, `unknown plan ${JSON.stringify(customer.plan)}; plans are: ${Object.keys(plans).join(", ")}`);
@@ -329,6 +331,15 @@ function parseCustomers(raw: unknown, plans: Record<string, PlanConfig>): Record
     customers[id] = { plan: customer.plan, ...(customer.stripeCustomerId ? { stripeCustomerId: customer.stripeCustomerId as string } : {}) };
   }
   return customers;
+}
+
+/**
+ * Names that are properties of every JavaScript object (`__proto__`, `constructor`, `toString`…): as map keys they
+ * would be dropped or shadowed somewhere between the YAML and the function, so a plan or customer could silently
+ * vanish (no API key, no error).
+ */
+function isReservedName(name: string): boolean {
+  return name in Object.prototype || name === "prototype";
 }
 
 function optionalString(values: Record<string, unknown>, key: string): string | undefined {

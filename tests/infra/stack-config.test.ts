@@ -156,6 +156,15 @@ describe("stack config (infra/stack-config.ts)", () => {
     });
   });
 
+  describe("reserved names", () => {
+    it("refuses a plan or customer named like an Object property instead of silently dropping it", () => {
+      for (const name of ["__proto__", "constructor", "toString", "hasOwnProperty"]) {
+        expect(refusal({ plans: JSON.parse(`{"${name}": {"rateLimit": 1, "burstLimit": 1}}`) }), name).to.match(new RegExp(`plans\\.${name}.*reserved`));
+        expect(refusal({ customers: JSON.parse(`{"${name}": {"plan": "pro"}}`) }), name).to.match(new RegExp(`customers\\.${name}.*reserved`));
+      }
+    });
+  });
+
   describe("names derived from the stack", () => {
     it("sanitises stack names for Lambda, IAM and SSM: my.stack → my-stack", () => {
       expect(sanitizeStackName("my.stack")).to.equal("my-stack");
