@@ -36,7 +36,10 @@ export interface FunctionConfig {
   upstreamApiKey?: string;
   /** Secrets to read from SSM Parameter Store instead (`*_PARAMETER`). */
   secretParameters: SecretParameters;
+  /** Bound on a non-streaming upstream call, and on a streaming one until the upstream's headers arrive. */
   upstreamTimeoutMs: number;
+  /** Longest silence allowed between two chunks of a streamed upstream answer (`UPSTREAM_IDLE_TIMEOUT_MS`). */
+  upstreamIdleTimeoutMs: number;
   maxRequestBytes: number;
   /** `request_payload` wraps `/ai-chat` answers as the seed tutorial does. */
   responseEnvelope: "none" | "request_payload";
@@ -105,6 +108,7 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
       moesifApplicationId: env.MOESIF_APPLICATION_ID_PARAMETER?.trim() || undefined,
     },
     upstreamTimeoutMs: positiveInt("UPSTREAM_TIMEOUT_MS", 28_000),
+    upstreamIdleTimeoutMs: positiveInt("UPSTREAM_IDLE_TIMEOUT_MS", 60_000),
     maxRequestBytes: positiveInt("MAX_REQUEST_BYTES", 1024 * 1024),
     responseEnvelope: envelope === "request_payload" ? "request_payload" : "none",
     customers,

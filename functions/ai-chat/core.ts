@@ -14,12 +14,14 @@ import {
   isOpenAiErrorBody,
   toErrorResponse,
 } from "./errors";
+import { relayChatStream } from "./chat-stream";
 import { describeError, type Logger } from "./logger";
 import { transactionIdFor, type UsageMeter } from "./metering";
 import { StaticSecrets, type SecretsPort, type ServiceSecrets } from "./secrets";
+import { CollectingResponder, type ProxyResponse, type Responder } from "./responder";
 import type { UpstreamClient, UpstreamRequest } from "./upstream";
-import { NO_USAGE, estimateUsage, extractUsage, type TokenUsage } from "./usage";
-import { MAX_MODEL_NAME_CHARS, parseChatCompletionRequest, type RequestFacts } from "./validate";
+import { NO_USAGE, TokenTally, encodingForModel, estimateRequestTokens, estimateUsage, extractUsage, type TokenUsage } from "./usage";
+import { MAX_MODEL_NAME_CHARS, parseChatCompletionRequest, type ChatCompletionRequest, type RequestFacts } from "./validate";
 import { stringifyJson } from "../shared/json";
 import { costOf, priceFor, type Cost } from "../shared/pricing";
 import { SecretRedactor } from "../shared/secret-redactor";
@@ -43,11 +45,7 @@ export interface ProxyRequest {
   remainingMs?: number;
 }
 
-export interface ProxyResponse {
-  statusCode: number;
-  headers: Record<string, string>;
-  body: string;
-}
+export type { ProxyResponse, Responder, StreamWriter } from "./responder";
 
 export interface CoreDeps {
   config: FunctionConfig;
@@ -69,6 +67,8 @@ export const ROUTES = [
 /**
  * Lambda's limit on a synchronous response: 6 MiB of serialised JSON (`{statusCode, headers, body}`); the runtime
  * fails anything larger with "Exceeded maximum allowed payload size (6291556 bytes)" and API Gateway answers 502.
+ * Since every route became a STREAM integration a buffered answer travels as streamed bytes (up to 200 MB), so this
+ * bound is now conservative; it is kept so the function behaves the same whichever integration mode it runs behind.
  */
 export const LAMBDA_RESPONSE_LIMIT_BYTES = 6 * 1024 * 1024;
 
@@ -91,6 +91,10 @@ interface Metering {
   billed: boolean;
   upstreamStatus?: number;
   upstreamMs?: number;
+  /** The answer was streamed: it has been sent and ended already. */
+  streamed?: boolean;
+  streamError?: string;
+  clientDisconnected?: boolean;
 }
 
 /** An upstream answer after redaction: nothing reads the raw one. */
@@ -102,6 +106,7 @@ interface UpstreamAnswer {
 }
 
 const JSON_HEADERS = { "Content-Type": "application/json" } as const;
+const SSE_HEADERS = { "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache" } as const;
 
 /**
  * Serves one request: identifies the customer, validates, calls the upstream, and meters the outcome. Never throws:
@@ -110,15 +115,22 @@ const JSON_HEADERS = { "Content-Type": "application/json" } as const;
  *
  * Billing rule: a request is billed when, and only when, the caller receives a 2xx answer carrying the completion.
  * When the upstream did the work but the caller gets an error instead — the answer is over Lambda's response limit,
- * or the invocation ran out of time — the record says that error and bills nothing.
+ * or the invocation ran out of time — the record says that error and bills nothing. A streamed answer (`stream:
+ * true`) is billed once its first event reached the caller, for what the upstream sent until the stream ended,
+ * failed or the caller left (see `chat-stream.ts`).
+ *
+ * The answer goes to `responder` (whole, or streamed), and is metered only after its last byte was handed over, so
+ * metering never delays it. Without a responder the answer is collected and returned (a stream as its SSE text).
  */
-export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Promise<ProxyResponse> {
+export async function handleRequest(request: ProxyRequest, deps: CoreDeps, responder?: Responder): Promise<ProxyResponse> {
   const startedAt = deps.clock();
   const deadline = request.remainingMs !== undefined ? startedAt + request.remainingMs : undefined;
   const metering: Metering = { usage: NO_USAGE, usageEstimated: false, billed: false };
+  const collector = responder ? undefined : new CollectingResponder();
+  const out = responder ?? collector!;
   let response: ProxyResponse;
   try {
-    response = await route(request, deps, metering, deadline);
+    response = await route(request, deps, metering, deadline, out);
   } catch (err) {
     metering.billed = false;
     response = errorResponse(err, request, deps, metering);
@@ -126,7 +138,7 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Prom
   response.headers["x-request-id"] = request.requestId;
 
   // The caller must get what the record says: check what Lambda can still deliver before metering it.
-  const undeliverable = deliveryProblem(response, deps, deadline);
+  const undeliverable = metering.streamed ? undefined : deliveryProblem(response, deps, deadline);
   if (undeliverable) {
     if (metering.billed) {
       deps.log.warn("answer_not_delivered", {
@@ -140,6 +152,13 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Prom
     metering.billed = false;
     response = errorResponse(undeliverable, request, deps, metering);
     response.headers["x-request-id"] = request.requestId;
+  }
+  if (!metering.streamed) {
+    try {
+      await out.send(response);
+    } catch (err) {
+      deps.log.warn("response_not_sent", { request_id: request.requestId, error: describeError(err) });
+    }
   }
   if (!metering.billed && metering.model === undefined && request.method === "POST") metering.model = peekModel(request.body, deps.config.maxRequestBytes);
   const usage = metering.billed ? metering.usage : NO_USAGE;
@@ -169,6 +188,9 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Prom
       billed: metering.billed,
       upstreamStatus: metering.upstreamStatus,
       upstreamMs: metering.upstreamMs,
+      streamed: metering.streamed,
+      streamError: metering.streamError,
+      clientDisconnected: metering.clientDisconnected,
       status: response.statusCode,
       requestHeaders: request.headers,
       responseHeaders: response.headers,
@@ -195,9 +217,12 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps): Prom
     currency: cost?.currency,
     upstream_status: metering.upstreamStatus,
     upstream_ms: metering.upstreamMs,
+    streamed: metering.streamed,
+    stream_error: metering.streamError,
+    client_disconnected: metering.clientDisconnected,
     duration_ms: finishedAt - startedAt,
   });
-  return response;
+  return collector?.response ?? response;
 }
 
 function errorResponse(err: unknown, request: ProxyRequest, deps: CoreDeps, metering: Metering): ProxyResponse {
@@ -223,7 +248,7 @@ export function serialisedSize(response: ProxyResponse): number {
   return Buffer.byteLength(JSON.stringify({ statusCode: response.statusCode, headers: response.headers, body: response.body }), "utf8");
 }
 
-async function route(request: ProxyRequest, deps: CoreDeps, metering: Metering, deadline: number | undefined): Promise<ProxyResponse> {
+async function route(request: ProxyRequest, deps: CoreDeps, metering: Metering, deadline: number | undefined, responder: Responder): Promise<ProxyResponse> {
   const { config } = deps;
   const known = ROUTES.find((r) => r.route === request.route && r.method === request.method);
   if (!known) throw new NotFoundError(`Invalid URL (${request.method} ${request.route})`, "unknown_url");
@@ -243,7 +268,7 @@ async function route(request: ProxyRequest, deps: CoreDeps, metering: Metering, 
     deps.log.error("configuration_invalid", { problems: ["no upstream API key: set UPSTREAM_API_KEY_PARAMETER or UPSTREAM_API_KEY (or Authorization=Bearer …)"] });
     throw new ConfigurationError("The service has no upstream API key configured.");
   }
-  const call: UpstreamCall = { deps, metering, redactor: redactorFor(secrets), deadline };
+  const call: UpstreamCall = { deps, metering, redactor: redactorFor(secrets), deadline, responder, requestId: request.requestId };
 
   if (known.route === "/v1/models") return listModels(customer, call);
   return chatCompletion(request, customer, call, known.route === "/ai-chat");
@@ -255,6 +280,8 @@ interface UpstreamCall {
   metering: Metering;
   redactor: SecretRedactor;
   deadline: number | undefined;
+  responder: Responder;
+  requestId: string;
 }
 
 async function chatCompletion(request: ProxyRequest, customer: Customer, call: UpstreamCall, isSeedRoute: boolean): Promise<ProxyResponse> {
@@ -283,6 +310,8 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   // A plan that bills per model never serves a model at a wrong or zero price.
   if (plan?.pricing && !price) throw new ModelNotPricedError(chat.model);
 
+  if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price && plan?.pricing ? { currency: plan.pricing.currency, price } : undefined);
+
   // Otherwise the caller's text goes upstream unchanged, so fields this proxy does not know pass through untouched.
   const upstream = await callUpstream(call, { method: "POST", path: "/chat/completions", body });
   if (upstream.status >= 200 && upstream.status < 300) {
@@ -303,6 +332,96 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
     return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body: text };
   }
   return upstreamFailure(upstream, call);
+}
+
+/**
+ * A `stream: true` chat completion. The request is re-serialised (only here) to ask the upstream for
+ * `stream_options.include_usage`, whatever the caller sent, so the usage billed is the upstream's own count. Errors
+ * before the first event are thrown (ordinary JSON errors); after it, `relayChatStream` reports them in-band.
+ */
+async function streamChatCompletion(
+  call: UpstreamCall,
+  forwarded: Record<string, unknown>,
+  messages: ChatCompletionRequest["messages"],
+  model: string,
+  pricing: { currency: string; price: NonNullable<ReturnType<typeof priceFor>> } | undefined,
+): Promise<ProxyResponse> {
+  const { deps, metering, redactor, deadline, responder } = call;
+  const callerOptions = isRecord(forwarded.stream_options) ? forwarded.stream_options : {};
+  const callerWantsUsage = callerOptions.include_usage === true;
+  const body = stringifyJson({ ...forwarded, stream: true, stream_options: { ...callerOptions, include_usage: true } });
+  // The whole stream must end in time to meter it before the invocation's deadline.
+  const streamDeadline = deadline !== undefined ? deadline - deps.config.moesif.timeoutMs - DEADLINE_RESERVE_MS : undefined;
+
+  const started = deps.clock();
+  let timeoutMs: number | undefined;
+  if (streamDeadline !== undefined) {
+    timeoutMs = streamDeadline - started;
+    if (timeoutMs < 100) throw new DeadlineExceededError();
+  }
+  // The caller may leave while the upstream thinks: abort it then too.
+  const abort = new AbortController();
+  const onGone = () => abort.abort();
+  responder.clientGone.addEventListener("abort", onGone, { once: true });
+  let opened;
+  try {
+    opened = await deps.upstream.openStream({ method: "POST", path: "/chat/completions", body, ...(timeoutMs !== undefined ? { timeoutMs } : {}) }, abort.signal);
+  } catch (err) {
+    if (responder.clientGone.aborted) metering.clientDisconnected = true;
+    throw err;
+  } finally {
+    responder.clientGone.removeEventListener("abort", onGone);
+    metering.upstreamMs = deps.clock() - started;
+  }
+  metering.upstreamStatus = opened.status;
+  if (!opened.stream) {
+    const text = redactor.redactBody(opened.body.toString("utf8"));
+    const headers = redactor.redactHeaders(opened.headers);
+    if (text.changed || headers.changed) deps.log.warn("upstream_echoed_secret", { upstream_status: opened.status, in_body: text.changed, in_headers: headers.changed });
+    return upstreamFailure({ status: opened.status, headers: headers.headers, text: text.text, json: text.json }, call);
+  }
+
+  const request = { ...forwarded, messages };
+  const headers = { ...SSE_HEADERS, "x-request-id": call.requestId };
+  const outcome = await relayChatStream({
+    upstream: opened.stream,
+    redactor,
+    start: () => {
+      // From here the caller has a 200: the record says so, and what arrives is billed.
+      metering.streamed = true;
+      return responder.startStream(200, headers);
+    },
+    clientGone: responder.clientGone,
+    idleTimeoutMs: deps.config.upstreamIdleTimeoutMs,
+    deadline: streamDeadline,
+    clock: deps.clock,
+    callerWantsUsage,
+    newTally: () => new TokenTally(encodingForModel(model)),
+    estimatePrompt: (tally) => estimateRequestTokens(request, model, tally),
+    onEchoedSecret: () => deps.log.warn("upstream_echoed_secret", { upstream_status: opened.status, in_body: true, in_headers: false }),
+  });
+  metering.upstreamMs = deps.clock() - started;
+  if (!outcome.started) metering.clientDisconnected = outcome.clientDisconnected || undefined;
+  if (!outcome.started) throw outcome.failure ?? new UpstreamError("The upstream model server's stream ended before it started.", "upstream_bad_response");
+
+  metering.usage = outcome.usage;
+  metering.usageEstimated = outcome.usageEstimated;
+  if (pricing) metering.cost = { currency: pricing.currency, micros: costOf(outcome.usage, pricing.price) };
+  metering.billed = true;
+  metering.streamError = outcome.streamError;
+  metering.clientDisconnected = outcome.clientDisconnected || undefined;
+  // A summary, not the events: what billing and support need (the meter keeps the content only with logBodies).
+  metering.responseBody = {
+    ...(outcome.id !== undefined ? { id: outcome.id } : {}),
+    object: "chat.completion",
+    ...(outcome.model !== undefined ? { model: outcome.model } : {}),
+    choices: [{ index: 0, message: { role: "assistant", content: outcome.content } }],
+    usage: outcome.usage,
+  };
+  if (outcome.streamError || outcome.clientDisconnected) {
+    deps.log.warn("stream_ended_early", { request_id: call.requestId, stream_error: outcome.streamError, client_disconnected: outcome.clientDisconnected });
+  }
+  return { statusCode: 200, headers, body: "" };
 }
 
 async function listModels(customer: Customer, call: UpstreamCall): Promise<ProxyResponse> {

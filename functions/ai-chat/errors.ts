@@ -116,6 +116,16 @@ export class DeadlineExceededError extends ApiError {
   }
 }
 
+/**
+ * Why a stream that had started failed: reported in-band as the stream's last event (`streamErrorEvent`), since the
+ * status (200) and headers are already on their way.
+ */
+export class StreamFailedError extends ApiError {
+  constructor(message: string, code: "upstream_stream_failed" | "upstream_idle_timeout" | "deadline_exceeded" | "internal_error", type: OpenAiErrorType = "server_error") {
+    super(200, message, type, code);
+  }
+}
+
 export class RateLimitedError extends ApiError {
   constructor(message: string, retryAfter?: string) {
     super(429, message, "rate_limit_error", "rate_limit_exceeded", null, retryAfter ? { "Retry-After": retryAfter } : {});
@@ -143,4 +153,12 @@ export function isOpenAiErrorBody(value: unknown): value is OpenAiErrorBody {
   if (!value || typeof value !== "object") return false;
   const error = (value as { error?: unknown }).error;
   return !!error && typeof error === "object" && typeof (error as { message?: unknown }).message === "string";
+}
+
+/**
+ * The one SSE event that ends a failed stream: `data: {"error": {...}}`, which the OpenAI SDKs raise as `APIError`
+ * and the AI SDK reports as an error part (research note §6-7).
+ */
+export function streamErrorEvent(err: unknown): string {
+  return `data: ${JSON.stringify(toErrorResponse(err).body)}\n\n`;
 }

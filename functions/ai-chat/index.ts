@@ -1,14 +1,18 @@
 /**
- * The Lambda adapter: API Gateway REST proxy event (payload 1.0) → core request → core → proxy result.
- * Everything else lives in the core (`core.ts`) and its ports, which are built once per cold start below.
+ * The Lambda adapter: API Gateway REST proxy event (payload 1.0) → core request → core → response stream.
+ * Every route is a STREAM integration (`responseTransferMode: "STREAM"`), so the one handler is a streaming handler
+ * that answers buffered requests too (a prelude with Content-Length, one write, end). Everything else lives in the
+ * core (`core.ts`) and its ports, which are built once per cold start below.
  */
-import type { APIGatewayProxyEvent, APIGatewayProxyResult, Context } from "aws-lambda";
+import type { APIGatewayProxyEvent, Context } from "aws-lambda";
 import { loadFunctionConfig } from "./config";
 import { handleRequest, type CoreDeps, type ProxyRequest } from "./core";
 import { toErrorResponse } from "./errors";
+import { streamifyResponse, type LambdaResponseStream, type StreamingHandler } from "./lambda-stream";
 import { createLogger, describeError } from "./logger";
 import { NO_METER, type UsageMeter } from "./metering";
 import { MoesifMeter } from "./moesif";
+import { LambdaResponder } from "./responder";
 import { DeferredMeter, ParameterStoreSecrets, SsmParameterReader, StaticSecrets, type SecretsPort } from "./secrets";
 import { AxiosUpstreamClient } from "./upstream";
 
@@ -58,27 +62,40 @@ function ssmOptions(env: NodeJS.ProcessEnv) {
   };
 }
 
+/** The Lambda context the handler reads; on the streaming runtime it has no `succeed`/`fail`/`done`. */
+export type HandlerContext = Pick<Context, "awsRequestId"> & Partial<Pick<Context, "getRemainingTimeInMillis" | "callbackWaitsForEmptyEventLoop">>;
+
 /**
- * Builds a Lambda handler around lazily created dependencies (once per cold start). Tests pass their own.
- * The returned function declares two parameters on purpose: the nodejs24.x runtime refuses handlers with a callback.
+ * Builds the streaming Lambda handler around lazily created dependencies (once per cold start). Tests pass their
+ * own. The handler is `(event, responseStream, context)`, tagged by `streamifyResponse`; it always writes a prelude
+ * (even when it fails) and ends the stream, and meters after the end (the runtime lets a handler work after `end()`
+ * until it resolves: research note §4, runtime-interface-client src/Runtime.js L136-154).
  */
-export function createHandler(makeDeps: () => CoreDeps = () => createDeps()) {
+export function createHandler(makeDeps: () => CoreDeps = () => createDeps()): StreamingHandler<APIGatewayProxyEvent, HandlerContext> {
   let deps: CoreDeps | undefined;
-  return async function handler(event: APIGatewayProxyEvent, context: Context): Promise<APIGatewayProxyResult> {
+  return streamifyResponse(async function handler(event: APIGatewayProxyEvent, responseStream: LambdaResponseStream, context: HandlerContext): Promise<void> {
+    // Keep-alive sockets (upstream, Moesif) must not hold the invocation open until its timeout once the handler
+    // resolved (opennextjs-aws PR #487; runtime-interface-client src/StreamingContext.js L31-42).
+    if (context && "callbackWaitsForEmptyEventLoop" in context) context.callbackWaitsForEmptyEventLoop = false;
+    const responder = new LambdaResponder(responseStream);
     try {
       deps ??= makeDeps();
-      const response = await handleRequest(toProxyRequest(event, context), deps);
-      return { statusCode: response.statusCode, headers: response.headers, body: response.body };
+      await handleRequest(toProxyRequest(event, context), deps, responder);
     } catch (err) {
       // Unreachable by design (the core never throws); kept so that a bug can never fail the invocation.
       console.error(JSON.stringify({ level: "error", message: "handler_failed", error: describeError(err) }));
-      const { status, body } = toErrorResponse(err);
-      return { statusCode: status, headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+      if (!responder.started) {
+        const { status, body } = toErrorResponse(err);
+        await responder.send({ statusCode: status, headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) }).catch(() => undefined);
+      }
+    } finally {
+      // Whatever happened, the runtime gets a prelude and an ended stream (otherwise API Gateway answers 500 late).
+      responder.close();
     }
-  };
+  });
 }
 
-/** The Lambda entry point (`index.handler`). */
+/** The Lambda entry point (`index.handler`): a streaming handler. */
 export const handler = createHandler();
 
 /**
@@ -86,7 +103,7 @@ export const handler = createHandler();
  * The metered URI is built from what API Gateway asserts (domain name, stage, matched route), never from the
  * client's `Host` or `X-Forwarded-Proto`, so a caller cannot make its events look like another path.
  */
-export function toProxyRequest(event: APIGatewayProxyEvent, context: Pick<Context, "awsRequestId"> & Partial<Pick<Context, "getRemainingTimeInMillis">>): ProxyRequest {
+export function toProxyRequest(event: APIGatewayProxyEvent, context: HandlerContext): ProxyRequest {
   const headers: Record<string, string> = {};
   for (const [name, value] of Object.entries(event.headers ?? {})) if (typeof value === "string") headers[name.toLowerCase()] = value;
   for (const [name, values] of Object.entries(event.multiValueHeaders ?? {})) {

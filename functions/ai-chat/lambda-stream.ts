@@ -71,7 +71,8 @@ export function isStreamingHandler(handler: unknown): boolean {
 export function httpResponseStream(stream: LambdaResponseStream, prelude: HttpResponsePrelude): LambdaResponseStream {
   const aws = runtime();
   if (aws) return aws.HttpResponseStream.from(stream, prelude);
-  if (!(stream instanceof LocalResponseStream)) throw new TypeError("httpResponseStream needs a LocalResponseStream outside Lambda");
+  // A brand rather than `instanceof`: a bundled handler (its own copy of this module) gets the stack's or a test's stream.
+  if (!isLocalResponseStream(stream)) throw new TypeError("httpResponseStream needs a LocalResponseStream outside Lambda");
   stream.setContentType(HTTP_INTEGRATION_CONTENT_TYPE);
   stream.beforeFirstWrite = (write) => {
     write(Buffer.from(JSON.stringify(prelude)));
@@ -87,12 +88,19 @@ export interface ResponseSink {
   end(): void;
 }
 
+const LOCAL_STREAM_BRAND = Symbol.for("metered-ai-api.local-response-stream");
+
+function isLocalResponseStream(stream: LambdaResponseStream): stream is LocalResponseStream {
+  return (stream as unknown as Record<symbol, unknown>)[LOCAL_STREAM_BRAND] === true;
+}
+
 /**
  * The runtime's response stream, on loopback. Bytes go to a sink as they are written, the prelude hook behaves as the
  * runtime's (including the `end()`-without-`write()` pitfall), and `clientGone()` emits `close` early, which the
  * runtime on Lambda never does.
  */
 export class LocalResponseStream extends EventEmitter implements LambdaResponseStream {
+  readonly [LOCAL_STREAM_BRAND] = true;
   contentType = "application/octet-stream";
   /** Set by `httpResponseStream`; runs once, before the first write. */
   beforeFirstWrite?: (write: (chunk: Buffer) => void) => void;

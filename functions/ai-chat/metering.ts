@@ -35,6 +35,15 @@ export interface UsageRecord {
   billed?: boolean;
   upstreamStatus?: number;
   upstreamMs?: number;
+  /** The answer was streamed (`stream: true`): `status` is the prelude's, whatever happened after it. */
+  streamed?: boolean;
+  /** A streamed answer that ended with an in-band error event: that event's code (`upstream_idle_timeout`…). */
+  streamError?: string;
+  /**
+   * The caller went away before the stream ended: the upstream was aborted and what it had sent by then is billed.
+   * Only ever set where the platform reports a disconnect (the local stack; never Lambda, see `index.ts`).
+   */
+  clientDisconnected?: boolean;
   status: number;
   requestHeaders: Record<string, string>;
   responseHeaders: Record<string, string>;

@@ -57,6 +57,12 @@ export interface MoesifMetadata {
   upstream_ms: number | null;
   request_id: string;
   route: string;
+  /** The answer was an SSE stream. */
+  streamed: boolean;
+  /** Code of the error event that ended a stream early (`upstream_stream_failed`, `upstream_idle_timeout`…). */
+  stream_error: string | null;
+  /** The caller disconnected mid-stream; the tokens received until then are billed (estimated). */
+  client_disconnected: boolean;
 }
 
 /** Moesif's collector event (https://www.moesif.com/docs/api#create-an-event). */
@@ -154,6 +160,9 @@ export function toMoesifEvent(record: UsageRecord, logBodies: boolean): MoesifEv
       upstream_ms: record.upstreamMs ?? null,
       request_id: record.requestId,
       route: record.route,
+      streamed: record.streamed === true,
+      stream_error: typeof record.streamError === "string" ? clip(record.streamError, MAX_FIELD_CHARS) : null,
+      client_disconnected: record.clientDisconnected === true,
     },
   };
 }

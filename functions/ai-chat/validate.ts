@@ -93,13 +93,7 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, conten
   });
   checkMessageFields(messages as Array<Record<string, unknown>>);
   checkKnownFieldTypes(body);
-  if (body.stream === true) {
-    throw new BadRequestError(
-      "Streaming is not enabled on this endpoint yet; send the request with `stream: false`.",
-      "stream",
-      "streaming_not_supported",
-    );
-  }
+  checkStreamOptions(body);
   return { request: body as ChatCompletionRequest, text };
 }
 
@@ -150,6 +144,22 @@ function checkKnownFieldTypes(body: Record<string, unknown>): void {
     const value = body[field];
     if (value === undefined || value === null) continue;
     if (!check(value)) throw new BadRequestError(`\`${field}\` must be ${expected}.`, field, "invalid_type");
+  }
+}
+
+/**
+ * `stream_options` only goes with `stream: true`, as OpenAI answers ("The 'stream_options' parameter is only allowed
+ * when 'stream' is enabled.", 400, param `stream_options`); `include_usage` is a boolean.
+ */
+function checkStreamOptions(body: Record<string, unknown>): void {
+  const options = body.stream_options;
+  if (options === undefined || options === null) return;
+  if (body.stream !== true) {
+    throw new BadRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options", "invalid_value");
+  }
+  const includeUsage = (options as Record<string, unknown>).include_usage;
+  if (includeUsage !== undefined && includeUsage !== null && typeof includeUsage !== "boolean") {
+    throw new BadRequestError("`stream_options.include_usage` must be a boolean.", "stream_options.include_usage", "invalid_type");
   }
 }
 

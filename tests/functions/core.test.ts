@@ -493,3 +493,45 @@ describe("handleRequest: secrets an upstream echoes", () => {
     });
   }
 });
+
+describe("handleRequest: streamed answers without a transport", () => {
+  const sseBody = (...data: string[]) => data.map((d) => `data: ${d}\n\n`).join("");
+  const delta = (content: string) => JSON.stringify({ id: "c1", object: "chat.completion.chunk", created: 1, model: "gpt-4o-mini", choices: [{ index: 0, delta: { content } }], usage: null });
+
+  it("collects the SSE text and meters the upstream's usage chunk", async () => {
+    const usage = JSON.stringify({ id: "c1", object: "chat.completion.chunk", created: 1, model: "gpt-4o-mini", choices: [], usage: { prompt_tokens: 4, completion_tokens: 2, total_tokens: 6 } });
+    const upstream = new FakeUpstream(() => ({ status: 200, headers: { "content-type": "text/event-stream" }, body: Buffer.from(sseBody(delta("Hi"), delta(" there"), usage, "[DONE]")) }));
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: chatBody({ stream: true }) }), fakeDeps({ upstream, meter }));
+    expect(response.statusCode).to.equal(200);
+    expect(response.headers["Content-Type"]).to.equal("text/event-stream; charset=utf-8");
+    expect(response.body).to.equal(sseBody(delta("Hi"), delta(" there"), "[DONE]"));
+    expect(JSON.parse(upstream.requests[0].body ?? "{}").stream_options).to.deep.equal({ include_usage: true });
+    expect(meter.records[0]).to.deep.include({ status: 200, streamed: true, usageEstimated: false, billed: true });
+    expect(meter.records[0].usage).to.deep.include({ prompt_tokens: 4, completion_tokens: 2 });
+  });
+
+  it("replaces an invalid usage chunk by an estimated one for a caller who asked", async () => {
+    const bad = JSON.stringify({ id: "c1", object: "chat.completion.chunk", created: 1, model: "gpt-4o-mini", choices: [], usage: { prompt_tokens: -4, completion_tokens: "2" } });
+    const upstream = new FakeUpstream(() => ({ status: 200, headers: {}, body: Buffer.from(sseBody(delta("Hi"), bad, "[DONE]")) }));
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: chatBody({ stream: true, stream_options: { include_usage: true } }) }), fakeDeps({ upstream, meter }));
+    expect(response.body).to.not.include(`"prompt_tokens":-4`);
+    const usageChunks = response.body.split("\n\n").filter((b) => b.includes('"usage":{'));
+    expect(usageChunks).to.have.length(1);
+    expect(meter.records[0].usageEstimated).to.equal(true);
+    expect(JSON.parse(usageChunks[0].slice(6)).usage).to.deep.equal(meter.records[0].usage);
+  });
+});
+
+describe("handleRequest: streams with nothing but [DONE]", () => {
+  it("answers an empty stream (only [DONE]) as a stream, billing the prompt", async () => {
+    const upstream = new FakeUpstream(() => ({ status: 200, headers: {}, body: Buffer.from("data: [DONE]\n\n") }));
+    const meter = new RecordingMeter();
+    const response = await handleRequest(proxyRequest({ json: chatBody({ stream: true }) }), fakeDeps({ upstream, meter }));
+    expect(response.statusCode).to.equal(200);
+    expect(response.body).to.equal("data: [DONE]\n\n");
+    expect(meter.records[0]).to.deep.include({ status: 200, streamed: true, billed: true, usageEstimated: true });
+    expect(meter.records[0].usage.completion_tokens).to.equal(0);
+  });
+});

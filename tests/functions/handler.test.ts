@@ -2,6 +2,8 @@ import { expect } from "chai";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { createDeps, createHandler, handler as lambdaHandler } from "../../functions/ai-chat/index";
+import { invokeStreaming } from "../helpers/invoke-streaming";
+import { isStreamingHandler } from "../../functions/ai-chat/lambda-stream";
 import { transactionIdFor } from "../../functions/ai-chat/metering";
 import { MoesifCollector } from "../../scripts/local/moesif-collector";
 import { UpstreamServer } from "../../scripts/local/upstream-server";
@@ -42,7 +44,7 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
   const invoke = async (handler: ReturnType<typeof createHandler>, options: Parameters<typeof createApiGatewayEvent>[0] = {}) => {
     const event = createApiGatewayEvent({ apiKey: CALLER_KEY, body: chatBody(), ...options });
     const started = Date.now();
-    const result = await handler(event, createContext());
+    const result = await invokeStreaming(handler, event, createContext());
     recordForScan("handler response", [result.body, JSON.stringify(result.headers ?? {})]);
     return { event, result, ms: Date.now() - started, json: JSON.parse(result.body) };
   };
@@ -67,8 +69,9 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
     await collector.stop();
   });
 
-  it("exports a handler that declares exactly two parameters", () => {
-    expect(lambdaHandler.length).to.equal(2);
+  it("exports a streaming handler (tagged by streamifyResponse) that declares (event, responseStream, context)", () => {
+    expect(isStreamingHandler(lambdaHandler)).to.equal(true);
+    expect(lambdaHandler.length).to.equal(3);
   });
 
   it("round-trips a completion and sends one Moesif event with the customer, company, transaction id and tokens", async () => {
@@ -330,7 +333,7 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
   it("meters the URI API Gateway asserts (domain, stage, route), never the client's Host or X-Forwarded-Proto", async () => {
     const event = createApiGatewayEvent({ apiKey: CALLER_KEY, body: chatBody(), stage: "prod", headers: { Host: "free.example/ai-chat?", "X-Forwarded-Proto": "gopher" } });
     event.requestContext.domainName = "abc123.execute-api.us-east-1.amazonaws.com";
-    const result = await makeHandler()(event, createContext());
+    const result = await invokeStreaming(makeHandler(), event, createContext());
     expect(result.statusCode).to.equal(200);
     const [sent] = collector.events();
     expect((sent.request as { uri: string }).uri).to.equal("https://abc123.execute-api.us-east-1.amazonaws.com/prod/v1/chat/completions");
@@ -341,7 +344,7 @@ describe("ai-chat handler over the wire (loopback upstream + collector)", () => 
     const handler = makeHandler({ UPSTREAM_TIMEOUT_MS: "20000" });
     const event = createApiGatewayEvent({ apiKey: CALLER_KEY, body: chatBody({ mock: { latency_ms: 5000 } }) });
     // 3.5 s left: 300 ms are kept for metering and 2 s in reserve, so the upstream gets 1.2 s.
-    const result = await handler(event, createContext({ getRemainingTimeInMillis: () => 3500 }));
+    const result = await invokeStreaming(handler, event, createContext({ getRemainingTimeInMillis: () => 3500 }));
     expect(result.statusCode).to.equal(504);
     expect(JSON.parse(result.body).error.code).to.equal("upstream_timeout");
     const [sent] = collector.events();

@@ -1,5 +1,6 @@
 import { expect } from "chai";
 import { createDeps, createHandler } from "../../functions/ai-chat/index";
+import { invokeStreaming } from "../helpers/invoke-streaming";
 import { MoesifCollector, type StoredEvent } from "../../scripts/local/moesif-collector";
 import { UpstreamServer } from "../../scripts/local/upstream-server";
 import { chatBody, createApiGatewayEvent, createContext } from "../helpers/events";
@@ -42,7 +43,7 @@ describe("What Moesif receives from the handler (loopback upstream + collector)"
         { write: (line) => logs.push(line) },
       ),
     );
-    const result = await handler(createApiGatewayEvent({ body: chatBody(), ...options }), createContext());
+    const result = await invokeStreaming(handler, createApiGatewayEvent({ body: chatBody(), ...options }), createContext());
     recordForScan("wire test response", [result.body]);
     return result;
   };

@@ -3,6 +3,7 @@ import { execFileSync } from "node:child_process";
 import http from "node:http";
 import path from "node:path";
 import { createDeps, createHandler } from "../../functions/ai-chat/index";
+import { invokeStreaming } from "../helpers/invoke-streaming";
 import { createLogger } from "../../functions/ai-chat/logger";
 import { ParameterStoreSecrets, type ParameterReader } from "../../functions/ai-chat/secrets";
 import { LoopbackServer, readBody, sendJson } from "../../scripts/local/loopback";
@@ -91,7 +92,7 @@ describe("secrets from SSM Parameter Store (over the wire)", () => {
     );
 
   const invoke = async (handler: ReturnType<typeof createHandler>) => {
-    const result = await handler(createApiGatewayEvent({ apiKey: CALLER_KEY, body: chatBody() }), createContext());
+    const result = await invokeStreaming(handler, createApiGatewayEvent({ apiKey: CALLER_KEY, body: chatBody() }), createContext());
     recordForScan("ssm test response", [result.body]);
     return { result, json: JSON.parse(result.body) };
   };
@@ -220,7 +221,7 @@ describe("DeferredMeter", () => {
           LOG_LEVEL: "error",
         }, { write: () => undefined }),
       );
-      const result = await handler(createApiGatewayEvent({ apiKey: CALLER_KEY, apiKeyId: "key-id-nobody", body: chatBody() }), createContext());
+      const result = await invokeStreaming(handler, createApiGatewayEvent({ apiKey: CALLER_KEY, apiKeyId: "key-id-nobody", body: chatBody() }), createContext());
       expect(result.statusCode).to.equal(403);
       expect(collector.events()).to.have.length(1);
       expect((collector.events()[0].response as { status: number }).status).to.equal(403);

@@ -45,14 +45,19 @@ describe("parseChatCompletionRequest", () => {
     expectBadRequest(JSON.stringify({ model: "m", messages: [{ content: "no role" }] }), "messages[0].role");
   });
 
-  it("says streaming is not enabled yet", () => {
-    try {
-      parse(JSON.stringify({ model: "m", messages: [{ role: "user", content: "a" }], stream: true }));
-      expect.fail("accepted stream: true");
-    } catch (err) {
-      expect((err as BadRequestError).param).to.equal("stream");
-      expect((err as BadRequestError).message).to.match(/streaming is not enabled/i);
-    }
+  it("accepts stream: true with stream_options, and refuses a non-boolean stream", () => {
+    const messages = [{ role: "user", content: "a" }];
+    const parsed = parse(JSON.stringify({ model: "m", messages, stream: true, stream_options: { include_usage: true } }));
+    expect(parsed.stream).to.equal(true);
+    expectBadRequest(JSON.stringify({ model: "m", messages, stream: "yes" }), "stream");
+  });
+
+  it("refuses stream_options without stream: true, as OpenAI does", () => {
+    const messages = [{ role: "user", content: "a" }];
+    expectBadRequest(JSON.stringify({ model: "m", messages, stream_options: { include_usage: true } }), "stream_options");
+    expectBadRequest(JSON.stringify({ model: "m", messages, stream: false, stream_options: { include_usage: true } }), "stream_options");
+    expectBadRequest(JSON.stringify({ model: "m", messages, stream: true, stream_options: { include_usage: "yes" } }), "stream_options.include_usage");
+    expect(parse(JSON.stringify({ model: "m", messages, stream: false, stream_options: null })).stream).to.equal(false);
   });
 
   it("answers 413 above the byte limit", () => {

@@ -2,7 +2,8 @@ import { loadFunctionConfig, type FunctionConfig } from "../../functions/ai-chat
 import type { CoreDeps, ProxyRequest } from "../../functions/ai-chat/core";
 import { createLogger } from "../../functions/ai-chat/logger";
 import type { UsageMeter, UsageRecord } from "../../functions/ai-chat/metering";
-import type { UpstreamClient, UpstreamRequest, UpstreamResponse } from "../../functions/ai-chat/upstream";
+import { Readable } from "node:stream";
+import type { UpstreamClient, UpstreamRequest, UpstreamResponse, UpstreamStreamResponse } from "../../functions/ai-chat/upstream";
 import { recordForScan, registerSecret } from "./secret-scan";
 
 export const UPSTREAM_KEY = "sk-test-upstream-secret-0123456789";
@@ -36,6 +37,12 @@ export class FakeUpstream implements UpstreamClient {
   async send(request: UpstreamRequest): Promise<UpstreamResponse> {
     this.requests.push(request);
     return this.answer(request);
+  }
+  /** The same answer, its body streamed in one piece when the status is 2xx (an SSE text, for a stream test). */
+  async openStream(request: UpstreamRequest): Promise<UpstreamStreamResponse> {
+    const response = await this.send(request);
+    if (response.status >= 200 && response.status < 300) return { status: response.status, headers: response.headers, stream: Readable.from([response.body]) };
+    return response;
   }
 }
 

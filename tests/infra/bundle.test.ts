@@ -3,7 +3,9 @@ import fs from "node:fs";
 import path from "node:path";
 import { bundleFunction } from "../../infra/bundle";
 import { UpstreamServer } from "../../scripts/local/upstream-server";
+import { isStreamingHandler, type StreamingHandler } from "../../functions/ai-chat/lambda-stream";
 import { chatBody, createApiGatewayEvent, createContext } from "../helpers/events";
+import { invokeStreaming } from "../helpers/invoke-streaming";
 import { CUSTOMERS, PLANS, UPSTREAM_KEY } from "../helpers/fakes";
 
 // Inside the repository, so that the `@aws-sdk/*` packages the bundle leaves to the Lambda runtime (which ships
@@ -26,7 +28,7 @@ describe("bundleFunction (the esbuild bundles pulumi up deploys)", () => {
     fs.rmSync(authorizerDir, { recursive: true, force: true });
   });
 
-  it("builds a minified CommonJS handler with two parameters that serves and estimates usage from its own files", async () => {
+  it("builds a minified CommonJS streaming handler (event, responseStream, context) that serves and estimates usage from its own files", async () => {
     const { entry } = bundleFunction(path.resolve(__dirname, "../../functions/ai-chat/index.ts"), outdir, { files: { "plans.json": JSON.stringify(PLANS) } });
     expect(fs.statSync(entry).size).to.be.greaterThan(10_000);
     expect(fs.existsSync(path.join(outdir, "node_modules/js-tiktoken/dist/ranks/o200k_base.cjs"))).to.equal(true);
@@ -43,11 +45,13 @@ describe("bundleFunction (the esbuild bundles pulumi up deploys)", () => {
     });
     delete process.env.MOESIF_APPLICATION_ID;
     // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const bundled = require(entry) as { handler: (event: unknown, context: unknown) => Promise<{ statusCode: number; body: string }> };
-    expect(bundled.handler.length).to.equal(2);
+    const bundled = require(entry) as { handler: StreamingHandler<unknown, unknown> };
+    expect(bundled.handler.length).to.equal(3);
+    expect(isStreamingHandler(bundled.handler)).to.equal(true);
 
-    const result = await bundled.handler(createApiGatewayEvent({ body: chatBody({ mock: { omit_usage: true } }) }), createContext());
+    const result = await invokeStreaming(bundled.handler, createApiGatewayEvent({ body: chatBody({ mock: { omit_usage: true } }) }), createContext());
     expect(result.statusCode).to.equal(200);
+    expect(JSON.parse(result.body).choices[0].message.content).to.be.a("string");
     const loadedRanks = Object.keys(require.cache).filter((file) => file.includes("o200k_base"));
     expect(loadedRanks.some((file) => file.startsWith(outdir)), JSON.stringify(loadedRanks)).to.equal(true);
   });

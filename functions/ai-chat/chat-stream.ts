@@ -1,0 +1,314 @@
+/**
+ * Relays a streamed chat completion (OpenAI's SSE format) from the upstream to the caller, event by event as it
+ * arrives, and works out what to bill for it.
+ *
+ * - Every upstream event's data is forwarded as `data: <data>\n\n`, redacted of the service's secrets (an SSE event's
+ *   data is complete once parsed, so a secret cannot straddle two pieces of one redaction).
+ * - The upstream is always asked for `stream_options.include_usage` (by the core); its usage-only chunk reaches the
+ *   caller only if the caller asked for it. Otherwise chunks keep the `"usage": null` OpenAI puts on every chunk
+ *   once usage is requested: harmless to clients, and forwarding the upstream's bytes costs no re-serialisation.
+ * - Usage is the upstream's final usage chunk, validated as a buffered answer's is (`extractUsage`). Without a valid
+ *   one (some OpenAI-compatible servers send none; or the stream failed or the caller left first) it is estimated:
+ *   the prompt, plus the text received so far (content, refusal, reasoning, tool-call names and arguments),
+ *   tokenized once at the end.
+ * - A failure once the caller's stream has started (reset, an event that is not JSON, no chunk within the idle
+ *   timeout, the invocation's deadline) ends the stream with one `data: {"error": …}` event and no `[DONE]`. Before
+ *   the first event nothing has been sent, so the failure is returned for the core to answer as a JSON error.
+ */
+import type { Readable } from "node:stream";
+import { createParser, type EventSourceMessage } from "eventsource-parser";
+import { isRecord } from "./config";
+import { ApiError, DeadlineExceededError, StreamFailedError, UpstreamError, UpstreamTimeoutError, streamErrorEvent } from "./errors";
+import type { StreamWriter } from "./responder";
+import { NO_USAGE, TokenTally, extractUsage, type TokenUsage } from "./usage";
+import type { SecretRedactor } from "../shared/secret-redactor";
+
+/** The most SSE text buffered for one event; a larger one is an upstream gone wrong. */
+export const MAX_EVENT_CHARS = 4 * 1024 * 1024;
+/** How long the upstream may take to end its response after `[DONE]` before it is cut. */
+export const DONE_GRACE_MS = 1000;
+/** Characters of completion text kept for a metering record that logs bodies. */
+export const MAX_LOGGED_CONTENT_CHARS = 32 * 1024;
+
+export interface RelayOptions {
+  /** The upstream's response body (a 2xx), as it arrives. Destroying it aborts the upstream request. */
+  upstream: Readable;
+  redactor: SecretRedactor;
+  /** Starts the caller's response (status 200, SSE headers). Called once, at the first event. */
+  start: () => StreamWriter;
+  /** Aborted when the caller goes away. */
+  clientGone: AbortSignal;
+  /** Longest silence allowed between two upstream chunks. */
+  idleTimeoutMs: number;
+  /** When the whole stream must be over (clock time), so that metering still fits in the invocation. */
+  deadline?: number;
+  clock: () => number;
+  /** The caller sent `stream_options.include_usage: true`. */
+  callerWantsUsage: boolean;
+  /** Prompt tokens, by the tokenizer (only called when the usage must be estimated). */
+  estimatePrompt: (tally: TokenTally) => number;
+  /** A new tally for the model's encoding. */
+  newTally: () => TokenTally;
+  /** Called when an upstream event held a secret (it was redacted). */
+  onEchoedSecret?: () => void;
+}
+
+export interface RelayOutcome {
+  /** The caller's stream started: the caller got a 200 and events, so what was received is billed. */
+  started: boolean;
+  /** Why nothing was sent (only when `started` is false): the core answers it as a JSON error. */
+  failure?: ApiError;
+  usage: TokenUsage;
+  usageEstimated: boolean;
+  /** Code of the error event that ended the stream early. */
+  streamError?: string;
+  clientDisconnected: boolean;
+  /** The upstream ended its stream with `[DONE]`. */
+  done: boolean;
+  /** `id`, `model` and `created` of the last chunk: for the metering record and a synthesised usage chunk. */
+  id?: string;
+  model?: string;
+  created?: number;
+  /** Completion text received (bounded by MAX_LOGGED_CONTENT_CHARS), for records that log bodies. */
+  content: string;
+}
+
+type StopReason = "client" | "idle" | "deadline";
+
+/** Relays one stream. Never throws: every failure is in the outcome. */
+export async function relayChatStream(options: RelayOptions): Promise<RelayOutcome> {
+  const { upstream, redactor, clock } = options;
+  const texts = new Map<string, string[]>();
+  const append = (key: string, value: unknown) => {
+    if (typeof value !== "string" || value === "") return;
+    const list = texts.get(key);
+    if (list) list.push(value);
+    else texts.set(key, [value]);
+  };
+
+  let writer: StreamWriter | undefined;
+  let stopReason: StopReason | undefined;
+  let failure: ApiError | undefined;
+  /** An upstream error event, forwarded as the stream's last event. */
+  let upstreamErrorEvent: string | undefined;
+  let reported: TokenUsage | undefined;
+  let sawEvent = false;
+  let done = false;
+  let id: string | undefined;
+  let model: string | undefined;
+  let created: number | undefined;
+
+  let resolveStopped!: () => void;
+  const stopped = new Promise<void>((resolve) => (resolveStopped = resolve));
+  const stop = (reason: StopReason) => {
+    if (stopReason) return;
+    stopReason = reason;
+    upstream.destroy();
+    resolveStopped();
+  };
+  const onGone = () => stop("client");
+  if (options.clientGone.aborted) onGone();
+  else options.clientGone.addEventListener("abort", onGone, { once: true });
+
+  let idleTimer: NodeJS.Timeout | undefined;
+  const armIdle = (ms = options.idleTimeoutMs) => {
+    clearTimeout(idleTimer);
+    idleTimer = setTimeout(() => stop("idle"), ms);
+  };
+  const deadlineTimer = options.deadline !== undefined ? setTimeout(() => stop("deadline"), Math.max(0, options.deadline - clock())) : undefined;
+
+  let pending: EventSourceMessage[] = [];
+  const parser = createParser({ onEvent: (event) => pending.push(event), maxBufferSize: MAX_EVENT_CHARS });
+  const decoder = new TextDecoder("utf-8");
+
+  /** The text to forward for one event ("" for none); sets `failure`/`done` as it finds them. */
+  const handle = (event: EventSourceMessage): string => {
+    const data = event.data;
+    if (data.trim() === "") return "";
+    sawEvent = true;
+    if (data.trim() === "[DONE]") {
+      done = true;
+      return "";
+    }
+    const redacted = redactor.redactBody(data);
+    if (redacted.changed) options.onEchoedSecret?.();
+    const chunk = redacted.json;
+    if (!isRecord(chunk)) {
+      failure = new StreamFailedError("The upstream model server sent an event that is not a JSON object.", "upstream_stream_failed", "api_error");
+      return "";
+    }
+    if (chunk.error !== undefined && chunk.error !== null) {
+      upstreamErrorEvent = `data: ${redacted.text}\n\n`;
+      failure = new UpstreamError("The upstream model server reported an error in its stream.", "upstream_failed");
+      return "";
+    }
+    if (typeof chunk.id === "string") id = chunk.id;
+    if (typeof chunk.model === "string") model = chunk.model;
+    if (typeof chunk.created === "number") created = chunk.created;
+    let validUsage = false;
+    if (isRecord(chunk.usage)) {
+      const usage = extractUsage(chunk);
+      if (usage) {
+        reported = usage;
+        validUsage = true;
+      }
+    }
+    if (Array.isArray(chunk.choices)) {
+      chunk.choices.forEach((choice, i) => {
+        if (!isRecord(choice) || !isRecord(choice.delta)) return;
+        const at = typeof choice.index === "number" ? choice.index : i;
+        const delta = choice.delta;
+        for (const field of ["content", "refusal", "reasoning_content", "reasoning"]) append(`${at}:${field}`, delta[field]);
+        if (Array.isArray(delta.tool_calls)) {
+          delta.tool_calls.forEach((call, j) => {
+            if (!isRecord(call) || !isRecord(call.function)) return;
+            const tool = typeof call.index === "number" ? call.index : j;
+            append(`${at}:tool:${tool}:name`, call.function.name);
+            append(`${at}:tool:${tool}:arguments`, call.function.arguments);
+          });
+        }
+        if (isRecord(delta.function_call)) {
+          append(`${at}:function:name`, delta.function_call.name);
+          append(`${at}:function:arguments`, delta.function_call.arguments);
+        }
+      });
+    }
+    const usageOnly = Array.isArray(chunk.choices) && chunk.choices.length === 0 && isRecord(chunk.usage);
+    // The caller who did not ask sees what OpenAI sends without include_usage; an invalid usage chunk is replaced
+    // by an estimated one at the end.
+    if (usageOnly && (!options.callerWantsUsage || !validUsage)) return "";
+    return `data: ${redacted.text}\n\n`;
+  };
+
+  const writeOut = async (text: string) => {
+    writer ??= options.start();
+    await Promise.race([writer.write(text), stopped]);
+  };
+
+  let readError = false;
+  const iterator = upstream[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
+  armIdle();
+  try {
+    for (;;) {
+      // Raced with `stopped`: a read pending on a silent upstream must end when the idle timer, the deadline or the
+      // caller's disconnect stops the relay, whatever the stream implementation does on destroy.
+      const next = await Promise.race([iterator.next(), stopped.then(() => undefined)]);
+      clearTimeout(idleTimer);
+      if (!next || next.done || stopReason) break;
+      try {
+        parser.feed(decoder.decode(next.value, { stream: true }));
+      } catch {
+        failure = new StreamFailedError("The upstream model server sent an event larger than this service accepts.", "upstream_stream_failed", "api_error");
+      }
+      let out = "";
+      const events = pending;
+      pending = [];
+      for (const event of events) {
+        if (failure || done) break;
+        out += handle(event);
+      }
+      if (out && !stopReason) await writeOut(out);
+      if (failure || stopReason) break;
+      // After [DONE] the upstream ends its response at once; reading to that end keeps its keep-alive socket
+      // reusable (a destroyed one costs the next invocation a TLS handshake). One that lingers is cut after a grace.
+      if (done) armIdle(DONE_GRACE_MS);
+      else armIdle();
+    }
+  } catch {
+    readError = true;
+  } finally {
+    clearTimeout(idleTimer);
+    clearTimeout(deadlineTimer);
+    options.clientGone.removeEventListener("abort", onGone);
+    iterator.return?.().catch(() => undefined);
+  }
+  // Stop reading (after [DONE], or a failure): ends the upstream request if it is still open.
+  if (!upstream.destroyed) upstream.destroy();
+
+  if (!failure && !done && !stopReason && readError) {
+    failure = new StreamFailedError("The upstream model server's stream was cut off.", "upstream_stream_failed", "api_error");
+  }
+  if (!failure && !done && stopReason === "idle") {
+    failure = new StreamFailedError(`The upstream model server sent nothing for ${options.idleTimeoutMs} ms.`, "upstream_idle_timeout", "api_error");
+  }
+  if (!failure && !done && stopReason === "deadline") failure = new StreamFailedError("The answer could not be completed in time.", "deadline_exceeded", "api_error");
+
+  const clientDisconnected = stopReason === "client";
+  const outcome = (): RelayOutcome => {
+    const usage = reported ?? estimate();
+    return {
+      started: writer !== undefined,
+      usage,
+      usageEstimated: reported === undefined,
+      clientDisconnected,
+      done,
+      id,
+      model,
+      created,
+      content: loggedContent(),
+    };
+  };
+  const estimate = (): TokenUsage => {
+    const tally = options.newTally();
+    const prompt = options.estimatePrompt(tally);
+    let completion = 0;
+    for (const parts of texts.values()) completion += tally.count(parts.join(""));
+    return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+  };
+  const loggedContent = (): string => {
+    let content = "";
+    for (const [key, parts] of texts) {
+      if (!key.endsWith(":content")) continue;
+      content += parts.join("");
+      if (content.length > MAX_LOGGED_CONTENT_CHARS) return content.slice(0, MAX_LOGGED_CONTENT_CHARS);
+    }
+    return content;
+  };
+
+  if (!writer) {
+    // Nothing reached the caller: an ordinary JSON error, nothing billed (so nothing is estimated either).
+    const unsent = { started: false, usage: NO_USAGE, usageEstimated: false, clientDisconnected, done, content: "" };
+    if (clientDisconnected) return { ...unsent, failure: new UpstreamError("The caller went away before the upstream model server answered.", "client_disconnected") };
+    if (failure) return { ...unsent, failure: beforeStart(failure, options.idleTimeoutMs) };
+    if (!sawEvent) return { ...unsent, failure: new UpstreamError("The upstream model server returned a response that is not an event stream.", "upstream_bad_response") };
+  }
+
+  const result = outcome();
+  if (clientDisconnected) {
+    await writer?.end();
+    return result;
+  }
+  try {
+    if (failure) {
+      await writeOut(upstreamErrorEvent ?? streamErrorEvent(failure));
+      result.streamError = failure.code ?? "upstream_stream_failed";
+    } else {
+      if (options.callerWantsUsage && result.usageEstimated) {
+        const usageChunk = { id: id ?? "", object: "chat.completion.chunk", created: created ?? Math.floor(clock() / 1000), model: model ?? "", choices: [], usage: result.usage };
+        await writeOut(`data: ${JSON.stringify(usageChunk)}\n\n`);
+      }
+      await writeOut("data: [DONE]\n\n");
+    }
+  } finally {
+    await writer?.end();
+  }
+  // A stream whose only event was [DONE] (or a usage chunk the caller did not ask for) starts here.
+  result.started = writer !== undefined;
+  if (options.clientGone.aborted) result.clientDisconnected = true;
+  return result;
+}
+
+/** The JSON error for a stream that failed before its first event (the caller has had nothing yet). */
+function beforeStart(failure: ApiError, idleTimeoutMs: number): ApiError {
+  if (!(failure instanceof StreamFailedError)) return failure;
+  switch (failure.code) {
+    case "upstream_idle_timeout":
+      return new UpstreamTimeoutError(idleTimeoutMs);
+    case "deadline_exceeded":
+      return new DeadlineExceededError();
+    default:
+      return failure.message.includes("not a JSON")
+        ? new UpstreamError("The upstream model server returned a response that is not a chat completion.", "upstream_bad_response")
+        : new UpstreamError("The upstream model server's answer was cut off.", "upstream_unreachable");
+  }
+}
