@@ -9,6 +9,9 @@
  * deltas reported over IPC), at concurrency 1 and 32, interleaved in rounds so machine noise hits all alike.
  * The model server and the collector run in a child process of their own.
  *
+ * Streaming: time to first byte, time to the first word and the time per chunk of a streamed answer (200 words
+ * unpaced; 50 words 10 ms apart), from the model server directly and through the metered function, same run.
+ *
  * Then: the token estimator on 1 KB / 100 KB / 1 MB single-word prompts (each in a fresh process with a time limit),
  * the model server's answer time for a 1 MB single-word prompt, the time one `MoesifMeter.record` takes for a
  * normal event and for one whose body nests 20,000 arrays, the whole local stack, and the bundle's size, cold
@@ -32,6 +35,8 @@ const APP_ID = "bench-app";
 const REQUESTS = Number(process.env.BENCH_REQUESTS ?? 3000);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const ESTIMATE_LIMIT_MS = Number(process.env.BENCH_ESTIMATE_LIMIT_MS ?? 20_000);
+/** Streams per path for the unpaced streaming row (the paced row runs a fifth as many). */
+const STREAM_RUNS = Number(process.env.BENCH_STREAM_RUNS ?? 100);
 const BODY = JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "system", content: "You are terse." }, { role: "user", content: "Hello!" }] });
 const CUSTOMERS = JSON.stringify({ "bench-key-id": { customerId: "bench", plan: "pro", stripeCustomerId: "cus_bench" } });
 const PLANS = JSON.stringify({ pro: {} });
@@ -84,12 +89,60 @@ function caller(url: string, headers: Record<string, string> = {}): () => Promis
 // Child processes. The two servers below are plain JavaScript once transpiled and import nothing from this file:
 // each runs as `node -e "(<its source>)()"`, so no ts-node hook or benchmark code shares its process.
 
-/** Serves the bundled handler over node:http, as API Gateway + Lambda would call it (REST proxy event, base64 body). */
+/**
+ * Serves the bundled handler over node:http, as API Gateway + Lambda would call it (REST proxy event, base64 body).
+ * A streaming handler (tagged by `awslambda.streamifyResponse`) gets a response stream that writes the prelude's
+ * status and headers on the first write and every chunk to the socket as it comes, as API Gateway's STREAM
+ * integration does; the `awslambda` global it finds is this stand-in, installed before the bundle loads, as the
+ * Lambda runtime installs its own.
+ */
 function functionServer(): void {
   const nodeHttp = require("node:http") as typeof import("node:http");
-  const { handler } = require(process.env.BENCH_BUNDLE as string) as {
-    handler: (event: unknown, context: unknown) => Promise<{ statusCode: number; headers?: Record<string, string>; body: string; isBase64Encoded?: boolean }>;
+  const { EventEmitter } = require("node:events") as typeof import("node:events");
+  const STREAMING = Symbol.for("aws.lambda.runtime.handler.streaming");
+  type Prelude = { statusCode?: number; headers?: Record<string, string>; multiValueHeaders?: Record<string, string[]> };
+  class BenchResponseStream extends EventEmitter {
+    prelude?: Prelude;
+    writableEnded = false;
+    private wrote = false;
+    constructor(private readonly res: import("node:http").ServerResponse) {
+      super();
+      res.on("drain", () => this.emit("drain"));
+    }
+    setContentType(): void {}
+    write(chunk: string | Uint8Array): boolean {
+      if (!this.wrote) {
+        this.wrote = true;
+        this.res.writeHead(this.prelude?.statusCode ?? 200, { ...this.prelude?.headers, ...this.prelude?.multiValueHeaders });
+        this.res.flushHeaders();
+      }
+      return typeof chunk === "string" && chunk.length === 0 ? true : this.res.write(chunk);
+    }
+    end(): void {
+      if (this.writableEnded) return;
+      this.writableEnded = true;
+      if (!this.wrote) this.res.writeHead(500); // no prelude: API Gateway's 500
+      this.res.end();
+      this.emit("close");
+    }
+  }
+  (globalThis as Record<string, unknown>).awslambda = {
+    streamifyResponse(fn: Record<symbol, string>) {
+      fn[STREAMING] = "response";
+      return fn;
+    },
+    HttpResponseStream: {
+      from(stream: BenchResponseStream, prelude: Prelude) {
+        stream.prelude = prelude;
+        return stream;
+      },
+    },
   };
+  const { handler } = require(process.env.BENCH_BUNDLE as string) as {
+    handler: ((event: unknown, context: unknown) => Promise<{ statusCode: number; headers?: Record<string, string>; body: string; isBase64Encoded?: boolean }>) &
+      ((event: unknown, stream: BenchResponseStream, context: unknown) => Promise<void>) & { [STREAMING]?: string };
+  };
+  const streaming = handler[STREAMING] === "response";
   let served = 0;
   const server = nodeHttp.createServer((req, res) => {
     const chunks: Buffer[] = [];
@@ -109,17 +162,24 @@ function functionServer(): void {
         isBase64Encoded: true,
         requestContext: { requestId: `bench-${process.pid}-${served}`, stage: "beta", identity: { apiKeyId: "bench-key-id", sourceIp: "127.0.0.1" } },
       };
-      handler(event, { awsRequestId: `aws-${served}`, getRemainingTimeInMillis: () => 29_000 }).then(
-        (result) => {
-          const body = result.isBase64Encoded ? Buffer.from(result.body, "base64") : Buffer.from(result.body);
-          res.writeHead(result.statusCode, { ...result.headers, "content-length": String(body.length) });
-          res.end(body);
-        },
-        () => {
-          res.writeHead(500);
-          res.end();
-        },
-      );
+      const context = { awsRequestId: `aws-${served}`, getRemainingTimeInMillis: () => 29_000, callbackWaitsForEmptyEventLoop: true };
+      const failed = (): void => {
+        if (res.headersSent) {
+          res.destroy();
+          return;
+        }
+        res.writeHead(500);
+        res.end();
+      };
+      if (streaming) {
+        handler(event, new BenchResponseStream(res), context).catch(failed);
+        return;
+      }
+      handler(event, context).then((result) => {
+        const body = result.isBase64Encoded ? Buffer.from(result.body, "base64") : Buffer.from(result.body);
+        res.writeHead(result.statusCode, { ...result.headers, "content-length": String(body.length) });
+        res.end(body);
+      }, failed);
     });
   });
   server.keepAliveTimeout = 65_000;
@@ -269,6 +329,107 @@ async function servingTable(servers: { upstream: string; collector: string }, bu
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Streaming: time to first byte and per-chunk overhead, through the function versus from the model server directly
+
+interface StreamTiming {
+  /** Request sent → first body byte (the role chunk). */
+  ttfbMs: number;
+  /** Request sent → first word. */
+  firstWordMs: number;
+  /** First word → last byte, divided by the words after the first. */
+  perChunkMs: number;
+  totalMs: number;
+}
+
+/** One streamed request: reads the SSE body as it arrives and times it. */
+function streamOnce(url: string, body: string, headers: Record<string, string>, agent: http.Agent): Promise<StreamTiming> {
+  return new Promise((resolve, reject) => {
+    const started = performance.now();
+    const req = http.request(url, { method: "POST", agent, headers: { "content-type": "application/json", "content-length": String(Buffer.byteLength(body)), ...headers } }, (res) => {
+      let ttfb: number | undefined;
+      let firstWord: number | undefined;
+      let words = 0;
+      let text = "";
+      res.on("data", (c: Buffer) => {
+        const now = performance.now();
+        ttfb ??= now - started;
+        text += c.toString("utf8");
+        const found = text.split('"delta":{"content":"').length - 1;
+        if (found > 0 && firstWord === undefined) firstWord = now - started;
+        words = found;
+      });
+      res.on("end", () => {
+        const total = performance.now() - started;
+        if (res.statusCode !== 200 || !text.includes("data: [DONE]") || firstWord === undefined) return reject(new Error(`${url} answered ${res.statusCode}: ${text.slice(0, 300)}`));
+        resolve({ ttfbMs: ttfb ?? total, firstWordMs: firstWord, perChunkMs: words > 1 ? (total - firstWord) / (words - 1) : 0, totalMs: total });
+      });
+      res.on("error", reject);
+    });
+    req.on("error", reject);
+    req.end(body);
+  });
+}
+
+/**
+ * Streams the same answers from the model server directly and through the function (metered), one at a time,
+ * interleaved, for an unpaced 200-word answer and a paced 50-word one (10 ms between chunks).
+ */
+async function streamingTable(servers: { upstream: string; collector: string }, bundleEntry: string): Promise<string[]> {
+  const metered = await startServingChild(functionServer, {
+    BENCH_BUNDLE: bundleEntry,
+    UPSTREAM_BASE_URL: servers.upstream,
+    UPSTREAM_API_KEY: UPSTREAM_KEY,
+    CUSTOMERS,
+    PLANS,
+    LOG_LEVEL: "info",
+    MOESIF_APPLICATION_ID: APP_ID,
+    MOESIF_BASE_URI: servers.collector,
+    // The model server's pacing directives must reach it.
+    FORWARD_MOCK_DIRECTIVES: "true",
+  });
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 8 });
+  try {
+    const header = ["stream", "path", "TTFB p50 ms", "first word p50 ms", "per chunk p50 ms", "total p50 ms"];
+    const rows: string[][] = [];
+    for (const [label, mock, runs] of [
+      ["200 words, unpaced", { words: 200, chunk_delay_ms: 0 }, STREAM_RUNS],
+      ["50 words, 10 ms apart", { words: 50, chunk_delay_ms: 10 }, Math.max(5, Math.round(STREAM_RUNS / 5))],
+    ] as const) {
+      const body = JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "user", content: "Stream to me" }], stream: true, stream_options: { include_usage: true }, mock });
+      const paths = [
+        { name: "model server directly", call: () => streamOnce(`${servers.upstream}/chat/completions`, body, { authorization: `Bearer ${UPSTREAM_KEY}` }, agent) },
+        { name: "function bundle + Moesif", call: () => streamOnce(metered.url, body, {}, agent) },
+      ];
+      for (const p of paths) for (let i = 0; i < (mock.chunk_delay_ms > 0 ? 2 : 10); i++) await p.call(); // warm-up
+      const timings: StreamTiming[][] = paths.map(() => []);
+      for (let i = 0; i < runs; i++) for (const [j, p] of paths.entries()) timings[j].push(await p.call());
+      const medians = timings.map((list) => {
+        const p50 = (pick: (t: StreamTiming) => number) => percentile(list.map(pick).sort((a, b) => a - b), 50);
+        return { ttfb: p50((t) => t.ttfbMs), word: p50((t) => t.firstWordMs), chunk: p50((t) => t.perChunkMs), total: p50((t) => t.totalMs) };
+      });
+      for (const [j, p] of paths.entries()) {
+        const m = medians[j];
+        const d = j === 0 ? undefined : { ttfb: m.ttfb - medians[0].ttfb, chunk: m.chunk - medians[0].chunk };
+        rows.push([
+          j === 0 ? label : "",
+          p.name,
+          `${m.ttfb.toFixed(2)}${d ? ` (+${d.ttfb.toFixed(2)})` : ""}`,
+          m.word.toFixed(2),
+          `${m.chunk.toFixed(3)}${d ? ` (${d.chunk >= 0 ? "+" : ""}${d.chunk.toFixed(3)})` : ""}`,
+          m.total.toFixed(1),
+        ]);
+      }
+    }
+    const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+    const line = (cells: string[]) => cells.map((c, i) => (i < 2 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
+    return [line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line), "(in brackets: the function's overhead over the model server, same run; c=1, interleaved)"];
+  } finally {
+    agent.destroy();
+    metered.child.kill("SIGTERM");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Estimator, model server, meter
 
 /** Times the function's estimator on one single-word prompt of `bytes`, in a fresh process killed after the limit. */
@@ -382,6 +543,7 @@ async function main(): Promise<void> {
     process.stdout.write(`\nnpm run bench: ${REQUESTS} requests per path and concurrency in ${ROUNDS} interleaved rounds, loopback, node ${process.version}, ${new Date().toISOString()}\n\n`);
     const serving = await servingTable(servers, bundle.entry);
     process.stdout.write(serving.lines.join("\n") + "\n\n");
+    process.stdout.write((await streamingTable(servers, bundle.entry)).join("\n") + "\n\n");
     const other: Array<[string, string]> = [];
     for (const [label, bytes] of [["1 KB", 1024], ["100 KB", 100 * 1024], ["1 MB", 1024 * 1024]] as const) {
       other.push([`estimator, ${label} single-word prompt`, await timeEstimate(bytes)]);

@@ -23,7 +23,7 @@ import type { UpstreamClient, UpstreamRequest } from "./upstream";
 import { NO_USAGE, TokenTally, encodingForModel, estimateRequestTokens, estimateUsage, extractUsage, type TokenUsage } from "./usage";
 import { MAX_MODEL_NAME_CHARS, parseChatCompletionRequest, type ChatCompletionRequest, type RequestFacts } from "./validate";
 import { stringifyJson } from "../shared/json";
-import { costOf, priceFor, type Cost } from "../shared/pricing";
+import { costOf, priceFor, type Cost, type PlanPricing } from "../shared/pricing";
 import { SecretRedactor } from "../shared/secret-redactor";
 
 /** A request in the core's terms: already decoded from whatever transport carried it. */
@@ -310,7 +310,7 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   // A plan that bills per model never serves a model at a wrong or zero price.
   if (plan?.pricing && !price) throw new ModelNotPricedError(chat.model);
 
-  if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price && plan?.pricing ? { currency: plan.pricing.currency, price } : undefined);
+  if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price ? plan?.pricing : undefined);
 
   // Otherwise the caller's text goes upstream unchanged, so fields this proxy does not know pass through untouched.
   const upstream = await callUpstream(call, { method: "POST", path: "/chat/completions", body });
@@ -324,7 +324,7 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
     metering.usage = reported ?? estimateUsage({ ...forwarded, messages: chat.messages }, json, chat.model);
     metering.usageEstimated = !reported;
     metering.responseBody = json;
-    if (price && plan?.pricing) metering.cost = { currency: plan.pricing.currency, micros: costOf(metering.usage, price) };
+    if (price && plan?.pricing) metering.cost = servedCost(metering.usage, plan.pricing, chat.model, json.model);
     metering.billed = true;
     const text = isSeedRoute && deps.config.responseEnvelope === "request_payload" ? `{"request_payload":${upstream.text}}` : upstream.text;
     // Any 2xx carrying a completion is billed, whichever 2xx an OpenAI-compatible server chose; the caller gets that
@@ -339,12 +339,26 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
  * `stream_options.include_usage`, whatever the caller sent, so the usage billed is the upstream's own count. Errors
  * before the first event are thrown (ordinary JSON errors); after it, `relayChatStream` reports them in-band.
  */
+/**
+ * The cost of what was served. Priced at the requested model; but when the upstream says it answered with another
+ * model that the plan also prices (a router honouring an unknown field such as OpenRouter's `models` fallback list),
+ * at the higher of the two prices, so naming a cheap model never buys an expensive one. Dated variants
+ * (`gpt-4o-mini-2024-07-18`) have no price of their own and keep the requested model's.
+ */
+export function servedCost(usage: TokenUsage, pricing: PlanPricing, requested: string, answered: unknown): Cost {
+  const requestedPrice = priceFor(pricing, requested);
+  let micros = requestedPrice ? costOf(usage, requestedPrice) : 0;
+  const answeredPrice = typeof answered === "string" && answered !== requested ? priceFor(pricing, answered) : undefined;
+  if (answeredPrice) micros = Math.max(micros, costOf(usage, answeredPrice));
+  return { currency: pricing.currency, micros };
+}
+
 async function streamChatCompletion(
   call: UpstreamCall,
   forwarded: Record<string, unknown>,
   messages: ChatCompletionRequest["messages"],
   model: string,
-  pricing: { currency: string; price: NonNullable<ReturnType<typeof priceFor>> } | undefined,
+  pricing: PlanPricing | undefined,
 ): Promise<ProxyResponse> {
   const { deps, metering, redactor, deadline, responder } = call;
   const callerOptions = isRecord(forwarded.stream_options) ? forwarded.stream_options : {};
@@ -406,7 +420,7 @@ async function streamChatCompletion(
 
   metering.usage = outcome.usage;
   metering.usageEstimated = outcome.usageEstimated;
-  if (pricing) metering.cost = { currency: pricing.currency, micros: costOf(outcome.usage, pricing.price) };
+  if (pricing) metering.cost = servedCost(outcome.usage, pricing, model, outcome.model);
   metering.billed = true;
   metering.streamError = outcome.streamError;
   metering.clientDisconnected = outcome.clientDisconnected || undefined;

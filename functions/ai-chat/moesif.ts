@@ -230,7 +230,17 @@ export interface SerializedEvent {
   json: string;
   /** UTF-8 length of `json`. */
   bytes: number;
+  /** How many batches holding this event the collector refused outright (4xx other than 408/429). */
+  refusals?: number;
 }
+
+/**
+ * A batch the collector refuses outright (a 4xx other than 408 and 429) is not an outage: retrying it unchanged can
+ * never succeed, and re-sending it ahead of every new event would block metering for everyone. So each event of a
+ * refused batch counts the refusal, and one refused this many times (alone, or in batches that all failed) is given
+ * up with an error line naming it; its full event is in its `metering_deferred` line for replay.
+ */
+const MAX_REFUSALS = 3;
 
 export interface PreparedEvent extends SerializedEvent {
   /** The event as sent: bodies that did not fit replaced by their `TruncatedBody` marker. Safe to stringify again. */
@@ -444,17 +454,52 @@ export class MoesifMeter implements UsageMeter {
       this.defer(own, prepared.event, "collector backing off after a failure");
       return;
     }
-    const carried = this.take(this.maxBatchEvents - 1, this.maxBatchBytes - own.bytes);
-    const failure = await this.send(carried.length > 0 ? [own, ...carried] : [own], started + this.options.timeoutMs);
-    if (!failure) {
+    // While an event the collector refused waits, carry one event at a time, so a refusal names its culprit and
+    // never counts against the events that happened to share its batch.
+    const suspect = this.pending.some((event) => (event.refusals ?? 0) > 0);
+    const carried = this.take(suspect ? 1 : this.maxBatchEvents - 1, this.maxBatchBytes - own.bytes);
+    const deadline = started + this.options.timeoutMs;
+    const result = await this.send(carried.length > 0 ? [own, ...carried] : [own], deadline);
+    if (!result) {
       if (this.failures > 0) this.options.log.info("metering_recovered", { sent: carried.length + 1, still_pending: this.pending.length });
       this.failures = 0;
       return;
     }
-    this.noteFailure();
-    // Earlier events were logged when they were first deferred; only the new one needs its log line.
-    this.putBack(carried);
-    this.defer(own, prepared.event, failure);
+    if (!result.refused) {
+      this.noteFailure();
+      // Earlier events were logged when they were first deferred; only the new one needs its log line.
+      this.putBack(carried);
+      this.defer(own, prepared.event, result.reason);
+      return;
+    }
+    // Refused outright: no back-off (the collector is up), and no event may block the others for ever. Find out
+    // whether the new event is the one refused by sending it alone (within the same time bound).
+    const alone = carried.length > 0 ? await this.send([own], deadline) : result;
+    if (alone && alone.refused) {
+      this.options.log.error("metering_event_refused", { reason: alone.reason, transaction_id: own.transactionId, event: prepared.event });
+      this.putBack(carried);
+      return;
+    }
+    if (alone) {
+      // The collector failed otherwise meanwhile (timeout, 5xx): an outage after all.
+      this.noteFailure();
+      this.putBack(carried);
+      this.defer(own, prepared.event, alone.reason);
+      return;
+    }
+    // The new event went through alone, so the refusal was about the carried ones.
+    this.putBack(carried.filter((event) => this.keepAfterRefusal(event, result.reason)));
+  }
+
+  /** Counts a refusal against an event; false (and an error line) once it has been refused too often. */
+  private keepAfterRefusal(event: SerializedEvent, reason: string): boolean {
+    event.refusals = (event.refusals ?? 0) + 1;
+    if (event.refusals < MAX_REFUSALS) return true;
+    this.options.log.error("metering_event_refused", {
+      reason: `${reason}, in ${event.refusals} batches; replay it from its metering_deferred line once fixed`,
+      transaction_id: event.transactionId,
+    });
+    return false;
   }
 
   /** Takes the oldest pending events, at most `maxCount` of them and `maxBytes` in all. */
@@ -507,8 +552,12 @@ export class MoesifMeter implements UsageMeter {
     this.nextAttemptAt = now + backoff;
   }
 
-  /** Returns undefined on success, or why the send failed. Never throws; never outlives `deadline`. */
-  private async send(events: SerializedEvent[], deadline: number): Promise<string | undefined> {
+  /**
+   * Returns undefined on success, or why the send failed and whether the collector refused the payload itself
+   * (`refused`: a 4xx other than 408/429, which no retry of the same payload can fix). Never throws; never outlives
+   * `deadline`.
+   */
+  private async send(events: SerializedEvent[], deadline: number): Promise<{ reason: string; refused: boolean } | undefined> {
     const single = events.length === 1;
     try {
       const json = single ? events[0].json : `[${events.map((e) => e.json).join(",")}]`;
@@ -516,13 +565,14 @@ export class MoesifMeter implements UsageMeter {
       // is less than handing it to the thread pool and back; the time it took comes out of the same budget.
       const body = gzipSync(json);
       const remaining = Math.floor(deadline - performance.now());
-      if (remaining <= 0) return "time budget spent before sending";
+      if (remaining <= 0) return { reason: "time budget spent before sending", refused: false };
       const status = await this.post(single ? "/v1/events" : "/v1/events/batch", body, remaining);
       if (status >= 200 && status < 300) return undefined;
-      return `collector answered HTTP ${status}`;
+      const refused = status >= 400 && status < 500 && status !== 408 && status !== 429;
+      return { reason: `collector answered HTTP ${status}`, refused };
     } catch (err) {
       const { name, message, code } = describeError(err);
-      return `collector unreachable: ${code ?? name}: ${message}`;
+      return { reason: `collector unreachable: ${code ?? name}: ${message}`, refused: false };
     }
   }
 

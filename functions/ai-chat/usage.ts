@@ -162,11 +162,12 @@ function contentTokens(content: unknown, model: string, tally: TokenTally): numb
   let tokens = 0;
   for (const part of content) {
     if (!isRecord(part)) continue;
-    if (typeof part.text === "string") tokens += tally.count(part.text);
-    else if (typeof part.refusal === "string") tokens += tally.count(part.refusal);
-    else if (part.type === "image_url") tokens += imageTokens(part.image_url, model);
+    // The part's type decides, so a `"text": ""` added to an image or audio part cannot make it count as nothing.
+    if (part.type === "image_url") tokens += imageTokens(part.image_url, model);
     else if (part.type === "input_audio") tokens += audioTokens(part.input_audio);
     else if (part.type === "file") tokens += fileTokens(part.file, model);
+    else if (typeof part.text === "string") tokens += tally.count(part.text);
+    else if (typeof part.refusal === "string") tokens += tally.count(part.refusal);
     else tokens += tally.count(stringifyJson(part));
   }
   return tokens;
@@ -349,16 +350,26 @@ function readImageSize(b: Buffer): { width: number; height: number } | undefined
   return undefined;
 }
 
-/** Bytes per second from a WAV header's `fmt ` chunk; undefined for anything else. */
+/** 8 kHz mono 8-bit, the lowest rate a WAV file plausibly has. */
+const MIN_PCM_BYTES_PER_SECOND = 8_000;
+/** 192 kHz stereo 16-bit, the highest rate counted: a header claiming more is counted at this rate. */
+const MAX_PCM_BYTES_PER_SECOND = 768_000;
+
+/** Bytes per second of a WAV file, from its `fmt ` chunk; undefined for anything else. */
 function wavByteRate(b: Buffer): number | undefined {
   if (b.length < 12 || b.toString("latin1", 0, 4) !== "RIFF" || b.toString("latin1", 8, 12) !== "WAVE") return undefined;
   let at = 12;
   while (at + 8 <= b.length) {
     const id = b.toString("latin1", at, at + 4);
     const length = b.readUInt32LE(at + 4);
-    if (id === "fmt " && at + 16 <= b.length) {
-      const rate = b.readUInt32LE(at + 16);
-      return rate > 0 ? rate : undefined;
+    if (id === "fmt " && at + 24 <= b.length) {
+      // The header's own byte-rate field can claim anything; compute it from the sample rate and the block size
+      // (bytes per sample frame) and keep it within what PCM audio can be, so a lying header cannot make minutes of
+      // audio count as a few tokens.
+      const sampleRate = b.readUInt32LE(at + 12);
+      const blockAlign = b.readUInt16LE(at + 20);
+      const rate = sampleRate * blockAlign;
+      return rate > 0 ? Math.min(Math.max(rate, MIN_PCM_BYTES_PER_SECOND), MAX_PCM_BYTES_PER_SECOND) : undefined;
     }
     at += 8 + length + (length % 2);
   }

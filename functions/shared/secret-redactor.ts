@@ -46,6 +46,11 @@ export class SecretRedactor {
   containsSecret(text: string): boolean {
     if (this.empty) return false;
     if (this.spellings.some((s) => text.includes(s))) return true;
+    // Line-wrapped base64 (MIME, PEM) breaks a spelling with newlines: look again without them.
+    if (/[\r\n]/.test(text)) {
+      const unwrapped = text.replace(/[\r\n]+/g, "");
+      if (this.spellings.some((s) => unwrapped.includes(s))) return true;
+    }
     const decoded = [unescapeJsonLike(text), safeDecodeUri(text)];
     return decoded.some((d) => d !== text && this.secrets.some((s) => d.includes(s)));
   }
@@ -69,7 +74,12 @@ export class SecretRedactor {
     forEachJsonString(json, (s) => {
       if (!found && this.containsSecret(s)) found = true;
     });
-    if (!found) return { text, json, changed: false };
+    if (!found) {
+      // JSON.parse keeps only the last of duplicate keys, so a secret in an earlier duplicate is in the text but in
+      // no parsed string: answer the parsed value (which has no secret), never the raw text.
+      if (!this.containsSecret(text)) return { text, json, changed: false };
+      return { text: stringifyJson(json), json, changed: true };
+    }
     const redacted = mapJsonStrings(json, (s) => this.redactString(s));
     return { text: stringifyJson(redacted), json: redacted, changed: true };
   }
@@ -100,7 +110,7 @@ export class SecretRedactor {
 
 /**
  * The spellings a secret can take in text: raw; JSON-escaped (quotes, backslashes, control characters, and `\/`);
- * percent-encoded (upper- and lower-case hex, `+` for spaces); and base64 / base64url at each of the three byte
+ * percent-encoded (upper- and lower-case hex, `+` for spaces); hex; and base64 / base64url at each of the three byte
  * offsets it can start at inside a longer encoded value (the characters that depend only on the secret).
  */
 export function spellingsOf(secret: string): string[] {
@@ -113,6 +123,8 @@ export function spellingsOf(secret: string): string[] {
   out.add(uri.replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase()));
   out.add(uri.replace(/%20/g, "+"));
   const bytes = Buffer.from(secret, "utf8");
+  out.add(bytes.toString("hex"));
+  out.add(bytes.toString("hex").toUpperCase());
   for (let offset = 0; offset < 3; offset++) {
     const encoded = Buffer.concat([Buffer.alloc(offset), bytes]).toString("base64").replace(/=+$/, "");
     // Characters before `start` mix in the bytes before the secret; characters after `end` the bytes after it.

@@ -6,16 +6,24 @@
  * applies the key's usage plan (token-bucket throttle, DAY/WEEK/MONTH quota), builds the payload-1.0 proxy event,
  * calls the same handler module Lambda runs and maps its result back. Every answer of its own is the matching entry
  * of `infra/gateway-responses.ts` (OpenAI's error shape), as the deployed API's gateway responses are.
+ *
+ * The deployed routes are STREAM integrations (`responseTransferMode: STREAM`): a handler tagged by
+ * `streamifyResponse` gets a `LocalResponseStream` (functions/ai-chat/lambda-stream.ts, the runtime's contract) whose
+ * bytes reach the client as they are written, after the prelude (status, headers). An untagged handler is invoked the
+ * buffered way, `handler(event, context)` → proxy result, which some tests' small fakes still use.
  */
 import { randomUUID } from "node:crypto";
 import http from "node:http";
 import { LoopbackServer, readBody } from "./loopback";
+import { isStreamingHandler, LocalResponseStream, PreludeParser, type HttpResponsePrelude, type StreamingHandler } from "../../functions/ai-chat/lambda-stream";
 import { authorize } from "../../functions/authorizer/index";
 import { gatewayResponse, KEEPS_STATUS, renderGatewayBody } from "../../infra/gateway-responses";
 import type { APIGatewayAuthorizerResult, APIGatewayProxyEvent, APIGatewayProxyResult, APIGatewayRequestAuthorizerEvent, Context } from "aws-lambda";
-import type { PlanConfig, QuotaPeriod } from "../../infra/stack-config";
+import { STREAM_IDLE_TIMEOUT_MS, STREAM_MAX_DURATION_MS, type PlanConfig, type QuotaPeriod } from "../../infra/stack-config";
 
 export type LambdaHandler = (event: APIGatewayProxyEvent, context: Context) => Promise<APIGatewayProxyResult>;
+/** A handler tagged by `streamifyResponse`: API Gateway's STREAM integration (`responseTransferMode: STREAM`). */
+export type StreamingLambdaHandler = StreamingHandler<APIGatewayProxyEvent, Context>;
 export type Authorizer = (event: APIGatewayRequestAuthorizerEvent) => APIGatewayAuthorizerResult | Promise<APIGatewayAuthorizerResult>;
 
 export interface GatewayKey {
@@ -35,7 +43,12 @@ export interface GatewayOptions {
   stage: string;
   routes: ReadonlyArray<{ path: string; method: string }>;
   keys: GatewayKey[];
-  handler: LambdaHandler;
+  /**
+   * The function. A handler tagged by `streamifyResponse` is invoked as `handler(event, responseStream, context)`
+   * and its bytes reach the client as they are written (STREAM integration); an untagged one is invoked as
+   * `handler(event, context)` and its proxy result is sent whole (BUFFERED).
+   */
+  handler: LambdaHandler | StreamingLambdaHandler;
   quota: QuotaCounter;
   /** The stage's default method throttle: one bucket for all callers together. @default none */
   stageThrottle?: { rateLimit: number; burstLimit: number };
@@ -44,8 +57,17 @@ export interface GatewayOptions {
   port?: number;
   host?: string;
   clock?: () => number;
-  /** API Gateway's REST integration timeout. @default 29000 */
+  /**
+   * API Gateway's integration timeout: for a buffered handler until its result, for a streaming one for the whole
+   * stream. @default 29000 buffered, 900000 streaming (the maxima: integration.d.ts of @pulumi/aws 7.48, L355)
+   */
   integrationTimeoutMs?: number;
+  /**
+   * A stream's idle timeout: the longest gap between two chunks of a streamed answer. API Gateway's is 5 minutes for
+   * Regional endpoints (https://docs.aws.amazon.com/apigateway/latest/developerguide/response-transfer-mode.html).
+   * @default 300000
+   */
+  streamIdleTimeoutMs?: number;
 }
 
 /** API Gateway's REST payload limit. */
@@ -206,11 +228,21 @@ export class GatewayEmulator extends LoopbackServer {
     const payload = JSON.stringify(event);
     if (Buffer.byteLength(payload) > MAX_INVOKE_PAYLOAD_BYTES) return sendGatewayResponse(exchange, "REQUEST_TOO_LARGE");
 
+    const handler = this.options.handler;
+    const invokeEvent = JSON.parse(payload) as APIGatewayProxyEvent;
+    if (isStreamingHandler(handler)) {
+      const timeoutMs = this.options.integrationTimeoutMs ?? STREAM_MAX_DURATION_MS;
+      const context = lambdaContext(exchange.requestId, started, timeoutMs);
+      return streamInvocation(exchange, (stream) => (handler as StreamingLambdaHandler)(invokeEvent, stream, context), {
+        timeoutMs,
+        idleMs: this.options.streamIdleTimeoutMs ?? STREAM_IDLE_TIMEOUT_MS,
+      });
+    }
     const timeoutMs = this.options.integrationTimeoutMs ?? 29_000;
     const context = lambdaContext(exchange.requestId, started, timeoutMs);
     let result: unknown;
     try {
-      result = await withTimeout(this.options.handler(JSON.parse(payload) as APIGatewayProxyEvent, context), timeoutMs);
+      result = await withTimeout((handler as LambdaHandler)(invokeEvent, context), timeoutMs);
     } catch (err) {
       if (err === TIMED_OUT) return sendGatewayResponse(exchange, "INTEGRATION_TIMEOUT");
       // A function error: API Gateway answers 502 with INTEGRATION_FAILURE (which keeps that status).
@@ -356,6 +388,153 @@ export function isProxyResult(value: unknown): value is APIGatewayProxyResult {
     if (!Object.values(result.multiValueHeaders).every((v) => Array.isArray(v) && v.every(scalar))) return false;
   }
   return true;
+}
+
+/**
+ * Runs a streaming handler as API Gateway's STREAM integration does: the bytes pass a prelude parser until the
+ * prelude and its 8-NUL delimiter arrive (status and headers), then go to the client as they come, chunked unless
+ * the prelude declares a Content-Length. Resolves when the client's response is over, whichever way.
+ *
+ * - No prelude (the handler ended without writing, or wrote something that is not one), or a rejection before it:
+ *   500 INTEGRATION_FAILURE ("API Gateway invokes your Lambda function and return a 500 error response", the
+ *   compatibility table of response-transfer-mode-lambda.html).
+ * - A rejection, the integration timeout or the idle timeout after the prelude: the status is gone, so the client's
+ *   connection is cut without the final chunk, as API Gateway does ("curl: (18) transfer closed with outstanding
+ *   read data remaining", response-streaming-troubleshoot.html). Before the prelude a timeout is INTEGRATION_TIMEOUT.
+ * - The client going away: `stream.clientGone()`, so the function can stop paying for upstream tokens. Lambda never
+ *   tells the function (runtime-interface-client issue #145); the stand-in does, and so does this emulator.
+ */
+function streamInvocation(exchange: Exchange, invoke: (stream: LocalResponseStream) => Promise<void>, limits: { timeoutMs: number; idleMs: number }): Promise<void> {
+  const { res } = exchange;
+  return new Promise<void>((resolve) => {
+    const parser = new PreludeParser();
+    let started = false; // the prelude went out as the status line and headers
+    let over = false; // the client's response is finished, cut or answered by the gateway
+    let declaredLength: number | undefined;
+    let sentBytes = 0;
+    let idleTimer: NodeJS.Timeout | undefined;
+    const totalTimer = setTimeout(() => fail("INTEGRATION_TIMEOUT"), limits.timeoutMs);
+    const armIdle = () => {
+      clearTimeout(idleTimer);
+      idleTimer = setTimeout(() => fail("INTEGRATION_TIMEOUT"), limits.idleMs);
+    };
+    /** Ends the client's connection without the final chunk, after the bytes already written (a truncated body). */
+    const cut = () => {
+      if (res.socket) res.socket.destroySoon();
+      else res.destroy();
+    };
+    const settle = () => {
+      over = true;
+      clearTimeout(totalTimer);
+      clearTimeout(idleTimer);
+      resolve();
+    };
+    /** Ends the exchange abnormally: a gateway response before the prelude, a cut connection after it. */
+    const fail = (responseType: "INTEGRATION_FAILURE" | "INTEGRATION_TIMEOUT") => {
+      if (over) return;
+      settle();
+      // The gateway hung up on the function: the local function learns it, as it would of a client disconnect.
+      stream.clientGone();
+      if (started) cut();
+      else sendGatewayResponse(exchange, responseType, responseType === "INTEGRATION_FAILURE" ? 500 : undefined);
+    };
+    const send = (bytes: Buffer): boolean => {
+      if (bytes.length === 0) return true;
+      sentBytes += bytes.length;
+      return res.write(bytes);
+    };
+    const stream = new LocalResponseStream({
+      write(chunk) {
+        if (over) return true;
+        armIdle();
+        if (started) return send(chunk);
+        let parsed: ReturnType<PreludeParser["push"]>;
+        try {
+          parsed = parser.push(chunk);
+        } catch {
+          fail("INTEGRATION_FAILURE"); // not API Gateway's format: no JSON prelude and delimiter within 16 KB
+          return true;
+        }
+        if (!parsed) return true;
+        const head = preludeHeaders(parsed.prelude, exchange.requestId);
+        declaredLength = head.contentLength;
+        try {
+          res.writeHead(parsed.prelude.statusCode, head.headers);
+        } catch {
+          fail("INTEGRATION_FAILURE"); // a status or header Node refuses to send
+          return true;
+        }
+        started = true;
+        // Send the status line and headers now: a client sees the status before the first token, not with it.
+        res.flushHeaders();
+        return send(parsed.rest);
+      },
+      end() {
+        if (over) return;
+        if (!started) return fail("INTEGRATION_FAILURE"); // ended without a prelude: API Gateway's 500
+        // A body shorter or longer than its declared Content-Length cannot be framed: cut it, as a proxy would.
+        if (declaredLength !== undefined && sentBytes !== declaredLength) {
+          settle();
+          cut();
+          return;
+        }
+        settle();
+        res.end();
+      },
+    });
+    res.on("drain", () => stream.drained());
+    res.on("close", () => {
+      if (over) return;
+      settle();
+      stream.clientGone();
+    });
+    armIdle();
+    let invocation: Promise<void>;
+    try {
+      invocation = Promise.resolve(invoke(stream));
+    } catch (err) {
+      invocation = Promise.reject(err);
+    }
+    // A handler that resolves without ending its stream leaves the invocation open until a timeout, as on Lambda
+    // (the runtime waits for the response to finish: Runtime.js L136-154 of the runtime interface client).
+    invocation.catch(() => fail("INTEGRATION_FAILURE"));
+  });
+}
+
+/**
+ * The client's headers from a prelude, as API Gateway merges them: `headers`, then `multiValueHeaders` replacing a
+ * header of the same name ("only the values from multiValueHeaders will appear"), `cookies` as Set-Cookie, the
+ * request id; framing is the gateway's own except a declared Content-Length.
+ */
+export function preludeHeaders(prelude: HttpResponsePrelude, requestId: string): { headers: Record<string, string | string[]>; contentLength?: number } {
+  const merged = new Map<string, [string, string | string[]]>();
+  const isMap = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+  if (isMap(prelude.headers)) for (const [name, value] of Object.entries(prelude.headers)) merged.set(name.toLowerCase(), [name, String(value)]);
+  if (isMap(prelude.multiValueHeaders)) {
+    for (const [name, values] of Object.entries(prelude.multiValueHeaders)) {
+      if (Array.isArray(values)) merged.set(name.toLowerCase(), [name, values.map(String)]);
+    }
+  }
+  if (Array.isArray(prelude.cookies) && prelude.cookies.length > 0) {
+    const existing = merged.get("set-cookie")?.[1] ?? [];
+    merged.set("set-cookie", ["Set-Cookie", [...(Array.isArray(existing) ? existing : [existing]), ...prelude.cookies.map(String)]]);
+  }
+  const headers: Record<string, string | string[]> = Object.create(null);
+  let contentLength: number | undefined;
+  for (const [lower, [name, value]] of merged) {
+    if (lower === "content-length") {
+      const n = Number(Array.isArray(value) ? value[value.length - 1] : value);
+      if (Number.isSafeInteger(n) && n >= 0) {
+        contentLength = n;
+        headers["Content-Length"] = String(n);
+      }
+      continue;
+    }
+    if (FRAMING.has(lower)) continue;
+    headers[name] = value;
+  }
+  headers["x-amzn-RequestId"] = requestId;
+  return { headers, contentLength };
 }
 
 /** Framing headers the gateway sets itself from the body it sends. */

@@ -32,6 +32,8 @@ export interface LocalStackOptions {
   write?: (line: string) => void;
   /** How many raw payloads the built-in collector keeps in memory; tests that scan every payload pass "all". */
   keepRawPayloads?: "all" | { count: number; chars: number };
+  /** The gateway's idle timeout between two streamed chunks. @default 300000 (API Gateway's, Regional endpoints) */
+  streamIdleTimeoutMs?: number;
 }
 
 export interface LocalStack {
@@ -155,6 +157,8 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       UPSTREAM_BASE_URL: upstreamUrl,
       UPSTREAM_API_KEY: upstreamKey,
       UPSTREAM_TIMEOUT_MS: String(config.upstreamTimeoutMs),
+      // The longest silence allowed between two streamed chunks from the upstream.
+      UPSTREAM_IDLE_TIMEOUT_MS: String(config.upstreamIdleTimeoutMs),
       MAX_REQUEST_BYTES: String(config.maxRequestBytes),
       RESPONSE_ENVELOPE: config.responseEnvelope,
       MOESIF_APPLICATION_ID: moesifAppId,
@@ -178,6 +182,9 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       handler,
       quota: store,
       port: options.port ?? 3000,
+      // The function's own timeout bounds the invocation, hence the stream (the integration allows up to 900 s).
+      integrationTimeoutMs: config.lambdaTimeoutSeconds * 1000,
+      streamIdleTimeoutMs: options.streamIdleTimeoutMs,
     });
     try {
       await gateway.start();

@@ -3,6 +3,7 @@ import { execFile } from "node:child_process";
 import path from "node:path";
 import { promisify } from "node:util";
 import { useLocalStack } from "../helpers/local-project";
+import { waitFor } from "../local/streaming-helpers";
 
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, "../..");
@@ -36,6 +37,8 @@ describe("1,000 requests at concurrency 50 through the local stack, and a collec
     };
     await Promise.all(Array.from({ length: CONCURRENCY }, worker));
 
+    // The function meters once its answer is out: wait for the last events rather than race them.
+    await waitFor("every metering event", () => (local.stack.store!.all().length >= TOTAL ? true : undefined));
     const events = local.stack.store!.all();
     expect(events).to.have.length(TOTAL);
     expect(new Set(events.map((e) => e.transaction_id)).size).to.equal(TOTAL);
@@ -88,9 +91,14 @@ describe("1,000 requests at concurrency 50 through the local stack, and a collec
     let extra = 0;
     for (let i = 0; i < 100 && local.stack.store!.all().length < before.size + OUTAGE_REQUESTS + extra; i++) {
       await new Promise((resolve) => setTimeout(resolve, 100));
-      await send(OUTAGE_REQUESTS + extra++);
+      const id = await send(OUTAGE_REQUESTS + extra++);
+      // Its own event goes out after its answer (the deferred ones with it): wait for it, unless the meter is still
+      // backing off and keeps it for later.
+      await waitFor("the request's event", () => (local.stack.store!.all().some((e) => e.metadata?.request_id === id) ? true : undefined), 1000).catch(() => undefined);
     }
 
+    // The last request's own event follows its answer: wait for it rather than race it.
+    await waitFor("the last request's event", () => (local.stack.store!.all().length >= before.size + OUTAGE_REQUESTS + extra ? true : undefined)).catch(() => undefined);
     const added = local.stack.store!.all().filter((e) => !before.has(e.transaction_id));
     expect(added).to.have.length(OUTAGE_REQUESTS + extra);
     expect(ids.filter((id) => id)).to.have.length(OUTAGE_REQUESTS);

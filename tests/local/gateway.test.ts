@@ -1,5 +1,5 @@
 import { expect } from "chai";
-import type { APIGatewayProxyEvent, APIGatewayProxyResult } from "aws-lambda";
+import type { APIGatewayProxyEvent, APIGatewayProxyResult, Context } from "aws-lambda";
 import { gatewayResponse, renderGatewayBody } from "../../infra/gateway-responses";
 import { GatewayEmulator, isProxyResult, type GatewayOptions, type LambdaHandler } from "../../scripts/local/gateway";
 import { rawRequest, type RawResponse } from "../helpers/local-project";
@@ -46,7 +46,7 @@ function useGateway(overrides: Partial<GatewayOptions> = {}) {
         { id: "key-q", value: OTHER_KEY, customerId: "q", plan: { rateLimit: 100_000, burstLimit: 100_000, quota: { limit: 1, period: "DAY", offset: 0 } } },
         { id: "key-d", value: DISABLED_KEY, customerId: "d", plan: { rateLimit: 100_000, burstLimit: 100_000 }, enabled: false },
       ],
-      handler: (event, context) => {
+      handler: (event: APIGatewayProxyEvent, context: Context) => {
         events.push(event);
         return reply(event, context);
       },

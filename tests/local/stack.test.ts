@@ -11,6 +11,7 @@ import { quotaPeriodStart, TokenBucket } from "../../scripts/local/gateway";
 import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
 import { tempProject } from "../helpers/local-project";
 import { recordForScan, registerSecret } from "../helpers/secret-scan";
+import { waitFor } from "./streaming-helpers";
 
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, "../..");
@@ -210,6 +211,8 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
         sums[key].completion += json.usage.completion_tokens;
         sums[key].requests += 1;
       }
+      // The function meters once its answer is out: wait for the last event rather than race it.
+      await waitFor("every metering event", () => (own.store!.all().length >= requests.length ? true : undefined));
       const events = own.store!.all();
       expect(events).to.have.length(requests.length);
       expect(new Set(events.map((e) => e.transaction_id)).size).to.equal(requests.length);
