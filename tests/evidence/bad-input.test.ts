@@ -15,10 +15,7 @@ interface CorpusEntry {
   expect?: number;
 }
 
-// `stream: true` was refused before streaming existed; it is a valid request now (tests/local/streaming.test.ts).
-const corpus = (JSON.parse(fs.readFileSync(path.join(__dirname, "../data/bad-requests.json"), "utf8")) as CorpusEntry[]).filter(
-  (entry) => entry.name !== "stream = true (not enabled yet)",
-);
+const corpus = JSON.parse(fs.readFileSync(path.join(__dirname, "../data/bad-requests.json"), "utf8")) as CorpusEntry[];
 
 function bodyOf(entry: CorpusEntry): Buffer {
   if (entry.bodyBase64 !== undefined) return Buffer.from(entry.bodyBase64, "base64");
