@@ -5,10 +5,7 @@ import type { LocalStack } from "../../scripts/local/stack";
 import type { StreamRecord } from "../../scripts/local/upstream-server";
 import type { StoredEvent } from "../../scripts/local/moesif-collector";
 
-/**
- * Whether the function's handler streams (tagged by `streamifyResponse`). End-to-end streaming suites skip, saying
- * so, while it does not: they test the function's streaming side, which lands separately from the local stack's.
- */
+/** Whether the function's handler streams (tagged by `streamifyResponse`): the streaming suites require it. */
 export function functionStreams(): boolean {
   return isStreamingHandler(handler);
 }

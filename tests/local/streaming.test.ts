@@ -48,10 +48,7 @@ describe("streaming through the local stack (real SDK clients, real servers on l
   const client = () => new OpenAI({ baseURL: `${stack.baseUrl}/v1`, apiKey: stack.apiKeys.open, maxRetries: 0 });
 
   before(async function () {
-    if (!functionStreams()) {
-      console.log("      skipped: functions/ai-chat's handler is not a streaming handler yet");
-      this.skip();
-    }
+    expect(functionStreams(), "functions/ai-chat's handler must be a streaming handler").to.equal(true);
     project = tempProject(STREAM_STACK_YAML);
     stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l), keepRawPayloads: "all" });
     registerSecret(...Object.values(stack.apiKeys));
@@ -325,7 +322,7 @@ describe("UPSTREAM_BASE_URL: streaming from another OpenAI-compatible server (an
   const USAGE = { prompt_tokens: 11, completion_tokens: 3, total_tokens: 14 };
 
   before(async function () {
-    if (!functionStreams()) this.skip();
+    expect(functionStreams(), "functions/ai-chat's handler must be a streaming handler").to.equal(true);
     // What Ollama's /v1/chat/completions streams: no usage: null on the chunks, the usage chunk only when asked.
     server = http.createServer((req, res) => {
       const chunks: Buffer[] = [];
