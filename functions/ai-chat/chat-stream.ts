@@ -20,8 +20,8 @@ import { createParser, type EventSourceMessage } from "eventsource-parser";
 import { isRecord } from "./config";
 import { ApiError, DeadlineExceededError, StreamFailedError, UpstreamError, UpstreamTimeoutError, streamErrorEvent } from "./errors";
 import type { StreamWriter } from "./responder";
-import { NO_USAGE, TokenTally, extractUsage, type TokenUsage } from "./usage";
-import type { SecretRedactor } from "../shared/secret-redactor";
+import { NO_USAGE, TokenTally, extractUsage, isPlausibleUsage, type TokenUsage } from "./usage";
+import { REDACTED, type SecretRedactor } from "../shared/secret-redactor";
 
 /** The most SSE text buffered for one event; a larger one is an upstream gone wrong. */
 export const MAX_EVENT_CHARS = 4 * 1024 * 1024;
@@ -29,6 +29,18 @@ export const MAX_EVENT_CHARS = 4 * 1024 * 1024;
 export const DONE_GRACE_MS = 1000;
 /** Characters of completion text kept for a metering record that logs bodies. */
 export const MAX_LOGGED_CONTENT_CHARS = 32 * 1024;
+/**
+ * Text kept for the estimate, in characters: past it, text is counted at 1 token per 4 bytes (the estimator's floor)
+ * instead of kept, so millions of tiny deltas cannot exhaust the function's memory.
+ */
+export const MAX_TALLIED_CHARS = 8 * 1024 * 1024;
+/** Small parts are joined every this many, so each tiny delta does not keep its own string and array slot. */
+const COMPACT_EVERY = 256;
+
+/** An SSE event carrying `data` (each line its own `data:` field, so a multi-line payload stays one event). */
+function sseEvent(data: string): string {
+  return data.includes("\n") ? `${data.split("\n").map((line) => `data: ${line}`).join("\n")}\n\n` : `data: ${data}\n\n`;
+}
 
 export interface RelayOptions {
   /** The upstream's response body (a 2xx), as it arrives. Destroying it aborts the upstream request. */
@@ -79,12 +91,35 @@ type StopReason = "client" | "idle" | "deadline";
 export async function relayChatStream(options: RelayOptions): Promise<RelayOutcome> {
   const { upstream, redactor, clock } = options;
   const texts = new Map<string, string[]>();
+  let talliedChars = 0;
+  let overflowBytes = 0;
+  let relayedBytes = 0;
+  /** This event's new text, in order: what a secret split across events would hide in. */
+  let eventText = "";
   const append = (key: string, value: unknown) => {
     if (typeof value !== "string" || value === "") return;
+    eventText += value;
+    const bytes = Buffer.byteLength(value, "utf8");
+    relayedBytes += bytes;
+    if (talliedChars + value.length > MAX_TALLIED_CHARS) {
+      overflowBytes += bytes;
+      return;
+    }
+    talliedChars += value.length;
     const list = texts.get(key);
-    if (list) list.push(value);
-    else texts.set(key, [value]);
+    if (!list) texts.set(key, [value]);
+    else {
+      list.push(value);
+      if (list.length >= COMPACT_EVERY) texts.set(key, [list.join("")]);
+    }
   };
+  // A secret split across events (each redacted on its own) is seen in the last few characters plus the new text;
+  // an event whose text ends like the start of a secret is held back until the next one shows whether it completes.
+  const windowLength = Math.max(0, redactor.longestSecret - 1);
+  let recentText = "";
+  let held = "";
+  /** Whether any choice ended with a finish_reason: an upstream that closes without one was cut off. */
+  let finished = false;
 
   let writer: StreamWriter | undefined;
   let stopReason: StopReason | undefined;
@@ -123,6 +158,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
 
   /** The text to forward for one event ("" for none); sets `failure`/`done` as it finds them. */
   const handle = (event: EventSourceMessage): string => {
+    eventText = "";
     const data = event.data;
     if (data.trim() === "") return "";
     sawEvent = true;
@@ -138,7 +174,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
       return "";
     }
     if (chunk.error !== undefined && chunk.error !== null) {
-      upstreamErrorEvent = `data: ${redacted.text}\n\n`;
+      upstreamErrorEvent = sseEvent(redacted.text);
       failure = new UpstreamError("The upstream model server reported an error in its stream.", "upstream_failed");
       return "";
     }
@@ -157,6 +193,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
       chunk.choices.forEach((choice, i) => {
         if (!isRecord(choice) || !isRecord(choice.delta)) return;
         const at = typeof choice.index === "number" ? choice.index : i;
+        if (typeof choice.finish_reason === "string" && choice.finish_reason !== "") finished = true;
         const delta = choice.delta;
         for (const field of ["content", "refusal", "reasoning_content", "reasoning"]) append(`${at}:${field}`, delta[field]);
         if (Array.isArray(delta.tool_calls)) {
@@ -177,7 +214,32 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
     // The caller who did not ask sees what OpenAI sends without include_usage; an invalid usage chunk is replaced
     // by an estimated one at the end.
     if (usageOnly && (!options.callerWantsUsage || !validUsage)) return "";
-    return `data: ${redacted.text}\n\n`;
+    return sseEvent(redacted.text);
+  };
+
+  /** What may go out now of one event's text, holding back (or refusing) what could be part of a split secret. */
+  const guard = (text: string): string => {
+    if (windowLength === 0 || eventText === "") {
+      if (!held) return text;
+      const out = held + text;
+      held = "";
+      return out;
+    }
+    const window = recentText + eventText;
+    recentText = window.slice(-windowLength);
+    if (redactor.containsSecret(window)) {
+      held = "";
+      options.onEchoedSecret?.();
+      failure = new StreamFailedError("The upstream model server's answer contained a secret of this service; it was not sent.", "upstream_echoed_secret", "api_error");
+      return "";
+    }
+    if (redactor.endsWithSecretPrefix(window)) {
+      held += text;
+      return "";
+    }
+    const out = held + text;
+    held = "";
+    return out;
   };
 
   const writeOut = async (text: string) => {
@@ -186,6 +248,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
   };
 
   let readError = false;
+  let graceArmed = false;
   const iterator = upstream[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
   armIdle();
   try {
@@ -193,7 +256,8 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
       // Raced with `stopped`: a read pending on a silent upstream must end when the idle timer, the deadline or the
       // caller's disconnect stops the relay, whatever the stream implementation does on destroy.
       const next = await Promise.race([iterator.next(), stopped.then(() => undefined)]);
-      clearTimeout(idleTimer);
+      // After [DONE] the grace period runs from [DONE], not from the upstream's last byte.
+      if (!done) clearTimeout(idleTimer);
       if (!next || next.done || stopReason) break;
       try {
         parser.feed(decoder.decode(next.value, { stream: true }));
@@ -205,14 +269,18 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
       pending = [];
       for (const event of events) {
         if (failure || done) break;
-        out += handle(event);
+        const text = handle(event);
+        out += failure ? "" : guard(text);
       }
       if (out && !stopReason) await writeOut(out);
       if (failure || stopReason) break;
       // After [DONE] the upstream ends its response at once; reading to that end keeps its keep-alive socket
       // reusable (a destroyed one costs the next invocation a TLS handshake). One that lingers is cut after a grace.
-      if (done) armIdle(DONE_GRACE_MS);
-      else armIdle();
+      if (!done) armIdle();
+      else if (!graceArmed) {
+        graceArmed = true;
+        armIdle(DONE_GRACE_MS);
+      }
     }
   } catch {
     readError = true;
@@ -232,8 +300,17 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
     failure = new StreamFailedError(`The upstream model server sent nothing for ${options.idleTimeoutMs} ms.`, "upstream_idle_timeout", "api_error");
   }
   if (!failure && !done && stopReason === "deadline") failure = new StreamFailedError("The answer could not be completed in time.", "deadline_exceeded", "api_error");
+  // A clean end without [DONE] is complete only if the answer said it was (a finish_reason); otherwise it was cut.
+  if (!failure && !done && !stopReason && sawEvent && !finished) {
+    failure = new StreamFailedError("The upstream model server's stream ended before the answer did.", "upstream_stream_failed", "api_error");
+  }
+  // Held back for a secret that never completed: the text was harmless after all.
+  if (held && !failure && !stopReason) await writeOut(held).catch(() => undefined);
+  held = "";
 
   const clientDisconnected = stopReason === "client";
+  // A usage chunk that cannot be true of the text relayed (0 tokens for a long answer) is not believed.
+  if (reported && !isPlausibleUsage(reported, relayedBytes)) reported = undefined;
   const outcome = (): RelayOutcome => {
     const usage = reported ?? estimate();
     return {
@@ -253,6 +330,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
     const prompt = options.estimatePrompt(tally);
     let completion = 0;
     for (const parts of texts.values()) completion += tally.count(parts.join(""));
+    completion += Math.ceil(overflowBytes / 4);
     return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
   };
   const loggedContent = (): string => {
@@ -260,9 +338,13 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
     for (const [key, parts] of texts) {
       if (!key.endsWith(":content")) continue;
       content += parts.join("");
-      if (content.length > MAX_LOGGED_CONTENT_CHARS) return content.slice(0, MAX_LOGGED_CONTENT_CHARS);
+      if (content.length > MAX_LOGGED_CONTENT_CHARS) break;
     }
-    return content;
+    content = content.slice(0, MAX_LOGGED_CONTENT_CHARS);
+    // The relayed text joined: a secret split across events (never sent) must not reach a metering event either.
+    if (!redactor.containsSecret(content)) return content;
+    const redacted = redactor.redactText(content);
+    return redactor.containsSecret(redacted) ? REDACTED : redacted;
   };
 
   if (!writer) {
@@ -270,7 +352,11 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
     const unsent = { started: false, usage: NO_USAGE, usageEstimated: false, clientDisconnected, done, content: "" };
     if (clientDisconnected) return { ...unsent, failure: new UpstreamError("The caller went away before the upstream model server answered.", "client_disconnected") };
     if (failure) return { ...unsent, failure: beforeStart(failure, options.idleTimeoutMs) };
-    if (!sawEvent) return { ...unsent, failure: new UpstreamError("The upstream model server returned a response that is not an event stream.", "upstream_bad_response") };
+    // An upstream that ignored `stream: true` (a JSON answer): the SDKs would retry a 502 twice, each one an unbilled
+    // generation, so tell them not to.
+    if (!sawEvent) {
+      return { ...unsent, failure: new ApiError(502, "The upstream model server returned a response that is not an event stream.", "api_error", "upstream_bad_response", null, { "x-should-retry": "false" }) };
+    }
   }
 
   const result = outcome();

@@ -20,7 +20,7 @@ import { transactionIdFor, type UsageMeter } from "./metering";
 import { StaticSecrets, type SecretsPort, type ServiceSecrets } from "./secrets";
 import { CollectingResponder, type ProxyResponse, type Responder } from "./responder";
 import type { UpstreamClient, UpstreamRequest } from "./upstream";
-import { NO_USAGE, TokenTally, encodingForModel, estimateRequestTokens, estimateUsage, extractUsage, type TokenUsage } from "./usage";
+import { NO_USAGE, TokenTally, completionTextBytes, encodingForModel, estimateRequestTokens, estimateUsage, extractUsage, isPlausibleUsage, type TokenUsage } from "./usage";
 import { MAX_MODEL_NAME_CHARS, parseChatCompletionRequest, type ChatCompletionRequest, type RequestFacts } from "./validate";
 import { stringifyJson } from "../shared/json";
 import { costOf, priceFor, type Cost, type PlanPricing } from "../shared/pricing";
@@ -320,7 +320,9 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
     if (!isRecord(json) || !Array.isArray(json.choices)) {
       throw new UpstreamError("The upstream model server returned a response that is not a chat completion.", "upstream_bad_response");
     }
-    const reported = extractUsage(json);
+    // Usage that cannot be true of the answer (0 completion tokens for a long one, 0 prompt tokens) is estimated.
+    const extracted = extractUsage(json);
+    const reported = extracted && isPlausibleUsage(extracted, completionTextBytes(json)) ? extracted : undefined;
     metering.usage = reported ?? estimateUsage({ ...forwarded, messages: chat.messages }, json, chat.model);
     metering.usageEstimated = !reported;
     metering.responseBody = json;

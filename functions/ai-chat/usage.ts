@@ -47,6 +47,36 @@ export function extractUsage(body: unknown): TokenUsage | undefined {
   return result;
 }
 
+/** Longest token of o200k_base and cl100k_base, in bytes: no text can be fewer tokens than its bytes / this. */
+export const MAX_TOKEN_BYTES = 128;
+
+/**
+ * Whether reported usage can be true of a completion whose text is `completionBytes` long: an upstream that reports
+ * 0 (or 1) completion tokens for a long answer, or 0 prompt tokens, is not believed, and the usage is estimated
+ * instead. The bound is loose on purpose (a token is at most 128 bytes), so honest counts from other tokenizers pass.
+ */
+export function isPlausibleUsage(usage: TokenUsage, completionBytes: number): boolean {
+  if (usage.prompt_tokens === 0) return false;
+  return usage.completion_tokens >= Math.ceil(completionBytes / MAX_TOKEN_BYTES);
+}
+
+/** Bytes of the text of a completion's choices (content, refusal, tool-call arguments): for `isPlausibleUsage`. */
+export function completionTextBytes(body: unknown): number {
+  if (!isRecord(body) || !Array.isArray(body.choices)) return 0;
+  let bytes = 0;
+  for (const choice of body.choices) {
+    if (!isRecord(choice) || !isRecord(choice.message)) continue;
+    const message = choice.message;
+    for (const field of ["content", "refusal"]) if (typeof message[field] === "string") bytes += Buffer.byteLength(message[field] as string, "utf8");
+    if (Array.isArray(message.tool_calls)) {
+      for (const call of message.tool_calls) {
+        if (isRecord(call) && isRecord(call.function) && typeof call.function.arguments === "string") bytes += Buffer.byteLength(call.function.arguments, "utf8");
+      }
+    }
+  }
+  return bytes;
+}
+
 function isCount(value: unknown): value is number {
   return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 && value <= MAX_REPORTED_TOKENS;
 }

@@ -27,6 +27,24 @@ export class SecretRedactor {
     this.spellings = [...spellings].sort((a, b) => b.length - a.length);
   }
 
+  /** Length of the longest secret: a window this long minus one is enough to see a secret split across pieces. */
+  get longestSecret(): number {
+    return this.secrets.reduce((max, s) => Math.max(max, s.length), 0);
+  }
+
+  /**
+   * True when `text` ends with the first `minLength` or more characters of a secret: the next piece of a stream
+   * could complete it, so what ends here must not go out yet.
+   */
+  endsWithSecretPrefix(text: string, minLength = 4): boolean {
+    for (const secret of this.secrets) {
+      for (let n = Math.min(secret.length - 1, text.length); n >= minLength; n--) {
+        if (text.endsWith(secret.slice(0, n))) return true;
+      }
+    }
+    return false;
+  }
+
   /** True when there is nothing to look for. */
   get empty(): boolean {
     return this.secrets.length === 0;

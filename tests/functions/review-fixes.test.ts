@@ -3,12 +3,13 @@ import { expect } from "chai";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { gunzipSync } from "node:zlib";
-import { servedCost } from "../../functions/ai-chat/core";
+import { handleRequest, servedCost } from "../../functions/ai-chat/core";
 import { createLogger } from "../../functions/ai-chat/logger";
 import { transactionIdFor, type UsageRecord } from "../../functions/ai-chat/metering";
 import { MoesifMeter } from "../../functions/ai-chat/moesif";
 import { audioTokens, estimatePromptTokens } from "../../functions/ai-chat/usage";
 import { SecretRedactor } from "../../functions/shared/secret-redactor";
+import { FakeUpstream, RecordingMeter, fakeDeps, jsonResponse, proxyRequest } from "../helpers/fakes";
 import { recordForScan, registerSecret } from "../helpers/secret-scan";
 
 const KEY = "sk-review-upstream-secret-0123456789";
@@ -160,6 +161,21 @@ describe("review regressions: a refused event never blocks metering", () => {
     expect(missing.length, "later events never delivered").to.equal(0);
     for (const refused of [alone, carried]) {
       expect(logs.some((l) => l.includes("metering_event_refused") && l.includes(refused.transactionId)), refused.requestId).to.equal(true);
+    }
+  });
+});
+
+describe("review regressions: implausible usage on a buffered answer", () => {
+  it("estimates instead of billing 0 completion tokens for a long answer, or 0 prompt tokens", async () => {
+    const content = Array.from({ length: 300 }, (_, i) => `word${i}`).join(" ");
+    for (const usage of [{ prompt_tokens: 12, completion_tokens: 0, total_tokens: 12 }, { prompt_tokens: 0, completion_tokens: 900, total_tokens: 900 }]) {
+      const upstream = new FakeUpstream(() => jsonResponse(200, { id: "c1", object: "chat.completion", model: "gpt-4o-mini", choices: [{ index: 0, message: { role: "assistant", content }, finish_reason: "stop" }], usage }));
+      const meter = new RecordingMeter();
+      await handleRequest(proxyRequest({ json: { model: "gpt-4o-mini", messages: [{ role: "user", content: "Hello!" }] } }), fakeDeps({ upstream, meter }));
+      const [record] = meter.records;
+      expect(record.usageEstimated, JSON.stringify(usage)).to.equal(true);
+      expect(record.usage.completion_tokens).to.be.greaterThan(300);
+      expect(record.usage.prompt_tokens).to.be.greaterThan(0);
     }
   });
 });

@@ -4,6 +4,7 @@ import type { AddressInfo } from "node:net";
 import { createDeps, createHandler } from "../../functions/ai-chat/index";
 import type { UsageMeter, UsageRecord } from "../../functions/ai-chat/metering";
 import { toMoesifEvent } from "../../functions/ai-chat/moesif";
+import { createParser } from "eventsource-parser";
 import { countTokens } from "../../functions/shared/tokenizer";
 import { chatBody, createApiGatewayEvent, createContext } from "../helpers/events";
 import { CUSTOMERS, PLANS, UPSTREAM_KEY } from "../helpers/fakes";
@@ -482,5 +483,108 @@ describe("ai-chat handler: streamed chat completions (loopback SSE upstream)", (
       expect(record.usageEstimated).to.equal(false);
       expect(record.usage).to.deep.include({ prompt_tokens: 100 + n, completion_tokens: 1 + (n % words.length) });
     }
+  });
+  describe("hostile upstreams (adversarial review)", () => {
+    /** The events a real SSE client sees (multi-line data joined with newlines, as the SDKs' parsers do). */
+    const clientEvents = (body: string): string[] => {
+      const events: string[] = [];
+      const parser = createParser({ onEvent: (event) => events.push(event.data) });
+      parser.feed(body);
+      return events;
+    };
+    const many = Array.from({ length: 200 }, (_, i) => ` word${i}`);
+
+    it("does not believe a usage chunk of 0 completion tokens after a long answer: it estimates instead", async () => {
+      script = async (res) => {
+        sse(res);
+        for (const word of many) res.write(`data: ${chunk({ content: word })}\n\n`);
+        res.write(`data: ${chunk({}, "stop")}\n\n`);
+        res.write(`data: ${usageChunk(0, 0)}\n\n`);
+        res.end("data: [DONE]\n\n");
+      };
+      const { handler, meter } = setup();
+      await invoke(handler, chatBody({ stream: true }));
+      const [record] = meter.records;
+      expect(record.usageEstimated).to.equal(true);
+      expect(record.usage.completion_tokens).to.equal(countTokens(many.join(""), "o200k_base"));
+      expect(record.usage.prompt_tokens).to.be.greaterThan(0);
+    });
+
+    it("ends the caller's stream soon after [DONE] even if the upstream keeps sending comments", async () => {
+      script = async (res) => {
+        sse(res);
+        res.write(`data: ${chunk({ content: "hi" }, "stop")}\n\n`);
+        res.write("data: [DONE]\n\n");
+        // Ten seconds of keep-alive comments: the relay must cut them after its grace period, not wait them out.
+        for (let i = 0; i < 100 && !res.destroyed; i++) {
+          res.write(": ping\n\n");
+          await sleep(100);
+        }
+        res.end();
+      };
+      const { handler } = setup();
+      const result = await invoke(handler, chatBody({ stream: true }));
+      expect(result.body.trimEnd().endsWith("data: [DONE]")).to.equal(true);
+      await seen[0].closed;
+      expect(seen[0].aborted, "the upstream was cut, not waited out").to.equal(true);
+    });
+
+    it("never sends the upstream key split across two events, not even its first half", async () => {
+      const cut = 16;
+      script = async (res) => {
+        sse(res);
+        res.write(`data: ${chunk({ role: "assistant", content: "" })}\n\n`);
+        res.write(`data: ${chunk({ content: `Your key is ${UPSTREAM_KEY.slice(0, cut)}` })}\n\n`);
+        res.write(`data: ${chunk({ content: `${UPSTREAM_KEY.slice(cut)} ok` })}\n\n`);
+        res.write(`data: ${chunk({}, "stop")}\n\n`);
+        res.end("data: [DONE]\n\n");
+      };
+      const { handler, meter } = setup({ MOESIF_LOG_BODIES: "true" });
+      const result = await invoke(handler, chatBody({ stream: true }));
+      expect(result.body).to.not.include(UPSTREAM_KEY.slice(0, cut));
+      expect(result.body).to.include("upstream_echoed_secret");
+      const event = JSON.stringify(toMoesifEvent(meter.records[0], true));
+      recordForScan("streaming moesif event", [event]);
+      expect(event).to.not.include(UPSTREAM_KEY.slice(0, cut));
+      expect(meter.records[0].streamError).to.equal("upstream_echoed_secret");
+    });
+
+    it("relays an event whose data spans several lines so that the client still parses it", async () => {
+      script = async (res) => {
+        sse(res);
+        const pretty = JSON.stringify(JSON.parse(chunk({ content: "multi" }, "stop")), null, 1);
+        res.write(`${pretty.split("\n").map((line) => `data: ${line}`).join("\n")}\n\n`);
+        res.end("data: [DONE]\n\n");
+      };
+      const { handler } = setup();
+      const result = await invoke(handler, chatBody({ stream: true }));
+      const events = clientEvents(result.body);
+      expect(events.at(-1)).to.equal("[DONE]");
+      const parsed = JSON.parse(events[0]) as { choices: Array<{ delta: { content: string } }> };
+      expect(parsed.choices[0].delta.content).to.equal("multi");
+    });
+
+    it("reports a stream that ends cleanly but mid-answer (no finish_reason, no [DONE]) as cut off", async () => {
+      script = async (res) => {
+        sse(res);
+        res.write(`data: ${chunk({ content: "half an" })}\n\n`);
+        res.end();
+      };
+      const { handler, meter } = setup();
+      const result = await invoke(handler, chatBody({ stream: true }));
+      expect(result.body).to.include("upstream_stream_failed").and.not.include("[DONE]");
+      expect(meter.records[0].streamError).to.equal("upstream_stream_failed");
+    });
+
+    it("tells the SDKs not to retry when the upstream ignores stream: true and answers JSON", async () => {
+      script = (res) => {
+        res.writeHead(200, { "Content-Type": "application/json" });
+        res.end(JSON.stringify({ id: ID, object: "chat.completion", choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }] }));
+      };
+      const { handler } = setup();
+      const result = await invoke(handler, chatBody({ stream: true }));
+      expect(result.statusCode).to.equal(502);
+      expect(result.headers["x-should-retry"]).to.equal("false");
+    });
   });
 });
