@@ -71,27 +71,36 @@ export function sanitizeStackName(stack: string): string {
   return stack.replace(/[^A-Za-z0-9_-]/g, "-").slice(0, 64) || "stack";
 }
 
-/** The SSM SecureString parameters holding the function's secrets (names shared by the program and the size check). */
-export function secretParameterNames(stack: string): { upstreamApiKey: string; moesifApplicationId: string } {
-  const base = `/metered-ai-api/${sanitizeStackName(stack)}`;
-  return { upstreamApiKey: `${base}/upstream-api-key`, moesifApplicationId: `${base}/moesif-application-id` };
+/**
+ * The SSM SecureString parameters holding the function's secrets: the variable that names each one for the function,
+ * and the slug of its logical name. Pulumi auto-names them (`metered-ai-api-param-<slug>-<7 random characters>`), so
+ * two stacks of the same name (another backend, another project copy, `a.b` and `a-b`) never collide in one account
+ * and region: SSM refuses to create a parameter that exists (@pulumi/aws ssm/parameter.d.ts: `overwrite` "defaults to
+ * false during create").
+ */
+export const SECRET_PARAMETERS = [
+  { envVar: "UPSTREAM_API_KEY_PARAMETER", slug: "upstream-api-key" },
+  { envVar: "MOESIF_APPLICATION_ID_PARAMETER", slug: "moesif-application-id" },
+] as const;
+
+/** The longest name Pulumi's auto-naming gives a parameter (logical name, a dash, 7 random characters). */
+export function plannedParameterName(slug: string): string {
+  return `metered-ai-api-param-${slug}-xxxxxxx`;
 }
 
 /**
  * The function's environment on AWS, except CUSTOMERS (keyed by the API key ids API Gateway assigns). No secret is
- * in it: the upstream key and the Moesif application id are SSM parameters, named here and read at the first
+ * in it: the upstream key and the Moesif application id are SSM parameters, named (by the component, which creates
+ * them) in UPSTREAM_API_KEY_PARAMETER / MOESIF_APPLICATION_ID_PARAMETER and read at the first
  * request; anyone with `lambda:GetFunctionConfiguration` sees only their names.
  */
 export function functionEnvironment(config: StackConfig, stack: string): Record<string, string> {
-  const parameters = secretParameterNames(stack);
   return {
     UPSTREAM_BASE_URL: config.upstreamBaseUrl,
-    UPSTREAM_API_KEY_PARAMETER: parameters.upstreamApiKey,
     UPSTREAM_TIMEOUT_MS: String(config.upstreamTimeoutMs),
     UPSTREAM_IDLE_TIMEOUT_MS: String(config.upstreamIdleTimeoutMs),
     MAX_REQUEST_BYTES: String(config.maxRequestBytes),
     RESPONSE_ENVELOPE: config.responseEnvelope,
-    MOESIF_APPLICATION_ID_PARAMETER: parameters.moesifApplicationId,
     MOESIF_BASE_URI: config.moesifBaseUri,
     MOESIF_LOG_BODIES: String(config.logBodies),
     METERING_TIMEOUT_MS: String(config.meteringTimeoutMs),
@@ -108,7 +117,8 @@ export function customersVariable(keyIds: Record<string, string>, customers: Rec
 export function plannedEnvironment(config: StackConfig, stack: string): Record<string, string> {
   const keyIds = Object.fromEntries(Object.keys(config.customers).map((id, i) => [id, String(i).padStart(API_KEY_ID_LENGTH, "k")]));
   // SECRETS_VERSION: the two parameters' versions, e.g. "12.3"; room for five digits each.
-  return { ...functionEnvironment(config, stack), CUSTOMERS: customersVariable(keyIds, config.customers), SECRETS_VERSION: "99999.99999" };
+  const parameters = Object.fromEntries(SECRET_PARAMETERS.map(({ envVar, slug }) => [envVar, plannedParameterName(slug)]));
+  return { ...functionEnvironment(config, stack), ...parameters, CUSTOMERS: customersVariable(keyIds, config.customers), SECRETS_VERSION: "99999.99999" };
 }
 
 /**

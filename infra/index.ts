@@ -5,7 +5,7 @@ import path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
 import { bundleFunction } from "./bundle";
 import { loadConfig } from "./config";
-import { functionEnvironment, functionPlans, PLANS_FILE, sanitizeStackName, secretParameterNames } from "./function-env";
+import { functionEnvironment, functionPlans, PLANS_FILE, sanitizeStackName } from "./function-env";
 import { MeteredAiApi } from "./metered-ai-api";
 import { MoesifStripeWebhook } from "./moesif-stripe-webhook";
 
@@ -23,7 +23,6 @@ const chat = bundleFunction(path.join(root, "functions", "ai-chat", "index.ts"),
 });
 const authorizer = bundleFunction(path.join(root, "functions", "authorizer", "index.ts"), path.join(buildDir, "authorizer"), { tokenizerRanks: false });
 
-const parameters = secretParameterNames(stack);
 const api = new MeteredAiApi("metered-ai-api", {
   code: archive(chat.outdir),
   authorizerCode: archive(authorizer.outdir),
@@ -32,8 +31,8 @@ const api = new MeteredAiApi("metered-ai-api", {
   customers: config.customers,
   environment: functionEnvironment(config, stack),
   secretParameters: [
-    { name: parameters.upstreamApiKey, value: config.upstreamApiKey, description: "metered-ai-api: the upstream's API key" },
-    { name: parameters.moesifApplicationId, value: config.moesifApplicationId, description: "metered-ai-api: Moesif Collector Application Id" },
+    { envVar: "UPSTREAM_API_KEY_PARAMETER", slug: "upstream-api-key", value: config.upstreamApiKey, description: "metered-ai-api: the upstream's API key" },
+    { envVar: "MOESIF_APPLICATION_ID_PARAMETER", slug: "moesif-application-id", value: config.moesifApplicationId, description: "metered-ai-api: Moesif Collector Application Id" },
   ],
   memoryMb: config.lambdaMemoryMb,
   timeoutSeconds: config.lambdaTimeoutSeconds,
@@ -63,7 +62,7 @@ export const authorizerFunctionName = api.authorizerFunctionName;
 /** The stage's JSON access log. */
 export const accessLogGroupName = api.accessLogGroupName;
 /** Where the secrets live (names only). */
-export const upstreamApiKeyParameter = parameters.upstreamApiKey;
-export const moesifApplicationIdParameter = parameters.moesifApplicationId;
+export const upstreamApiKeyParameter = api.parameterNames.apply((names) => names.UPSTREAM_API_KEY_PARAMETER);
+export const moesifApplicationIdParameter = api.parameterNames.apply((names) => names.MOESIF_APPLICATION_ID_PARAMETER);
 export const stripeWebhookEndpointId = webhook.endpointId;
 export const stripeWebhookSecret = webhook.signingSecret;

@@ -51,8 +51,10 @@ export const ACCESS_LOG_FORMAT =
 
 /** One SSM SecureString parameter the function may read. */
 export interface SecretParameterArgs {
-  /** Full parameter name, e.g. `/metered-ai-api/dev/upstream-api-key`. */
-  name: string;
+  /** The function's environment variable that receives the parameter's (auto-generated) name. */
+  envVar: string;
+  /** Part of the parameter's logical name, e.g. `upstream-api-key`. */
+  slug: string;
   value: pulumi.Input<string>;
   description?: string;
 }
@@ -112,6 +114,8 @@ export class MeteredAiApi extends pulumi.ComponentResource {
   public readonly apiKeyIds: pulumi.Output<Record<string, string>>;
   /** Customer id → API key value (secret). */
   public readonly apiKeyValues: pulumi.Output<Record<string, string>>;
+  /** The function's environment variable → the SSM parameter it names (names only, never values). */
+  public readonly parameterNames: pulumi.Output<Record<string, string>>;
   /** Plan name → usage plan id. */
   public readonly usagePlanIds: pulumi.Output<Record<string, string>>;
 
@@ -139,11 +143,8 @@ export class MeteredAiApi extends pulumi.ComponentResource {
 
     const parameters = (args.secretParameters ?? []).map(
       (p) =>
-        new aws.ssm.Parameter(
-          `${name}-param-${p.name.split("/").pop()}`,
-          { name: p.name, type: aws.ssm.ParameterType.SecureString, value: p.value, description: p.description },
-          parent,
-        ),
+        // No `name`: auto-named, so stacks of one name in one account and region never collide.
+        new aws.ssm.Parameter(`${name}-param-${p.slug}`, { type: aws.ssm.ParameterType.SecureString, value: p.value, description: p.description }, parent),
     );
 
     // --- the ai-chat function ---
@@ -160,10 +161,12 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     );
     // SECRETS_VERSION changes whenever a parameter's value does (SSM bumps its version), so a rotated secret reaches
     // every container: the configuration update replaces the warm ones, which cache the secrets for their life.
+    const secretParameters = args.secretParameters ?? [];
     const environment = pulumi
-      .all([pulumi.all(apiKeys.map(({ key }) => key.id)), pulumi.all(parameters.map((p) => p.version))])
-      .apply(([ids, versions]) => ({
+      .all([pulumi.all(apiKeys.map(({ key }) => key.id)), pulumi.all(parameters.map((p) => p.version)), pulumi.all(parameters.map((p) => p.name))])
+      .apply(([ids, versions, names]) => ({
         ...args.environment,
+        ...Object.fromEntries(secretParameters.map((p, i) => [p.envVar, names[i]])),
         CUSTOMERS: customersVariable(Object.fromEntries(apiKeys.map(({ customerId }, i) => [customerId, ids[i]])), args.customers),
         ...(parameters.length > 0 ? { SECRETS_VERSION: secretsVersion(versions) } : {}),
       }));
@@ -442,7 +445,9 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     // Mocks (and some providers) do not mark ApiKey.value secret; never rely on that.
     this.apiKeyValues = pulumi.secret(recordOf(apiKeys.map(({ customerId, key }) => [customerId, key.value])));
     this.usagePlanIds = recordOf(usagePlans.map(({ planName, usagePlan }) => [planName, usagePlan.id]));
+    this.parameterNames = recordOf((args.secretParameters ?? []).map((p, i) => [p.envVar, parameters[i].name]));
     this.registerOutputs({
+      parameterNames: this.parameterNames,
       invokeUrl: this.invokeUrl,
       functionName: this.functionName,
       functionLogGroupName: this.functionLogGroupName,

@@ -100,7 +100,9 @@ export function recordingMocks(created: Recorded[], pendingOptions: Map<string, 
           state.arn = `arn:aws:logs:${REGION}:${ACCOUNT}:log-group:${state.name}`;
           break;
         case "aws:ssm/parameter:Parameter":
-          state.arn = `arn:aws:ssm:${REGION}:${ACCOUNT}:parameter${inputs.name}`;
+          // Auto-named when no name is given: the logical name, a dash and 7 random characters.
+          state.name = inputs.name ?? `${args.name}-${derived(`ssm:${args.name}`, 7, "0123456789abcdef")}`;
+          state.arn = `arn:aws:ssm:${REGION}:${ACCOUNT}:parameter/${String(state.name).replace(/^\//, "")}`;
           // SSM numbers a parameter's values from 1; a new value gets the next version.
           state.version = 1;
           break;

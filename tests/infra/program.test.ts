@@ -3,7 +3,7 @@ import fs from "node:fs";
 import path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
 import { ROUTES as CORE_ROUTES } from "../../functions/ai-chat/core";
-import { environmentBytes, functionPlans, PLANS_FILE, plannedEnvironment, secretParameterNames } from "../../infra/function-env";
+import { environmentBytes, functionPlans, PLANS_FILE, plannedEnvironment } from "../../infra/function-env";
 import { GATEWAY_RESPONSES, KEEPS_STATUS } from "../../infra/gateway-responses";
 import { ACCESS_LOG_FORMAT, AUTHORIZER_STAGE_VARIABLE, deploymentTrigger, logWritePolicy, ROUTES, secretsVersion } from "../../infra/metered-ai-api";
 import { MOESIF_STRIPE_EVENTS } from "../../infra/moesif-stripe-webhook";
@@ -306,23 +306,26 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       expect(fn.inputs.loggingConfig.logGroup).to.equal(logGroup.state.name);
     });
 
-    it("keeps both secrets in SSM SecureString parameters named after the stack", () => {
-      const names = secretParameterNames("dev");
-      const parameters = Object.fromEntries(ofType("aws:ssm/parameter:Parameter").map((p) => [p.inputs.name, p.inputs]));
-      expect(Object.keys(parameters).sort()).to.deep.equal([names.moesifApplicationId, names.upstreamApiKey].sort());
-      expect(parameters[names.upstreamApiKey].type).to.equal("SecureString");
-      expect(parameters[names.moesifApplicationId].type).to.equal("SecureString");
-      expect(isSecretInput(parameters[names.upstreamApiKey].value)).to.equal(true);
-      expect(unsecret(parameters[names.upstreamApiKey].value)).to.equal(UPSTREAM_SECRET);
-      expect(unsecret(parameters[names.moesifApplicationId].value)).to.equal(MOESIF_APP_ID);
+    it("keeps both secrets in auto-named SSM SecureString parameters, so stacks of one name never collide", () => {
+      const parameters = Object.fromEntries(ofType("aws:ssm/parameter:Parameter").map((p) => [p.name, p]));
+      expect(Object.keys(parameters).sort()).to.deep.equal(["metered-ai-api-param-moesif-application-id", "metered-ai-api-param-upstream-api-key"]);
+      for (const parameter of Object.values(parameters)) {
+        expect(parameter.inputs.type).to.equal("SecureString");
+        expect(parameter.inputs.name, "auto-named").to.equal(undefined);
+      }
+      const upstream = parameters["metered-ai-api-param-upstream-api-key"].inputs;
+      expect(isSecretInput(upstream.value)).to.equal(true);
+      expect(unsecret(upstream.value)).to.equal(UPSTREAM_SECRET);
+      expect(unsecret(parameters["metered-ai-api-param-moesif-application-id"].inputs.value)).to.equal(MOESIF_APP_ID);
     });
 
     it("gives the function the parameters' names and no secret value: its environment is plain", () => {
       const environment = chatFn().inputs.environment;
       expect(isSecretInput(environment)).to.equal(false);
       const vars = variables();
-      expect(vars.UPSTREAM_API_KEY_PARAMETER).to.equal("/metered-ai-api/dev/upstream-api-key");
-      expect(vars.MOESIF_APPLICATION_ID_PARAMETER).to.equal("/metered-ai-api/dev/moesif-application-id");
+      const names = Object.fromEntries(ofType("aws:ssm/parameter:Parameter").map((p) => [p.name, p.state.name]));
+      expect(vars.UPSTREAM_API_KEY_PARAMETER).to.equal(names["metered-ai-api-param-upstream-api-key"]).and.match(/^metered-ai-api-param-upstream-api-key-[0-9a-f]{7}$/);
+      expect(vars.MOESIF_APPLICATION_ID_PARAMETER).to.equal(names["metered-ai-api-param-moesif-application-id"]);
       expect(vars).to.not.have.any.keys("UPSTREAM_API_KEY", "MOESIF_APPLICATION_ID", "PLANS");
       const text = JSON.stringify(vars);
       for (const secret of [UPSTREAM_SECRET, MOESIF_APP_ID, STRIPE_KEY]) expect(text).to.not.include(secret);
@@ -338,10 +341,8 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
     it("lets the role read exactly those two parameters and write its own log group, nothing else", () => {
       const policy = JSON.parse(named("aws:iam/rolePolicy:RolePolicy", "metered-ai-api-policy").inputs.policy);
       const parameterArns = ofType("aws:ssm/parameter:Parameter").map((p) => p.state.arn).sort();
-      expect(parameterArns).to.deep.equal([
-        "arn:aws:ssm:us-east-1:123456789012:parameter/metered-ai-api/dev/moesif-application-id",
-        "arn:aws:ssm:us-east-1:123456789012:parameter/metered-ai-api/dev/upstream-api-key",
-      ]);
+      expect(parameterArns).to.have.length(2);
+      for (const arn of parameterArns) expect(arn).to.match(/^arn:aws:ssm:us-east-1:123456789012:parameter\/metered-ai-api-param-[a-z-]+-[0-9a-f]{7}$/);
       const logGroup = named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-fn-logs");
       expect(policy.Statement).to.have.length(2);
       expect(policy.Statement[0]).to.deep.equal({ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroup.state.arn}:*` });
@@ -516,12 +517,12 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
         expect(group.inputs.name, group.name).to.equal(undefined);
         expect(group.inputs.namePrefix).to.match(/^[A-Za-z0-9_\-/.#]+$/).and.include("my-stack");
       }
-      for (const parameter of find.ofType("aws:ssm/parameter:Parameter")) expect(parameter.inputs.name).to.match(/^\/metered-ai-api\/my-stack\/[a-z-]+$/);
+      for (const parameter of find.ofType("aws:ssm/parameter:Parameter")) expect(parameter.inputs.name).to.equal(undefined);
       const names = dotted.filter((r) => typeof r.inputs?.name === "string").map((r) => r.inputs.name as string);
       expect(names.length).to.be.greaterThan(5);
       for (const name of names) expect(name).to.not.include("my.stack");
       const vars = find.named("aws:lambda/function:Function", "metered-ai-api-fn").inputs.environment.variables;
-      expect(vars.UPSTREAM_API_KEY_PARAMETER).to.equal("/metered-ai-api/my-stack/upstream-api-key");
+      expect(vars.UPSTREAM_API_KEY_PARAMETER).to.match(/^metered-ai-api-param-upstream-api-key-[0-9a-f]{7}$/);
     });
   });
 

@@ -1,5 +1,5 @@
 import { expect } from "chai";
-import { environmentBytes, functionEnvironment, functionPlans, plannedEnvironment, sanitizeStackName, secretParameterNames } from "../../infra/function-env";
+import { environmentBytes, functionEnvironment, functionPlans, plannedEnvironment, sanitizeStackName } from "../../infra/function-env";
 import { MAX_QUOTA_OFFSET, parseStackConfig, StackConfigError, type QuotaPeriod } from "../../infra/stack-config";
 
 const PLAN = { rateLimit: 5, burstLimit: 10 };
@@ -149,10 +149,13 @@ describe("stack config (infra/stack-config.ts)", () => {
       expect(parse({ customers: customers(n - 1) }).customers).to.have.property("c000");
     });
 
-    it("holds no secret: the upstream key and the Moesif application id are parameter names", () => {
+    it("holds no secret: the upstream key and the Moesif application id are parameter names, sized for at preview", () => {
       const vars = functionEnvironment(parse({}), "prod");
-      expect(vars).to.include({ UPSTREAM_API_KEY_PARAMETER: "/metered-ai-api/prod/upstream-api-key", MOESIF_APPLICATION_ID_PARAMETER: "/metered-ai-api/prod/moesif-application-id", PLANS_FILE: "plans.json" });
+      expect(vars).to.include({ PLANS_FILE: "plans.json" });
       for (const name of ["UPSTREAM_API_KEY", "MOESIF_APPLICATION_ID", "PLANS"]) expect(vars).to.not.have.property(name);
+      const planned = plannedEnvironment(parse({}), "prod");
+      expect(planned.UPSTREAM_API_KEY_PARAMETER).to.equal("metered-ai-api-param-upstream-api-key-xxxxxxx");
+      expect(planned.MOESIF_APPLICATION_ID_PARAMETER).to.equal("metered-ai-api-param-moesif-application-id-xxxxxxx");
     });
   });
 
@@ -169,7 +172,6 @@ describe("stack config (infra/stack-config.ts)", () => {
     it("sanitises stack names for Lambda, IAM and SSM: my.stack → my-stack", () => {
       expect(sanitizeStackName("my.stack")).to.equal("my-stack");
       expect(sanitizeStackName("prod_eu-1")).to.equal("prod_eu-1");
-      expect(secretParameterNames("my.stack").upstreamApiKey).to.equal("/metered-ai-api/my-stack/upstream-api-key");
     });
   });
 
