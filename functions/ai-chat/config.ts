@@ -107,7 +107,7 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
       upstreamApiKey: env.UPSTREAM_API_KEY_PARAMETER?.trim() || undefined,
       moesifApplicationId: env.MOESIF_APPLICATION_ID_PARAMETER?.trim() || undefined,
     },
-    upstreamTimeoutMs: positiveInt("UPSTREAM_TIMEOUT_MS", 28_000),
+    upstreamTimeoutMs: positiveInt("UPSTREAM_TIMEOUT_MS", 120_000),
     upstreamIdleTimeoutMs: positiveInt("UPSTREAM_IDLE_TIMEOUT_MS", 60_000),
     maxRequestBytes: positiveInt("MAX_REQUEST_BYTES", 1024 * 1024),
     responseEnvelope: envelope === "request_payload" ? "request_payload" : "none",
