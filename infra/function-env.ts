@@ -79,8 +79,8 @@ export function sanitizeStackName(stack: string): string {
  * false during create").
  */
 export const SECRET_PARAMETERS = [
-  { envVar: "UPSTREAM_API_KEY_PARAMETER", slug: "upstream-api-key" },
-  { envVar: "MOESIF_APPLICATION_ID_PARAMETER", slug: "moesif-application-id" },
+  { envVar: "UPSTREAM_API_KEY_PARAMETER", slug: "upstream-api-key", description: "metered-ai-api: the upstream's API key" },
+  { envVar: "MOESIF_APPLICATION_ID_PARAMETER", slug: "moesif-application-id", description: "metered-ai-api: Moesif Collector Application Id" },
 ] as const;
 
 /** The longest name Pulumi's auto-naming gives a parameter (logical name, a dash, 7 random characters). */

@@ -5,7 +5,7 @@ import path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
 import { bundleFunction } from "./bundle";
 import { loadConfig } from "./config";
-import { functionEnvironment, functionPlans, PLANS_FILE, sanitizeStackName } from "./function-env";
+import { functionEnvironment, functionPlans, PLANS_FILE, sanitizeStackName, SECRET_PARAMETERS } from "./function-env";
 import { MeteredAiApi } from "./metered-ai-api";
 import { MoesifStripeWebhook } from "./moesif-stripe-webhook";
 
@@ -23,6 +23,7 @@ const chat = bundleFunction(path.join(root, "functions", "ai-chat", "index.ts"),
 });
 const authorizer = bundleFunction(path.join(root, "functions", "authorizer", "index.ts"), path.join(buildDir, "authorizer"), { tokenizerRanks: false });
 
+const secretValues = { UPSTREAM_API_KEY_PARAMETER: config.upstreamApiKey, MOESIF_APPLICATION_ID_PARAMETER: config.moesifApplicationId };
 const api = new MeteredAiApi("metered-ai-api", {
   code: archive(chat.outdir),
   authorizerCode: archive(authorizer.outdir),
@@ -30,10 +31,8 @@ const api = new MeteredAiApi("metered-ai-api", {
   plans: config.plans,
   customers: config.customers,
   environment: functionEnvironment(config, stack),
-  secretParameters: [
-    { envVar: "UPSTREAM_API_KEY_PARAMETER", slug: "upstream-api-key", value: config.upstreamApiKey, description: "metered-ai-api: the upstream's API key" },
-    { envVar: "MOESIF_APPLICATION_ID_PARAMETER", slug: "moesif-application-id", value: config.moesifApplicationId, description: "metered-ai-api: Moesif Collector Application Id" },
-  ],
+  // The same list the preview's environment-size check measures (SECRET_PARAMETERS).
+  secretParameters: SECRET_PARAMETERS.map((p) => ({ ...p, value: secretValues[p.envVar] })),
   memoryMb: config.lambdaMemoryMb,
   timeoutSeconds: config.lambdaTimeoutSeconds,
   architecture: config.lambdaArchitecture,

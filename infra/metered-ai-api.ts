@@ -191,7 +191,7 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     // --- the API key authorizer ---
     const authorizerLogGroup = new aws.cloudwatch.LogGroup(`${name}-authorizer-logs`, { namePrefix: `/aws/lambda/${label}-authorizer-`, retentionInDays }, parent);
     const authorizerRole = new aws.iam.Role(`${name}-authorizer-role`, { assumeRolePolicy: lambdaAssumeRolePolicy() }, parent);
-    const authorizerPolicy = new aws.iam.RolePolicy(`${name}-authorizer-policy`, { role: authorizerRole.id, policy: authorizerLogGroup.arn.apply((arn) => functionPolicy(arn, [])) }, parent);
+    const authorizerPolicy = new aws.iam.RolePolicy(`${name}-authorizer-policy`, { role: authorizerRole.id, policy: authorizerLogGroup.arn.apply(logWritePolicy) }, parent);
     const authorizerFn = new aws.lambda.Function(
       `${name}-authorizer`,
       {
@@ -497,7 +497,7 @@ export function functionPolicy(logGroupArn: string, parameterArns: string[]): st
   return JSON.stringify({ Version: "2012-10-17", Statement: statements });
 }
 
-/** Lets the function write to its own log group and nothing else. */
+/** Lets a function write to its own log group and nothing else (the authorizer's whole policy). */
 export function logWritePolicy(logGroupArn: string): string {
   return functionPolicy(logGroupArn, []);
 }

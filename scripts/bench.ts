@@ -37,6 +37,11 @@ const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const ESTIMATE_LIMIT_MS = Number(process.env.BENCH_ESTIMATE_LIMIT_MS ?? 20_000);
 /** Streams per path for the unpaced streaming row (the paced row runs a fifth as many). */
 const STREAM_RUNS = Number(process.env.BENCH_STREAM_RUNS ?? 100);
+/**
+ * Another build of the function (e.g. an older commit's `npm run build` output, `.build/ai-chat/index.js`) to serve
+ * beside this one in the same rounds, for a before/after comparison under the same machine noise.
+ */
+const BASELINE_BUNDLE = process.env.BENCH_BASELINE_BUNDLE;
 const BODY = JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "system", content: "You are terse." }, { role: "user", content: "Hello!" }] });
 const CUSTOMERS = JSON.stringify({ "bench-key-id": { customerId: "bench", plan: "pro", stripeCustomerId: "cus_bench" } });
 const PLANS = JSON.stringify({ pro: {} });
@@ -280,7 +285,11 @@ async function servingTable(servers: { upstream: string; collector: string }, bu
   const floor = await startServingChild(passThroughServer, { BENCH_UPSTREAM: servers.upstream, BENCH_UPSTREAM_KEY: UPSTREAM_KEY });
   const unmetered = await startServingChild(functionServer, functionEnv);
   const metered = await startServingChild(functionServer, { ...functionEnv, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector });
-  const children = [floor, unmetered, metered];
+  const baselineEnv = BASELINE_BUNDLE ? { ...functionEnv, BENCH_BUNDLE: path.resolve(BASELINE_BUNDLE) } : undefined;
+  const baseline = baselineEnv
+    ? [await startServingChild(functionServer, baselineEnv), await startServingChild(functionServer, { ...baselineEnv, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector })]
+    : [];
+  const children = [floor, unmetered, metered, ...baseline];
   try {
     const lines: string[] = [];
     const header = ["path", "c", "p50 ms", "p99 ms", "req/s", "CPU ms/req", "CPU over floor"];
@@ -291,6 +300,12 @@ async function servingTable(servers: { upstream: string; collector: string }, bu
         { label: "node:http pass-through (floor)", call: caller(floor.url), serving: floor },
         { label: "function bundle, metering off", call: caller(unmetered.url), serving: unmetered },
         { label: "function bundle + Moesif send", call: caller(metered.url), serving: metered },
+        ...(baseline.length === 2
+          ? [
+              { label: "baseline bundle, metering off", call: caller(baseline[0].url), serving: baseline[0] },
+              { label: "baseline bundle + Moesif send", call: caller(baseline[1].url), serving: baseline[1] },
+            ]
+          : []),
       ].map((s) => ({ ...s, latencies: [], wallMs: 0, requests: 0, cpuUs: 0 }));
       for (const s of scenarios) await load(s.call, 300, Math.min(concurrency, 8)); // warm-up: JIT, sockets
       for (let round = 0; round < ROUNDS; round++) {
@@ -322,6 +337,7 @@ async function servingTable(servers: { upstream: string; collector: string }, bu
     const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
     lines.push(line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line));
     const { maxRssKb } = await metered.usage();
+    if (baseline.length === 2) lines.push("", `baseline: ${BASELINE_BUNDLE}; peak RSS of its metered process ${((await baseline[1].usage()).maxRssKb / 1024).toFixed(1)} MB`);
     return { lines, maxRssKb };
   } finally {
     for (const c of children) c.child.kill("SIGTERM");

@@ -21,7 +21,7 @@ import { isRecord } from "./config";
 import { ApiError, DeadlineExceededError, StreamFailedError, UpstreamError, UpstreamTimeoutError, streamErrorEvent } from "./errors";
 import type { StreamWriter } from "./responder";
 import { NO_USAGE, TokenTally, extractUsage, isPlausibleUsage, type TokenUsage } from "./usage";
-import { REDACTED, type SecretRedactor } from "../shared/secret-redactor";
+import type { SecretRedactor } from "../shared/secret-redactor";
 
 /** The most SSE text buffered for one event; a larger one is an upstream gone wrong. */
 export const MAX_EVENT_CHARS = 4 * 1024 * 1024;
@@ -170,7 +170,12 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
     if (redacted.changed) options.onEchoedSecret?.();
     const chunk = redacted.json;
     if (!isRecord(chunk)) {
-      failure = new StreamFailedError("The upstream model server sent an event that is not a JSON object.", "upstream_stream_failed", "api_error");
+      failure = new StreamFailedError(
+        "The upstream model server sent an event that is not a JSON object.",
+        "upstream_stream_failed",
+        "api_error",
+        new UpstreamError("The upstream model server returned a response that is not a chat completion.", "upstream_bad_response"),
+      );
       return "";
     }
     if (chunk.error !== undefined && chunk.error !== null) {
@@ -342,9 +347,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
     }
     content = content.slice(0, MAX_LOGGED_CONTENT_CHARS);
     // The relayed text joined: a secret split across events (never sent) must not reach a metering event either.
-    if (!redactor.containsSecret(content)) return content;
-    const redacted = redactor.redactText(content);
-    return redactor.containsSecret(redacted) ? REDACTED : redacted;
+    return redactor.redactString(content);
   };
 
   if (!writer) {
@@ -371,7 +374,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
     } else {
       if (options.callerWantsUsage && result.usageEstimated) {
         const usageChunk = { id: id ?? "", object: "chat.completion.chunk", created: created ?? Math.floor(clock() / 1000), model: model ?? "", choices: [], usage: result.usage };
-        await writeOut(`data: ${JSON.stringify(usageChunk)}\n\n`);
+        await writeOut(sseEvent(JSON.stringify(usageChunk)));
       }
       await writeOut("data: [DONE]\n\n");
     }
@@ -387,14 +390,13 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
 /** The JSON error for a stream that failed before its first event (the caller has had nothing yet). */
 function beforeStart(failure: ApiError, idleTimeoutMs: number): ApiError {
   if (!(failure instanceof StreamFailedError)) return failure;
+  if (failure.beforeStart) return failure.beforeStart;
   switch (failure.code) {
     case "upstream_idle_timeout":
       return new UpstreamTimeoutError(idleTimeoutMs);
     case "deadline_exceeded":
       return new DeadlineExceededError();
     default:
-      return failure.message.includes("not a JSON")
-        ? new UpstreamError("The upstream model server returned a response that is not a chat completion.", "upstream_bad_response")
-        : new UpstreamError("The upstream model server's answer was cut off.", "upstream_unreachable");
+      return new UpstreamError("The upstream model server's answer was cut off.", "upstream_unreachable");
   }
 }

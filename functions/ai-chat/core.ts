@@ -21,7 +21,7 @@ import { StaticSecrets, type SecretsPort, type ServiceSecrets } from "./secrets"
 import { CollectingResponder, type ProxyResponse, type Responder } from "./responder";
 import type { UpstreamClient, UpstreamRequest } from "./upstream";
 import { NO_USAGE, TokenTally, completionTextBytes, encodingForModel, estimateRequestTokens, estimateUsage, extractUsage, isPlausibleUsage, type TokenUsage } from "./usage";
-import { MAX_MODEL_NAME_CHARS, parseChatCompletionRequest, type ChatCompletionRequest, type RequestFacts } from "./validate";
+import { modelOf, parseChatCompletionRequest, type ChatCompletionRequest, type RequestFacts } from "./validate";
 import { stringifyJson } from "../shared/json";
 import { costOf, priceFor, type Cost, type PlanPricing } from "../shared/pricing";
 import { SecretRedactor } from "../shared/secret-redactor";
@@ -91,6 +91,8 @@ interface Metering {
   billed: boolean;
   upstreamStatus?: number;
   upstreamMs?: number;
+  /** Validation has looked at the body (and taken its model, if it names one). */
+  inspected?: boolean;
   /** The answer was streamed: it has been sent and ended already. */
   streamed?: boolean;
   streamError?: string;
@@ -160,7 +162,8 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps, respo
       deps.log.warn("response_not_sent", { request_id: request.requestId, error: describeError(err) });
     }
   }
-  if (!metering.billed && metering.model === undefined && request.method === "POST") metering.model = peekModel(request.body, deps.config.maxRequestBytes);
+  // A request refused before validation (403, 500…) still names its model in the record; one validation saw is not parsed again.
+  if (!metering.inspected && request.method === "POST") metering.model = peekModel(request.body, deps.config.maxRequestBytes);
   const usage = metering.billed ? metering.usage : NO_USAGE;
   const cost = metering.billed ? metering.cost : undefined;
   const usageEstimated = metering.billed && metering.usageEstimated;
@@ -238,7 +241,12 @@ function errorResponse(err: unknown, request: ProxyRequest, deps: CoreDeps, mete
  * included), or too late to be metered before the invocation's deadline.
  */
 function deliveryProblem(response: ProxyResponse, deps: CoreDeps, deadline: number | undefined): ApiError | undefined {
-  if (serialisedSize(response) > LAMBDA_RESPONSE_LIMIT_BYTES) return new ResponseTooLargeError(LAMBDA_RESPONSE_LIMIT_BYTES);
+  // JSON escaping turns one character into at most six bytes (`\u0000`), so a body under an eighth of the limit
+  // (every ordinary answer; the rest is room for the headers) cannot exceed it: only larger ones pay for serialising
+  // the whole result again.
+  if (response.body.length > LAMBDA_RESPONSE_LIMIT_BYTES / 8 && serialisedSize(response) > LAMBDA_RESPONSE_LIMIT_BYTES) {
+    return new ResponseTooLargeError(LAMBDA_RESPONSE_LIMIT_BYTES);
+  }
   if (deadline !== undefined && response.statusCode < 300 && deadline - deps.clock() < deps.config.moesif.timeoutMs) return new DeadlineExceededError();
   return undefined;
 }
@@ -291,6 +299,7 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   try {
     parsed = parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts);
   } finally {
+    metering.inspected = true;
     metering.model = facts.model;
   }
   const { request: chat } = parsed;
@@ -337,11 +346,6 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
 }
 
 /**
- * A `stream: true` chat completion. The request is re-serialised (only here) to ask the upstream for
- * `stream_options.include_usage`, whatever the caller sent, so the usage billed is the upstream's own count. Errors
- * before the first event are thrown (ordinary JSON errors); after it, `relayChatStream` reports them in-band.
- */
-/**
  * The cost of what was served. Priced at the requested model; but when the upstream says it answered with another
  * model that the plan also prices (a router honouring an unknown field such as OpenRouter's `models` fallback list),
  * at the higher of the two prices, so naming a cheap model never buys an expensive one. Dated variants
@@ -355,6 +359,11 @@ export function servedCost(usage: TokenUsage, pricing: PlanPricing, requested: s
   return { currency: pricing.currency, micros };
 }
 
+/**
+ * A `stream: true` chat completion. The request is re-serialised (only here) to ask the upstream for
+ * `stream_options.include_usage`, whatever the caller sent, so the usage billed is the upstream's own count. Errors
+ * before the first event are thrown (ordinary JSON errors); after it, `relayChatStream` reports them in-band.
+ */
 async function streamChatCompletion(
   call: UpstreamCall,
   forwarded: Record<string, unknown>,
@@ -370,11 +379,7 @@ async function streamChatCompletion(
   const streamDeadline = deadline !== undefined ? deadline - deps.config.moesif.timeoutMs - DEADLINE_RESERVE_MS : undefined;
 
   const started = deps.clock();
-  let timeoutMs: number | undefined;
-  if (streamDeadline !== undefined) {
-    timeoutMs = streamDeadline - started;
-    if (timeoutMs < 100) throw new DeadlineExceededError();
-  }
+  const timeoutMs = upstreamBudget(call, started);
   // The caller may leave while the upstream thinks: abort it then too.
   const abort = new AbortController();
   const onGone = () => abort.abort();
@@ -390,12 +395,7 @@ async function streamChatCompletion(
     metering.upstreamMs = deps.clock() - started;
   }
   metering.upstreamStatus = opened.status;
-  if (!opened.stream) {
-    const text = redactor.redactBody(opened.body.toString("utf8"));
-    const headers = redactor.redactHeaders(opened.headers);
-    if (text.changed || headers.changed) deps.log.warn("upstream_echoed_secret", { upstream_status: opened.status, in_body: text.changed, in_headers: headers.changed });
-    return upstreamFailure({ status: opened.status, headers: headers.headers, text: text.text, json: text.json }, call);
-  }
+  if (!opened.stream) return upstreamFailure(redactAnswer(call, opened.status, opened.headers, opened.body), call);
 
   const request = { ...forwarded, messages };
   const headers = { ...SSE_HEADERS, "x-request-id": call.requestId };
@@ -463,13 +463,10 @@ async function listModels(customer: Customer, call: UpstreamCall): Promise<Proxy
  * headers) before anything else reads it: an upstream that echoes the service's key must not leak it to the caller,
  * a log line or a metering event.
  */
-async function callUpstream({ deps, metering, redactor, deadline }: UpstreamCall, request: UpstreamRequest): Promise<UpstreamAnswer> {
+async function callUpstream(call: UpstreamCall, request: UpstreamRequest): Promise<UpstreamAnswer> {
+  const { deps, metering } = call;
   const started = deps.clock();
-  let timeoutMs: number | undefined;
-  if (deadline !== undefined) {
-    timeoutMs = deadline - started - deps.config.moesif.timeoutMs - DEADLINE_RESERVE_MS;
-    if (timeoutMs < 100) throw new DeadlineExceededError();
-  }
+  const timeoutMs = upstreamBudget(call, started);
   let response;
   try {
     response = await deps.upstream.send(timeoutMs !== undefined ? { ...request, timeoutMs } : request);
@@ -477,10 +474,26 @@ async function callUpstream({ deps, metering, redactor, deadline }: UpstreamCall
     metering.upstreamMs = deps.clock() - started;
   }
   metering.upstreamStatus = response.status;
-  const body = redactor.redactBody(response.body.toString("utf8"));
-  const headers = redactor.redactHeaders(response.headers);
-  if (body.changed || headers.changed) deps.log.warn("upstream_echoed_secret", { upstream_status: response.status, in_body: body.changed, in_headers: headers.changed });
-  return { status: response.status, headers: headers.headers, text: body.text, json: body.json };
+  return redactAnswer(call, response.status, response.headers, response.body);
+}
+
+/**
+ * The time the upstream may take: what is left before the invocation's deadline once metering and the reserve are
+ * kept back (undefined without a deadline). Too little left to be worth asking → 504 `deadline_exceeded`.
+ */
+function upstreamBudget({ deps, deadline }: UpstreamCall, now: number): number | undefined {
+  if (deadline === undefined) return undefined;
+  const budget = deadline - now - deps.config.moesif.timeoutMs - DEADLINE_RESERVE_MS;
+  if (budget < 100) throw new DeadlineExceededError();
+  return budget;
+}
+
+/** An upstream answer with the service's secrets redacted from its body and headers: nothing reads the raw one. */
+function redactAnswer({ deps, redactor }: UpstreamCall, status: number, rawHeaders: Record<string, string>, rawBody: Buffer): UpstreamAnswer {
+  const body = redactor.redactBody(rawBody.toString("utf8"));
+  const headers = redactor.redactHeaders(rawHeaders);
+  if (body.changed || headers.changed) deps.log.warn("upstream_echoed_secret", { upstream_status: status, in_body: body.changed, in_headers: headers.changed });
+  return { status, headers: headers.headers, text: body.text, json: body.json };
 }
 
 /**
@@ -534,8 +547,7 @@ function redactorFor(secrets: ServiceSecrets): SecretRedactor {
 function peekModel(body: Buffer, maxBytes: number): string | undefined {
   if (body.length === 0 || body.length > maxBytes) return undefined;
   try {
-    const json = JSON.parse(body.toString("utf8")) as unknown;
-    return isRecord(json) && typeof json.model === "string" && json.model !== "" ? json.model.slice(0, MAX_MODEL_NAME_CHARS) : undefined;
+    return modelOf(JSON.parse(body.toString("utf8")));
   } catch {
     return undefined;
   }

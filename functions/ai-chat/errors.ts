@@ -121,7 +121,15 @@ export class DeadlineExceededError extends ApiError {
  * status (200) and headers are already on their way.
  */
 export class StreamFailedError extends ApiError {
-  constructor(message: string, code: "upstream_stream_failed" | "upstream_echoed_secret" | "upstream_idle_timeout" | "deadline_exceeded" | "internal_error", type: OpenAiErrorType = "server_error") {
+  /**
+   * @param beforeStart the ordinary error to answer instead when the caller has had nothing yet (no event sent).
+   */
+  constructor(
+    message: string,
+    code: "upstream_stream_failed" | "upstream_echoed_secret" | "upstream_idle_timeout" | "deadline_exceeded" | "internal_error",
+    type: OpenAiErrorType = "server_error",
+    readonly beforeStart?: ApiError,
+  ) {
     super(200, message, type, code);
   }
 }

@@ -155,10 +155,6 @@ export class LocalResponseStream extends EventEmitter implements LambdaResponseS
     this.gone = true;
     this.emit("close");
   }
-
-  get isClientGone(): boolean {
-    return this.gone;
-  }
 }
 
 /** A parsed prelude and the body bytes that followed it in the same chunk. */

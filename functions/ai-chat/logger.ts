@@ -56,11 +56,6 @@ export function createLogger(options: {
   };
 }
 
-/** Replaces every spelling of each secret in `text` (see `SecretRedactor`). */
-export function redact(text: string, secrets: ReadonlyArray<string | undefined>): string {
-  return new SecretRedactor(secrets).redactText(text);
-}
-
 /** Describes an unknown thrown value for a log line without its stack (stacks can carry request data). */
 export function describeError(err: unknown): { name: string; message: string; code?: string } {
   if (err instanceof Error) {

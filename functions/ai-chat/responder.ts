@@ -80,10 +80,6 @@ export class LambdaResponder implements Responder {
     return this.stream !== undefined;
   }
 
-  get finished(): boolean {
-    return this.ended;
-  }
-
   async send(response: ProxyResponse): Promise<void> {
     if (this.stream) throw new Error("a response was already started");
     const body = Buffer.from(response.body, "utf8");

@@ -70,7 +70,7 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, conten
     );
   }
   if (!isRecord(body)) throw new BadRequestError("The request body must be a JSON object.", null, "invalid_json");
-  if (typeof body.model === "string" && body.model !== "") facts.model = body.model.slice(0, MAX_MODEL_NAME_CHARS);
+  facts.model = modelOf(body);
 
   if (typeof body.model !== "string" || body.model.trim() === "") {
     throw new BadRequestError("`model` must be a non-empty string.", "model", "invalid_type");
@@ -95,6 +95,11 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, conten
   checkKnownFieldTypes(body);
   checkStreamOptions(body);
   return { request: body as ChatCompletionRequest, text };
+}
+
+/** The model a parsed request body names, cut to `MAX_MODEL_NAME_CHARS`, for metering; undefined if none. */
+export function modelOf(body: unknown): string | undefined {
+  return isRecord(body) && typeof body.model === "string" && body.model !== "" ? body.model.slice(0, MAX_MODEL_NAME_CHARS) : undefined;
 }
 
 /** `application/json`, optionally with parameters or a `+json` suffix type. */

@@ -119,7 +119,8 @@ export class SecretRedactor {
     return { headers: out, changed };
   }
 
-  private redactString(value: string): string {
+  /** Redacts one string: spelling by spelling, or whole when a mixed spelling survives that. */
+  redactString(value: string): string {
     if (!this.containsSecret(value)) return value;
     const redacted = this.redactText(value);
     return this.containsSecret(redacted) ? REDACTED : redacted;

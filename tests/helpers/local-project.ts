@@ -62,8 +62,8 @@ export function rawRequest(url: string, options: { method?: string; headers?: Re
  * A local stack on a throwaway project for one `describe` block: started before its tests, stopped after. Its keys
  * join the suite's secret scan, and its log lines and metering payloads are scanned.
  */
-export function useLocalStack(name: string, env: NodeJS.ProcessEnv = {}): { readonly stack: LocalStack; readonly projectDir: string } {
-  const project = tempProject();
+export function useLocalStack(name: string, env: NodeJS.ProcessEnv = {}, yaml = EVIDENCE_STACK_YAML): { readonly stack: LocalStack; readonly projectDir: string } {
+  const project = tempProject(yaml);
   const logs: string[] = [];
   let stack: LocalStack | undefined;
   before(async () => {

@@ -1,11 +1,11 @@
 import { expect } from "chai";
-import { execFile, execFileSync } from "node:child_process";
+import { execFile } from "node:child_process";
 import path from "node:path";
 import { promisify } from "node:util";
 import OpenAI from "openai";
-import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
-import { tempProject } from "../helpers/local-project";
-import { recordForScan, registerSecret } from "../helpers/secret-scan";
+import type { LocalStack } from "../../scripts/local/stack";
+import { useLocalStack } from "../helpers/local-project";
+import { pythonSdkAvailable } from "./streaming-helpers";
 
 /** Three customers: one roomy, one throttled at 1 request/second, one with a quota of a single request a day. */
 const SDK_STACK_YAML = `
@@ -40,15 +40,6 @@ config:
 
 const run = promisify(execFile);
 
-/** Whether `python3` can import the official OpenAI SDK (`pip install openai`). */
-function pythonSdkAvailable(): boolean {
-  try {
-    execFileSync("python3", ["-c", "import openai"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 const hello = { model: "gpt-4o-mini", messages: [{ role: "user" as const, content: "Hello from the SDK" }] };
 
@@ -64,20 +55,13 @@ async function failure(stack: LocalStack, call: () => Promise<unknown>): Promise
 }
 
 describe("the official OpenAI JS SDK against the local stack", () => {
-  let project: ReturnType<typeof tempProject>;
+  // Its logs and every metering payload join the suite's secret scan (useLocalStack).
+  const local = useLocalStack("openai-sdk", {}, SDK_STACK_YAML);
   let stack: LocalStack;
-  const logs: string[] = [];
   const client = (options: ConstructorParameters<typeof OpenAI>[0] = {}) => new OpenAI({ baseURL: `${stack.baseUrl}/v1`, ...options });
 
-  before(async () => {
-    project = tempProject(SDK_STACK_YAML);
-    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l), keepRawPayloads: "all" });
-    registerSecret(...Object.values(stack.apiKeys));
-  });
-  after(async () => {
-    recordForScan("openai-sdk logs", logs);
-    await stack?.stop();
-    project.remove();
+  before(() => {
+    stack = local.stack;
   });
 
   it("works end to end with the SDK's own apiKey option (Authorization: Bearer)", async () => {

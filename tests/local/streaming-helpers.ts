@@ -1,9 +1,24 @@
+import { execFileSync } from "node:child_process";
 import { handler } from "../../functions/ai-chat/index";
 import { isStreamingHandler } from "../../functions/ai-chat/lambda-stream";
 import { costOf } from "../../functions/shared/pricing";
 import type { LocalStack } from "../../scripts/local/stack";
 import type { StreamRecord } from "../../scripts/local/upstream-server";
 import type { StoredEvent } from "../../scripts/local/moesif-collector";
+
+let pythonSdk: boolean | undefined;
+/** Whether `python3` can import the official OpenAI SDK (`pip install openai`); asked once per run. */
+export function pythonSdkAvailable(): boolean {
+  if (pythonSdk === undefined) {
+    try {
+      execFileSync("python3", ["-c", "import openai"], { stdio: "ignore" });
+      pythonSdk = true;
+    } catch {
+      pythonSdk = false;
+    }
+  }
+  return pythonSdk;
+}
 
 /** Whether the function's handler streams (tagged by `streamifyResponse`): the streaming suites require it. */
 export function functionStreams(): boolean {

@@ -1,13 +1,13 @@
 import { expect } from "chai";
-import { execFile, execFileSync } from "node:child_process";
+import { execFile } from "node:child_process";
 import http from "node:http";
 import path from "node:path";
 import { promisify } from "node:util";
 import OpenAI from "openai";
 import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
-import { rawRequest, tempProject } from "../helpers/local-project";
+import { rawRequest, tempProject, useLocalStack } from "../helpers/local-project";
 import { recordForScan, registerSecret } from "../helpers/secret-scan";
-import { eventsSince, expectedCost, functionStreams, meteredEvent, upstreamStream, waitFor } from "./streaming-helpers";
+import { eventsSince, expectedCost, functionStreams, meteredEvent, pythonSdkAvailable, upstreamStream, waitFor } from "./streaming-helpers";
 
 /** One roomy customer; the upstream may stay silent for 1 s between chunks (the smallest allowed). */
 const STREAM_STACK_YAML = `
@@ -28,36 +28,19 @@ config:
 type Mock = Record<string, unknown>;
 const run = promisify(execFile);
 
-/** Whether `python3` can import the official OpenAI SDK (`pip install openai`). */
-function pythonSdkAvailable(): boolean {
-  try {
-    execFileSync("python3", ["-c", "import openai"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-}
 let counter = 0;
 /** A prompt no other test sends: the model server's records and the collector's events are found by it. */
 const uniquePrompt = (label: string) => `${label} #${++counter} ${Date.now()}`;
 
 describe("streaming through the local stack (real SDK clients, real servers on loopback)", function () {
-  let project: ReturnType<typeof tempProject>;
-  let stack: LocalStack;
-  const logs: string[] = [];
-  const client = () => new OpenAI({ baseURL: `${stack.baseUrl}/v1`, apiKey: stack.apiKeys.open, maxRetries: 0 });
-
-  before(async function () {
+  before(() => {
     expect(functionStreams(), "functions/ai-chat's handler must be a streaming handler").to.equal(true);
-    project = tempProject(STREAM_STACK_YAML);
-    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: {}, write: (l) => logs.push(l), keepRawPayloads: "all" });
-    registerSecret(...Object.values(stack.apiKeys));
   });
-  after(async () => {
-    recordForScan("streaming logs", logs);
-    recordForScan("streaming collector", stack?.collector?.rawPayloads ?? []);
-    await stack?.stop();
-    project?.remove();
+  const local = useLocalStack("streaming", {}, STREAM_STACK_YAML);
+  let stack: LocalStack;
+  const client = () => new OpenAI({ baseURL: `${stack.baseUrl}/v1`, apiKey: stack.apiKeys.open, maxRetries: 0 });
+  before(() => {
+    stack = local.stack;
   });
 
   /** Streams a chat completion with the openai SDK; returns the chunks, the request id and the upstream's record. */
