@@ -1,0 +1,166 @@
+/**
+ * The usage ledger's table: its keys, its one index and the item every part of the project reads and writes.
+ *
+ * One item per metered request, keyed by the transaction id (deterministic per API Gateway request), written once
+ * with a conditional put by the request path (`functions/ai-chat/ledger.ts`) and then only updated by the forwarder
+ * (`functions/usage-forwarder`) as it delivers the item to each billing sink. Every write is a single-item
+ * conditional write: DynamoDB's cheapest, most scalable primitive, and the only one `dynalite` (the local stand-in)
+ * offers besides plain reads (it has no transactions and no streams).
+ *
+ * Shared by the function, the forwarder, the Pulumi program (`infra/`) and the local stack (`scripts/local/`), so the
+ * table they create and the items they exchange cannot drift apart. No AWS SDK imports here: infra loads this file.
+ */
+import { createHash } from "node:crypto";
+
+/** Partition key: the request's transaction id (a UUID, see `functions/ai-chat/metering.ts` `transactionIdFor`). */
+export const LEDGER_KEY = "transaction_id";
+
+/**
+ * Sparse global secondary index over the items that still owe a delivery to some sink. An item carries the
+ * `undelivered` attribute (its shard) while any sink's state is `pending` or `failed`, and loses it once every sink
+ * it needs has it; so the index holds only the backlog, whatever the table's size, and a sweep never scans the table.
+ */
+export const UNDELIVERED_INDEX = "undelivered";
+/** The index's partition key: `u0` … `u15`, from the transaction id (16 shards spread a busy backlog's writes). */
+export const UNDELIVERED_KEY = "undelivered";
+/** The index's sort key: when the item was created (ms since the epoch), so a sweep reads the oldest first. */
+export const UNDELIVERED_SORT = "created_at";
+export const UNDELIVERED_SHARDS = 16;
+
+/** The event name of the Stripe Billing Meter the forwarder reports to (a contract with the Stripe meter `pulumi up` creates). */
+export const STRIPE_METER_EVENT_NAME = "ai_usage_cost";
+
+/** Local table name (dynalite); on AWS the name is Pulumi's auto-name, given to the functions as `LEDGER_TABLE`. */
+export const LOCAL_LEDGER_TABLE = "usage-ledger";
+
+/** The billing sinks an item can owe a delivery to. */
+export type SinkName = "moesif" | "stripe";
+export const SINKS: readonly SinkName[] = ["moesif", "stripe"];
+
+/**
+ * `pending`: not yet acknowledged by the sink (new, or the sink is down: retried on every sweep once the sink's
+ * back-off has passed). `delivered`: acknowledged (or the sink already had it: Stripe's duplicate identifier).
+ * `failed`: the sink refused this item itself (a 4xx about it, such as an unknown Stripe customer); kept visible and
+ * re-tried on a slow schedule (`<sink>_next_at`), never dropped.
+ */
+export type SinkState = "pending" | "delivered" | "failed";
+
+/** `stripeBilling`: who reports usage to Stripe. Never both, so a customer is never billed twice. */
+export type StripeBilling = "moesif" | "meters";
+
+/**
+ * One metered request. Attribute names are snake_case, as in the Moesif event metadata and `npm run usage --json`.
+ * Money is integer micro-units of `currency` (1 USD = 1,000,000). Holds no key, secret or (unless `logBodies`)
+ * prompt or completion text: `moesif_event` is the same secret-free, size-capped event the direct Moesif send uses.
+ */
+export interface LedgerItem {
+  transaction_id: string;
+  /** When the item was made (the request's end), ms since the epoch: the index's sort key. */
+  created_at: number;
+  request_id: string;
+  method: string;
+  route: string;
+  status: number;
+  stage?: string;
+  started_at: number;
+  finished_at: number;
+  /** API Gateway key id (not the key): what Moesif gets as `session_token`. */
+  api_key_id?: string;
+  customer_id?: string;
+  stripe_customer_id?: string;
+  plan?: string;
+  model?: string;
+  prompt_tokens: number;
+  completion_tokens: number;
+  /** Always `prompt_tokens + completion_tokens`. */
+  total_tokens: number;
+  cached_tokens: number;
+  reasoning_tokens: number;
+  usage_estimated: boolean;
+  /** The caller got a 2xx answer with a completion: only billed items have tokens and cost. */
+  billed: boolean;
+  /** Absent on plans without prices. */
+  cost_micros?: number;
+  currency?: string;
+  upstream_status?: number;
+  upstream_ms?: number;
+  streamed: boolean;
+  stream_error?: string;
+  client_disconnected: boolean;
+  /** The Moesif event (JSON text, at most 64 KiB) exactly as the forwarder sends it. */
+  moesif_event: string;
+
+  moesif_state?: SinkState;
+  moesif_attempts?: number;
+  /** Earliest time (ms) a `failed` item is tried again. */
+  moesif_next_at?: number;
+  moesif_error?: string;
+  moesif_delivered_at?: number;
+
+  /** Absent when the item owes Stripe nothing (`stripeBilling: moesif`, or no cost). */
+  stripe_state?: SinkState;
+  stripe_attempts?: number;
+  stripe_next_at?: number;
+  stripe_error?: string;
+  stripe_delivered_at?: number;
+
+  /** The backlog index's shard; present while any sink is `pending` or `failed`. */
+  undelivered?: string;
+}
+
+/** The backlog shard of a transaction id: stable, evenly spread. */
+export function undeliveredShard(transactionId: string): string {
+  const digest = createHash("sha1").update(transactionId).digest();
+  return `u${digest[0] % UNDELIVERED_SHARDS}`;
+}
+
+/** Whether an item still owes some sink a delivery (and so belongs in the backlog index). */
+export function owesDelivery(item: Pick<LedgerItem, "moesif_state" | "stripe_state">): boolean {
+  return SINKS.some((sink) => {
+    const state = item[`${sink}_state`];
+    return state === "pending" || state === "failed";
+  });
+}
+
+/**
+ * The table, in CreateTable's terms: what the Pulumi program provisions and what the local stack creates on
+ * dynalite. On-demand capacity; the stream (NEW_IMAGE) and point-in-time recovery are AWS-only and set by infra.
+ */
+export const LEDGER_TABLE_SCHEMA = {
+  attributeDefinitions: [
+    { AttributeName: LEDGER_KEY, AttributeType: "S" },
+    { AttributeName: UNDELIVERED_KEY, AttributeType: "S" },
+    { AttributeName: UNDELIVERED_SORT, AttributeType: "N" },
+  ],
+  keySchema: [{ AttributeName: LEDGER_KEY, KeyType: "HASH" }],
+  globalSecondaryIndexes: [
+    {
+      IndexName: UNDELIVERED_INDEX,
+      KeySchema: [
+        { AttributeName: UNDELIVERED_KEY, KeyType: "HASH" },
+        { AttributeName: UNDELIVERED_SORT, KeyType: "RANGE" },
+      ],
+      // ALL: the forwarder delivers straight from the index, with no read of the table per item.
+      Projection: { ProjectionType: "ALL" },
+    },
+  ],
+} as const;
+
+/**
+ * DynamoDB client settings from a function's environment: region, credentials and the endpoint override the AWS SDK
+ * documents for one service (`AWS_ENDPOINT_URL_DYNAMODB`, or `AWS_ENDPOINT_URL`), which the local stack points at
+ * dynalite. The functions get an explicit environment map (the local stack runs them in-process), hence this helper
+ * rather than the SDK reading `process.env` itself.
+ */
+export function dynamoClientOptions(env: NodeJS.ProcessEnv): {
+  region?: string;
+  endpoint?: string;
+  credentials?: { accessKeyId: string; secretAccessKey: string; sessionToken?: string };
+} {
+  const { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey, AWS_SESSION_TOKEN: sessionToken } = env;
+  return {
+    region: env.AWS_REGION || env.AWS_DEFAULT_REGION || (env.AWS_ENDPOINT_URL_DYNAMODB ? "us-east-1" : undefined),
+    endpoint: env.AWS_ENDPOINT_URL_DYNAMODB || env.AWS_ENDPOINT_URL || undefined,
+    credentials: accessKeyId && secretAccessKey ? { accessKeyId, secretAccessKey, ...(sessionToken ? { sessionToken } : {}) } : undefined,
+  };
+}
