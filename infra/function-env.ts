@@ -88,9 +88,47 @@ export function plannedParameterName(slug: string): string {
   return `metered-ai-api-param-${slug}-xxxxxxx`;
 }
 
+/** Logical name of the usage ledger component (`infra/usage-ledger.ts`); its table is `<this>-table`. */
+export const LEDGER_COMPONENT_NAME = "usage-ledger";
+
+/** The ledger table's name as Pulumi auto-names it (logical name, a dash, 7 random characters): LEDGER_TABLE's size. */
+export function plannedLedgerTableName(): string {
+  return `${LEDGER_COMPONENT_NAME}-table-xxxxxxx`;
+}
+
 /**
- * The function's environment on AWS, except CUSTOMERS (keyed by the API key ids API Gateway assigns). No secret is
- * in it: the upstream key and the Moesif application id are SSM parameters, named (by the component, which creates
+ * How long the forwarder's sweep leaves a new ledger item to the table's stream before delivering it itself (ms):
+ * long enough that the stream, which normally delivers within seconds, wins; the sweep then only picks up what the
+ * stream missed (records skipped at LATEST, failed batches, sink outages).
+ */
+export const FORWARDER_SWEEP_GRACE_MS = 60_000;
+
+/**
+ * The usage forwarder's own SSM SecureString parameters (auto-named like the function's): the Moesif application id
+ * always, the Stripe key only with `stripeBilling: meters`. Its own copies, so its role reads nothing of ai-chat's.
+ */
+export const FORWARDER_SECRET_PARAMETERS = [
+  { envVar: "MOESIF_APPLICATION_ID_PARAMETER", slug: "moesif-application-id", description: "metered-ai-api usage forwarder: Moesif Collector Application Id" },
+  { envVar: "STRIPE_API_KEY_PARAMETER", slug: "stripe-api-key", description: "metered-ai-api usage forwarder: Stripe key for billing meter events" },
+] as const;
+
+/**
+ * The usage forwarder's environment on AWS besides the names only the deployment knows (the table and the SSM
+ * parameters holding the Moesif application id and, with `stripeBilling: meters`, the Stripe key), which the ledger
+ * component adds. No secret is in it.
+ */
+export function forwarderEnvironment(config: StackConfig): Record<string, string> {
+  return {
+    MOESIF_BASE_URI: config.moesifBaseUri,
+    STRIPE_BILLING: config.stripeBilling,
+    FORWARDER_SWEEP_GRACE_MS: String(FORWARDER_SWEEP_GRACE_MS),
+    LOG_LEVEL: "info",
+  };
+}
+
+/**
+ * The function's environment on AWS, except CUSTOMERS (keyed by the API key ids API Gateway assigns) and LEDGER_TABLE
+ * (the ledger table's generated name, which the component adds). No secret is in it: the upstream key and the Moesif application id are SSM parameters, named (by the component, which creates
  * them) in UPSTREAM_API_KEY_PARAMETER / MOESIF_APPLICATION_ID_PARAMETER and read at the first
  * request; anyone with `lambda:GetFunctionConfiguration` sees only their names.
  */
@@ -104,6 +142,8 @@ export function functionEnvironment(config: StackConfig, stack: string): Record<
     MOESIF_BASE_URI: config.moesifBaseUri,
     MOESIF_LOG_BODIES: String(config.logBodies),
     METERING_TIMEOUT_MS: String(config.meteringTimeoutMs),
+    LEDGER_TIMEOUT_MS: String(config.ledgerTimeoutMs),
+    STRIPE_BILLING: config.stripeBilling,
     PLANS_FILE,
   };
 }
@@ -118,7 +158,13 @@ export function plannedEnvironment(config: StackConfig, stack: string): Record<s
   const keyIds = Object.fromEntries(Object.keys(config.customers).map((id, i) => [id, String(i).padStart(API_KEY_ID_LENGTH, "k")]));
   // SECRETS_VERSION: the two parameters' versions, e.g. "12.3"; room for five digits each.
   const parameters = Object.fromEntries(SECRET_PARAMETERS.map(({ envVar, slug }) => [envVar, plannedParameterName(slug)]));
-  return { ...functionEnvironment(config, stack), ...parameters, CUSTOMERS: customersVariable(keyIds, config.customers), SECRETS_VERSION: "99999.99999" };
+  return {
+    ...functionEnvironment(config, stack),
+    ...parameters,
+    LEDGER_TABLE: plannedLedgerTableName(),
+    CUSTOMERS: customersVariable(keyIds, config.customers),
+    SECRETS_VERSION: "99999.99999",
+  };
 }
 
 /**

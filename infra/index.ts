@@ -1,13 +1,25 @@
 /**
- * Composition root: config → components → stack outputs. `pulumi up` builds both function bundles itself.
+ * Composition root: config → components → stack outputs. `pulumi up` builds every function bundle itself.
  */
 import path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
 import { bundleFunction } from "./bundle";
 import { loadConfig } from "./config";
-import { functionEnvironment, functionPlans, PLANS_FILE, sanitizeStackName, SECRET_PARAMETERS } from "./function-env";
+import {
+  FORWARDER_SECRET_PARAMETERS,
+  forwarderEnvironment,
+  functionEnvironment,
+  functionPlans,
+  LEDGER_COMPONENT_NAME,
+  PLANS_FILE,
+  sanitizeStackName,
+  SECRET_PARAMETERS,
+} from "./function-env";
 import { MeteredAiApi } from "./metered-ai-api";
 import { MoesifStripeWebhook } from "./moesif-stripe-webhook";
+import { billingCurrencies } from "./stack-config";
+import { StripeMeteredBilling } from "./stripe-meters";
+import { UsageLedger } from "./usage-ledger";
 
 const config = loadConfig();
 const stack = pulumi.getStack();
@@ -22,6 +34,23 @@ const chat = bundleFunction(path.join(root, "functions", "ai-chat", "index.ts"),
   files: { [PLANS_FILE]: JSON.stringify(functionPlans(config.plans)) },
 });
 const authorizer = bundleFunction(path.join(root, "functions", "authorizer", "index.ts"), path.join(buildDir, "authorizer"), { tokenizerRanks: false });
+const forwarder = bundleFunction(path.join(root, "functions", "usage-forwarder", "index.ts"), path.join(buildDir, "usage-forwarder"), { tokenizerRanks: false });
+
+// The ledger first: the chat function is told its table and may only PutItem there.
+const forwarderSecrets: Record<string, pulumi.Output<string> | undefined> = {
+  MOESIF_APPLICATION_ID_PARAMETER: config.moesifApplicationId,
+  STRIPE_API_KEY_PARAMETER: config.stripeMeterApiKey,
+};
+const ledger = new UsageLedger(LEDGER_COMPONENT_NAME, {
+  forwarderCode: archive(forwarder.outdir),
+  environment: forwarderEnvironment(config),
+  // The Stripe key only with stripeBilling: meters (config.stripeMeterApiKey is undefined otherwise).
+  secretParameters: FORWARDER_SECRET_PARAMETERS.filter((p) => forwarderSecrets[p.envVar] !== undefined).map((p) => ({ ...p, value: forwarderSecrets[p.envVar]! })),
+  deletionProtection: config.ledgerDeletionProtection,
+  architecture: config.lambdaArchitecture,
+  logRetentionDays: config.logRetentionDays,
+  reservedConcurrency: config.forwarderReservedConcurrency,
+});
 
 const secretValues = { UPSTREAM_API_KEY_PARAMETER: config.upstreamApiKey, MOESIF_APPLICATION_ID_PARAMETER: config.moesifApplicationId };
 const api = new MeteredAiApi("metered-ai-api", {
@@ -40,9 +69,13 @@ const api = new MeteredAiApi("metered-ai-api", {
   reservedConcurrency: config.reservedConcurrency,
   stageThrottle: { rateLimit: config.stageThrottleRateLimit, burstLimit: config.stageThrottleBurstLimit },
   manageApiGatewayAccount: config.manageApiGatewayAccount,
+  ledger: { tableName: ledger.tableName, tableArn: ledger.tableArn },
 });
 
 const webhook = new MoesifStripeWebhook("moesif-stripe", { url: config.moesifStripeWebhookUrl! });
+// Direct Stripe Billing Meters only when chosen: with `moesif`, Moesif's billing meter reports usage to Stripe, and a
+// second path would bill every customer twice.
+const meters = config.stripeBilling === "meters" ? new StripeMeteredBilling("stripe-meters", { currencies: billingCurrencies(config.plans) }) : undefined;
 
 /** Stage base URL. */
 export const invokeUrl = api.invokeUrl;
@@ -65,3 +98,14 @@ export const upstreamApiKeyParameter = api.parameterNames.apply((names) => names
 export const moesifApplicationIdParameter = api.parameterNames.apply((names) => names.MOESIF_APPLICATION_ID_PARAMETER);
 export const stripeWebhookEndpointId = webhook.endpointId;
 export const stripeWebhookSecret = webhook.signingSecret;
+/** The usage ledger (DynamoDB): one item per metered request. */
+export const ledgerTableName = ledger.tableName;
+export const ledgerTableArn = ledger.tableArn;
+export const forwarderFunctionName = ledger.forwarderFunctionName;
+export const forwarderLogGroupName = ledger.forwarderLogGroupName;
+/** Stream batches the forwarder gave up on (their items stay in the ledger's backlog); alarm on its depth. */
+export const forwarderDeadLetterQueueUrl = ledger.deadLetterQueueUrl;
+/** With stripeBilling: meters, the Stripe meter, product and currency → metered price a subscription item uses. */
+export const stripeMeterId = meters?.meterId;
+export const stripeProductId = meters?.productId;
+export const stripePriceIds = meters?.priceIds;

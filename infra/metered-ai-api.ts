@@ -77,6 +77,11 @@ export interface MeteredAiApiArgs {
   environment: Record<string, string>;
   /** SSM SecureString parameters created for the function, which its role may read (and nothing else). */
   secretParameters?: SecretParameterArgs[];
+  /**
+   * The usage ledger the function writes each request's usage to (`LEDGER_TABLE`); its role may PutItem there and do
+   * nothing else with it. Absent: no ledger, the function meters through the direct Moesif send only.
+   */
+  ledger?: { tableName: pulumi.Input<string>; tableArn: pulumi.Input<string> };
   /** @default 512 */
   memoryMb?: number;
   /** Function timeout, also the (streamed) integration's. @default 300 */
@@ -155,7 +160,9 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       `${name}-policy`,
       {
         role: role.id,
-        policy: pulumi.all([logGroup.arn, pulumi.all(parameters.map((p) => p.arn))]).apply(([logArn, parameterArns]) => functionPolicy(logArn, parameterArns)),
+        policy: pulumi
+          .all([logGroup.arn, pulumi.all(parameters.map((p) => p.arn)), args.ledger?.tableArn])
+          .apply(([logArn, parameterArns, ledgerTableArn]) => functionPolicy(logArn, parameterArns, { ledgerTableArn })),
       },
       parent,
     );
@@ -163,9 +170,10 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     // every container: the configuration update replaces the warm ones, which cache the secrets for their life.
     const secretParameters = args.secretParameters ?? [];
     const environment = pulumi
-      .all([pulumi.all(apiKeys.map(({ key }) => key.id)), pulumi.all(parameters.map((p) => p.version)), pulumi.all(parameters.map((p) => p.name))])
-      .apply(([ids, versions, names]) => ({
+      .all([pulumi.all(apiKeys.map(({ key }) => key.id)), pulumi.all(parameters.map((p) => p.version)), pulumi.all(parameters.map((p) => p.name)), args.ledger?.tableName])
+      .apply(([ids, versions, names, ledgerTable]) => ({
         ...args.environment,
+        ...(ledgerTable ? { LEDGER_TABLE: ledgerTable } : {}),
         ...Object.fromEntries(secretParameters.map((p, i) => [p.envVar, names[i]])),
         CUSTOMERS: customersVariable(Object.fromEntries(apiKeys.map(({ customerId }, i) => [customerId, ids[i]])), args.customers),
         ...(parameters.length > 0 ? { SECRETS_VERSION: secretsVersion(versions) } : {}),
@@ -487,13 +495,16 @@ export function apiGatewayAssumeRolePolicy(): string {
 }
 
 /**
- * A function's permissions: write to its own log group, and read exactly the given SSM parameters. No kms:Decrypt:
- * SecureStrings use the AWS managed key, which "grants Decrypt permission to all IAM principals in the AWS account"
- * (Systems Manager user guide, ps-restrict-decryption), so ssm:GetParameters is the whole grant.
+ * A function's permissions: write to its own log group, read exactly the given SSM parameters and, with a ledger,
+ * put items into the ledger table (nothing else there: no read, no update, no delete, and not its indexes). No
+ * kms:Decrypt: SecureStrings use the AWS managed key, which "grants Decrypt permission to all IAM principals in the
+ * AWS account" (Systems Manager user guide, ps-restrict-decryption), so ssm:GetParameters is the whole grant; the
+ * table uses DynamoDB's default encryption (an AWS owned key), which needs no grant either.
  */
-export function functionPolicy(logGroupArn: string, parameterArns: string[]): string {
+export function functionPolicy(logGroupArn: string, parameterArns: string[], options: { ledgerTableArn?: string } = {}): string {
   const statements: object[] = [{ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroupArn}:*` }];
   if (parameterArns.length > 0) statements.push({ Effect: "Allow", Action: ["ssm:GetParameters", "ssm:GetParameter"], Resource: [...parameterArns] });
+  if (options.ledgerTableArn) statements.push({ Effect: "Allow", Action: ["dynamodb:PutItem"], Resource: options.ledgerTableArn });
   return JSON.stringify({ Version: "2012-10-17", Statement: statements });
 }
 

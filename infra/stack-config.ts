@@ -7,6 +7,7 @@
  * 29 s) is checked here, so `pulumi preview` fails with a message naming the key instead.
  */
 
+import type { StripeBilling } from "../functions/shared/ledger-schema";
 import { parseCurrency, parsePriceTable, PriceError, type ModelPrice } from "../functions/shared/pricing";
 import { environmentBytes, LAMBDA_ENVIRONMENT_LIMIT_BYTES, plannedEnvironment } from "./function-env";
 
@@ -100,6 +101,22 @@ export interface StackConfig {
   stageThrottleBurstLimit: number;
   /** Whether this stack sets the region's API Gateway CloudWatch role (needed for access logs). */
   manageApiGatewayAccount: boolean;
+  /**
+   * Who reports usage to Stripe: `moesif` (Moesif's billing meter, the tutorial's route) or `meters` (the forwarder
+   * sends Stripe Billing Meter events; `pulumi up` creates the meter and a metered price per currency). Never both.
+   */
+  stripeBilling: StripeBilling;
+  /** DynamoDB deletion protection on the usage ledger (the billing record): on, a destroy or a replacement fails. */
+  ledgerDeletionProtection: boolean;
+  /** Most time the ledger write may add to a request (then the direct Moesif send is the fallback). */
+  ledgerTimeoutMs: number;
+  /**
+   * Concurrency reserved for (and capping) the usage forwarder; -1 (the default) leaves it unreserved. Unreserved by
+   * default because reserving any fails `pulumi up` on accounts whose concurrency quota is still 10 or 50 ("decreases
+   * account's UnreservedConcurrentExecution below its minimum value of [10]"); delivery does not need it (a throttled
+   * forwarder only delays: the sweep delivers the backlog afterwards).
+   */
+  forwarderReservedConcurrency: number;
 }
 
 /** A stack config value that cannot be used. The message names the key, fully qualified. */
@@ -169,8 +186,20 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
   const upstreamTimeoutMs = integer(values, "upstreamTimeoutMs", 120_000, 1, 900_000);
   const upstreamIdleTimeoutMs = integer(values, "upstreamIdleTimeoutMs", 60_000, 1_000, 900_000);
   const meteringTimeoutMs = integer(values, "meteringTimeoutMs", 1000, 1, 10_000);
+  const ledgerTimeoutMs = integer(values, "ledgerTimeoutMs", 1000, 1, 10_000);
   const lambdaTimeoutSeconds = integer(values, "lambdaTimeoutSeconds", 300, 1, 900);
-  checkTimeouts(upstreamTimeoutMs, upstreamIdleTimeoutMs, meteringTimeoutMs, lambdaTimeoutSeconds);
+  checkTimeouts(upstreamTimeoutMs, upstreamIdleTimeoutMs, ledgerTimeoutMs + meteringTimeoutMs, lambdaTimeoutSeconds);
+
+  const stripeBilling = optionalString(values, "stripeBilling") ?? "moesif";
+  if (stripeBilling !== "moesif" && stripeBilling !== "meters") {
+    throw new StackConfigError("stripeBilling", `must be "moesif" (Moesif's billing meter reports to Stripe) or "meters" (Stripe Billing Meters, direct) (got "${stripeBilling}")`);
+  }
+  if (stripeBilling === "meters") requireStripeCustomers(plans, customers);
+
+  const forwarderReservedConcurrency = integer(values, "forwarderReservedConcurrency", -1, -1, 1_000);
+  if (forwarderReservedConcurrency === 0) {
+    throw new StackConfigError("forwarderReservedConcurrency", "0 would stop every delivery; use -1 for unreserved or a positive limit");
+  }
 
   const config: StackConfig = {
     stageName,
@@ -193,6 +222,10 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
     stageThrottleRateLimit,
     stageThrottleBurstLimit,
     manageApiGatewayAccount: boolean(values, "manageApiGatewayAccount", true),
+    stripeBilling,
+    ledgerDeletionProtection: boolean(values, "ledgerDeletionProtection", true),
+    ledgerTimeoutMs,
+    forwarderReservedConcurrency,
   };
 
   // Lambda measures the JSON-serialised variables map (names, values, quotes and the escapes of the quotes inside
@@ -211,19 +244,20 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
 
 /**
  * Every deadline must leave the function time to answer and meter before anything cuts it off, or the caller gets a
- * gateway error with nothing metered:
+ * gateway error with nothing metered. The metering bound is the ledger write (ledgerTimeoutMs) plus, when that fails,
+ * the direct Moesif send that stands in for it (meteringTimeoutMs): the two run one after the other.
  * - a buffered answer (upstreamTimeoutMs) plus the metering bound plus a margin must fit the function's timeout and
  *   API Gateway's 5-minute idle timeout (a buffered answer sends nothing until it is complete);
  * - the gap allowed between two streamed chunks (upstreamIdleTimeoutMs) must be shorter than that idle timeout;
  * - the function's timeout is also the integration's, at most 900 s for a streamed integration.
  */
-function checkTimeouts(upstreamTimeoutMs: number, upstreamIdleTimeoutMs: number, meteringTimeoutMs: number, lambdaTimeoutSeconds: number): void {
-  const needed = upstreamTimeoutMs + meteringTimeoutMs + TIMEOUT_MARGIN_MS;
+function checkTimeouts(upstreamTimeoutMs: number, upstreamIdleTimeoutMs: number, meteringBoundMs: number, lambdaTimeoutSeconds: number): void {
+  const needed = upstreamTimeoutMs + meteringBoundMs + TIMEOUT_MARGIN_MS;
   const fits = (limit: number, what: string) => {
     if (needed > limit) {
       throw new StackConfigError(
         "upstreamTimeoutMs",
-        `${upstreamTimeoutMs} + meteringTimeoutMs ${meteringTimeoutMs} + ${TIMEOUT_MARGIN_MS} ms margin = ${needed} ms exceeds ${what} (${limit} ms); lower upstreamTimeoutMs`,
+        `${upstreamTimeoutMs} + ledgerTimeoutMs + meteringTimeoutMs ${meteringBoundMs} + ${TIMEOUT_MARGIN_MS} ms margin = ${needed} ms exceeds ${what} (${limit} ms); lower upstreamTimeoutMs`,
       );
     }
   };
@@ -232,9 +266,30 @@ function checkTimeouts(upstreamTimeoutMs: number, upstreamIdleTimeoutMs: number,
   if (upstreamIdleTimeoutMs + TIMEOUT_MARGIN_MS > STREAM_IDLE_TIMEOUT_MS) {
     throw new StackConfigError("upstreamIdleTimeoutMs", `${upstreamIdleTimeoutMs} ms + ${TIMEOUT_MARGIN_MS} ms margin exceeds API Gateway's 5-minute idle timeout for a stream`);
   }
-  if (upstreamIdleTimeoutMs + meteringTimeoutMs + TIMEOUT_MARGIN_MS > lambdaTimeoutSeconds * 1000) {
-    throw new StackConfigError("upstreamIdleTimeoutMs", `${upstreamIdleTimeoutMs} ms + meteringTimeoutMs + margin exceeds lambdaTimeoutSeconds (${lambdaTimeoutSeconds * 1000} ms)`);
+  if (upstreamIdleTimeoutMs + meteringBoundMs + TIMEOUT_MARGIN_MS > lambdaTimeoutSeconds * 1000) {
+    throw new StackConfigError("upstreamIdleTimeoutMs", `${upstreamIdleTimeoutMs} ms + ledgerTimeoutMs + meteringTimeoutMs + margin exceeds lambdaTimeoutSeconds (${lambdaTimeoutSeconds * 1000} ms)`);
   }
+}
+
+/**
+ * With `stripeBilling: meters` a meter event is attributed to a Stripe customer by its `stripe_customer_id`; a billed
+ * request of a customer without one could never reach an invoice (the ledger would keep it as a Stripe failure
+ * forever), so every customer on a plan with prices needs one before anything is deployed.
+ */
+function requireStripeCustomers(plans: Record<string, PlanConfig>, customers: Record<string, CustomerConfig>): void {
+  for (const [id, customer] of Object.entries(customers)) {
+    if (plans[customer.plan]?.prices && !customer.stripeCustomerId) {
+      throw new StackConfigError(
+        `customers.${id}.stripeCustomerId`,
+        `is required with stripeBilling: meters, because plan "${customer.plan}" bills: Stripe attributes each meter event to a customer by this id (cus_...)`,
+      );
+    }
+  }
+}
+
+/** The currencies the stack's billing plans charge in (lower case, sorted): one Stripe price each. */
+export function billingCurrencies(plans: Record<string, PlanConfig>): string[] {
+  return [...new Set(Object.values(plans).flatMap((plan) => (plan.prices ? [plan.currency ?? "usd"] : [])))].sort();
 }
 
 function parsePlans(raw: unknown): Record<string, PlanConfig> {

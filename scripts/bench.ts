@@ -12,19 +12,28 @@
  * Streaming: time to first byte, time to the first word and the time per chunk of a streamed answer (200 words
  * unpaced; 50 words 10 ms apart), from the model server directly and through the metered function, same run.
  *
+ * Metering on the request path, before and after the usage ledger, same run: the serving table has a row for the
+ * bundle writing the ledger (`LEDGER_TABLE`, against dynalite in its own process) beside the row sending to Moesif;
+ * and a metering table times what the handler awaits per request, `MoesifMeter.record` (the awaited send to the
+ * collector) versus `LedgerMeter.record` (the conditional put to dynalite), called from this process at
+ * concurrency 1 and 32 (p50/p95 ms, records/s), interleaved in rounds.
+ *
  * Then: the token estimator on 1 KB / 100 KB / 1 MB single-word prompts (each in a fresh process with a time limit),
  * the model server's answer time for a 1 MB single-word prompt, the time one `MoesifMeter.record` takes for a
  * normal event and for one whose body nests 20,000 arrays, the whole local stack, and the bundle's size, cold
  * import time and peak RSS.
  */
+import { CreateTableCommand, DynamoDBClient, ScanCommand, type AttributeValue } from "@aws-sdk/client-dynamodb";
 import { spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import http from "node:http";
 import path from "node:path";
 import readline from "node:readline";
+import { createLedgerWriter, LedgerMeter } from "../functions/ai-chat/ledger";
 import { createLogger } from "../functions/ai-chat/logger";
-import { transactionIdFor, type UsageRecord } from "../functions/ai-chat/metering";
+import { transactionIdFor, type UsageMeter, type UsageRecord } from "../functions/ai-chat/metering";
 import { MoesifMeter } from "../functions/ai-chat/moesif";
+import { LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE } from "../functions/shared/ledger-schema";
 import { measureBundle } from "./build-function";
 import { startLocalStack } from "./local/stack";
 
@@ -42,6 +51,8 @@ const STREAM_RUNS = Number(process.env.BENCH_STREAM_RUNS ?? 100);
  * beside this one in the same rounds, for a before/after comparison under the same machine noise.
  */
 const BASELINE_BUNDLE = process.env.BENCH_BASELINE_BUNDLE;
+/** Records per meter, concurrency and round in the metering table. */
+const METER_RECORDS = Number(process.env.BENCH_METER_RECORDS ?? 1500);
 const BODY = JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "system", content: "You are terse." }, { role: "user", content: "Hello!" }] });
 const CUSTOMERS = JSON.stringify({ "bench-key-id": { customerId: "bench", plan: "pro", stripeCustomerId: "cus_bench" } });
 const PLANS = JSON.stringify({ pro: {} });
@@ -226,6 +237,15 @@ function passThroughServer(): void {
   process.on("disconnect", () => process.exit(0));
 }
 
+/** The ledger: dynalite (in memory) in its own process, so that its work is not billed to what is measured. */
+function dynaliteServer(): void {
+  type Dynalite = { listen(port: number, host: string, done: () => void): void; address(): import("node:net").AddressInfo };
+  const dynalite = (require(process.env.BENCH_DYNALITE as string) as (options: object) => Dynalite)({ createTableMs: 0, deleteTableMs: 0, updateTableMs: 0 });
+  dynalite.listen(0, "127.0.0.1", () => process.send!({ port: dynalite.address().port }));
+  process.on("message", () => process.send!({ cpu: process.cpuUsage(), maxRss: process.resourceUsage().maxRSS }));
+  process.on("disconnect", () => process.exit(0));
+}
+
 interface ServingChild {
   url: string;
   child: ChildProcess;
@@ -233,8 +253,14 @@ interface ServingChild {
   usage(): Promise<{ cpuUs: number; maxRssKb: number }>;
 }
 
-function startServingChild(main: () => void, env: NodeJS.ProcessEnv): Promise<ServingChild> {
-  const child = spawn(process.execPath, ["-e", `(${main.toString()})()`], { env: { ...process.env, ...env }, stdio: ["ignore", "ignore", "inherit", "ipc"] });
+/**
+ * Starts a serving child. Its stdout (the function's log lines) goes to `logFile` when given, else nowhere; a file
+ * rather than a pipe, so that reading it costs the measured process nothing more than /dev/null would.
+ */
+function startServingChild(main: () => void, env: NodeJS.ProcessEnv, logFile?: string): Promise<ServingChild> {
+  const out = logFile ? fs.openSync(logFile, "w") : "ignore";
+  const child = spawn(process.execPath, ["-e", `(${main.toString()})()`], { env: { ...process.env, ...env }, stdio: ["ignore", out, "inherit", "ipc"] });
+  if (typeof out === "number") fs.closeSync(out);
   return new Promise((resolve, reject) => {
     child.once("exit", (code) => reject(new Error(`serving child exited with ${code}`)));
     child.once("message", (message) => {
@@ -253,6 +279,43 @@ function startServingChild(main: () => void, env: NodeJS.ProcessEnv): Promise<Se
       });
     });
   });
+}
+
+/** Environment that points the function (and `createLedgerWriter`) at the bench's dynalite. */
+function ledgerEnv(endpoint: string): NodeJS.ProcessEnv {
+  // dynalite checks no signature, but the SDK signs every request: dummy credentials keep it off the provider chain.
+  return { LEDGER_TABLE: LOCAL_LEDGER_TABLE, AWS_ENDPOINT_URL_DYNAMODB: endpoint, AWS_REGION: "us-east-1", AWS_ACCESS_KEY_ID: "bench", AWS_SECRET_ACCESS_KEY: "bench" };
+}
+
+/** Starts dynalite in a child process and creates the ledger table on it (from the shared schema, on demand). */
+async function startLedger(): Promise<ServingChild> {
+  const ledger = await startServingChild(dynaliteServer, { BENCH_DYNALITE: require.resolve("dynalite") });
+  const client = new DynamoDBClient({ region: "us-east-1", endpoint: ledger.url, credentials: { accessKeyId: "bench", secretAccessKey: "bench" } });
+  await client.send(
+    new CreateTableCommand({
+      TableName: LOCAL_LEDGER_TABLE,
+      AttributeDefinitions: LEDGER_TABLE_SCHEMA.attributeDefinitions.map((d) => ({ ...d })),
+      KeySchema: LEDGER_TABLE_SCHEMA.keySchema.map((k) => ({ ...k })),
+      GlobalSecondaryIndexes: LEDGER_TABLE_SCHEMA.globalSecondaryIndexes.map((i) => ({ IndexName: i.IndexName, KeySchema: i.KeySchema.map((k) => ({ ...k })), Projection: { ...i.Projection } })),
+      BillingMode: "PAY_PER_REQUEST",
+    }),
+  );
+  client.destroy();
+  return ledger;
+}
+
+/** Items in the ledger table (a counting scan, page by page). */
+async function countItems(endpoint: string): Promise<number> {
+  const client = new DynamoDBClient({ region: "us-east-1", endpoint, credentials: { accessKeyId: "bench", secretAccessKey: "bench" } });
+  let count = 0;
+  let start: Record<string, AttributeValue> | undefined;
+  do {
+    const page = await client.send(new ScanCommand({ TableName: LOCAL_LEDGER_TABLE, Select: "COUNT", ExclusiveStartKey: start }));
+    count += page.Count ?? 0;
+    start = page.LastEvaluatedKey;
+  } while (start);
+  client.destroy();
+  return count;
 }
 
 function startServers(): Promise<{ child: ChildProcess; upstream: string; collector: string }> {
@@ -280,16 +343,32 @@ interface Scenario {
   cpuUs: number;
 }
 
-async function servingTable(servers: { upstream: string; collector: string }, bundleEntry: string): Promise<{ lines: string[]; maxRssKb: number }> {
+async function servingTable(servers: { upstream: string; collector: string; ledger: string }, bundleEntry: string): Promise<{ lines: string[]; maxRssKb: number }> {
   const functionEnv = { BENCH_BUNDLE: bundleEntry, UPSTREAM_BASE_URL: servers.upstream, UPSTREAM_API_KEY: UPSTREAM_KEY, CUSTOMERS, PLANS, LOG_LEVEL: "info" };
   const floor = await startServingChild(passThroughServer, { BENCH_UPSTREAM: servers.upstream, BENCH_UPSTREAM_KEY: UPSTREAM_KEY });
   const unmetered = await startServingChild(functionServer, functionEnv);
   const metered = await startServingChild(functionServer, { ...functionEnv, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector });
+  // The ledger's function keeps the direct Moesif send as its fallback, as deployed (NODE_NO_WARNINGS: the SDK's
+  // Node 20 support notice on stderr). Its log is kept, to count ledger_* lines: a write that failed went to the
+  // fallback, and the row would partly measure that.
+  const ledgerLog = path.join(ROOT, ".build", "bench-ledger-function.log");
+  fs.mkdirSync(path.dirname(ledgerLog), { recursive: true });
+  const ledgered = await startServingChild(
+    functionServer,
+    { ...functionEnv, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector, ...ledgerEnv(servers.ledger), NODE_NO_WARNINGS: "1" },
+    ledgerLog,
+  );
   const baselineEnv = BASELINE_BUNDLE ? { ...functionEnv, BENCH_BUNDLE: path.resolve(BASELINE_BUNDLE) } : undefined;
   const baseline = baselineEnv
     ? [await startServingChild(functionServer, baselineEnv), await startServingChild(functionServer, { ...baselineEnv, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector })]
     : [];
-  const children = [floor, unmetered, metered, ...baseline];
+  const children = [floor, unmetered, metered, ledgered, ...baseline];
+  let ledgerCalls = 0;
+  const ledgerCall = caller(ledgered.url);
+  const countedLedgerCall = () => {
+    ledgerCalls += 1;
+    return ledgerCall();
+  };
   try {
     const lines: string[] = [];
     const header = ["path", "c", "p50 ms", "p99 ms", "req/s", "CPU ms/req", "CPU over floor"];
@@ -300,6 +379,7 @@ async function servingTable(servers: { upstream: string; collector: string }, bu
         { label: "node:http pass-through (floor)", call: caller(floor.url), serving: floor },
         { label: "function bundle, metering off", call: caller(unmetered.url), serving: unmetered },
         { label: "function bundle + Moesif send", call: caller(metered.url), serving: metered },
+        { label: "function bundle + ledger write", call: countedLedgerCall, serving: ledgered },
         ...(baseline.length === 2
           ? [
               { label: "baseline bundle, metering off", call: caller(baseline[0].url), serving: baseline[0] },
@@ -336,6 +416,24 @@ async function servingTable(servers: { upstream: string; collector: string }, bu
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
     const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
     lines.push(line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line));
+    // Every request of the ledger row must have its item, or some fell back to the Moesif send and the row
+    // measured the fallback instead.
+    // The handler meters after its answer is out, so the last requests' writes may still be under way: wait for them.
+    let items = await countItems(servers.ledger);
+    for (let i = 0; i < 30 && items < ledgerCalls; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      items = await countItems(servers.ledger);
+    }
+    const ledgerLines = new Map<string, number>();
+    const ledgerReasons = new Set<string>();
+    for (const line of fs.readFileSync(ledgerLog, "utf8").split("\n")) {
+      if (!line.includes('"message":"ledger_')) continue;
+      const { message, reason } = JSON.parse(line) as { message: string; reason?: string };
+      ledgerLines.set(message, (ledgerLines.get(message) ?? 0) + 1);
+      if (message === "ledger_write_failed" && reason) ledgerReasons.add(reason);
+    }
+    const logged = [...ledgerLines].map(([message, n]) => `${n} ${message}`).join(", ") || "no ledger_* log lines";
+    lines.push("", `ledger row: ${items} ledger items for ${ledgerCalls} requests; ${logged}${ledgerReasons.size > 0 ? ` (${[...ledgerReasons].slice(0, 3).join("; ")})` : ""}`);
     const { maxRssKb } = await metered.usage();
     if (baseline.length === 2) lines.push("", `baseline: ${BASELINE_BUNDLE}; peak RSS of its metered process ${((await baseline[1].usage()).maxRssKb / 1024).toFixed(1)} MB`);
     return { lines, maxRssKb };
@@ -493,10 +591,9 @@ async function modelServerAnswer(upstream: string, bytes: number): Promise<strin
   }
 }
 
-/** Mean wall time of `MoesifMeter.record` (build, serialise, gzip, send) over `runs` records. */
-async function meterRecordMs(collector: string, requestBody: unknown, runs: number): Promise<number> {
-  const meter = new MoesifMeter({ applicationId: APP_ID, baseUri: collector, logBodies: true, timeoutMs: 1000, log: createLogger({ level: "error", write: () => undefined }) });
-  const record = (i: number): UsageRecord => ({
+/** A usage record as the core builds one for a short completion; each call a new transaction id. */
+function benchRecord(i: number, requestBody: unknown): UsageRecord {
+  return {
     transactionId: transactionIdFor(`meter-bench-${process.pid}-${i}-${Math.random()}`),
     requestId: `meter-bench-${i}`,
     method: "POST",
@@ -514,11 +611,74 @@ async function meterRecordMs(collector: string, requestBody: unknown, runs: numb
     responseHeaders: { "Content-Type": "application/json" },
     requestBody,
     responseBody: { id: "chatcmpl-1", object: "chat.completion", model: "gpt-4o-mini", choices: [{ index: 0, message: { role: "assistant", content: "Hello! You said: Hello!" } }], usage: { prompt_tokens: 20, completion_tokens: 9, total_tokens: 29 } },
-  });
-  for (let i = 0; i < 5; i++) await meter.record(record(i));
+  };
+}
+
+/** Mean wall time of `MoesifMeter.record` (build, serialise, gzip, send) over `runs` records. */
+async function meterRecordMs(collector: string, requestBody: unknown, runs: number): Promise<number> {
+  const meter = new MoesifMeter({ applicationId: APP_ID, baseUri: collector, logBodies: true, timeoutMs: 1000, log: createLogger({ level: "error", write: () => undefined }) });
+  for (let i = 0; i < 5; i++) await meter.record(benchRecord(i, requestBody));
   const started = performance.now();
-  for (let i = 0; i < runs; i++) await meter.record(record(i));
+  for (let i = 0; i < runs; i++) await meter.record(benchRecord(i, requestBody));
   return (performance.now() - started) / runs;
+}
+
+/**
+ * What the handler awaits per request to meter it, before and after the ledger, same run: `MoesifMeter.record`
+ * (build the event, gzip, POST to the collector, read the answer) versus `LedgerMeter.record` (build the item and
+ * its event, conditional PutItem to dynalite through the AWS SDK, read the answer), both with the defaults the
+ * function uses (1000 ms budgets, no bodies). Called from this process (the collector and dynalite run in their
+ * own), at concurrency 1 and 32, interleaved in rounds. A ledger write that failed would have gone to the fallback
+ * and polluted the figure, so fallbacks and warnings are counted and printed.
+ */
+async function meteringTable(collector: string, ledgerServer: ServingChild): Promise<string[]> {
+  const ledger = ledgerServer.url;
+  let dynaliteCpuUs = 0;
+  let ledgerWrites = 0;
+  let warnings = 0;
+  const log = createLogger({ level: "warn", write: () => void (warnings += 1) });
+  let fallbacks = 0;
+  const fallback: UsageMeter = { record: async () => void (fallbacks += 1) };
+  const body = JSON.parse(BODY) as unknown;
+  const meters: Array<{ label: string; meter: UsageMeter }> = [
+    { label: "MoesifMeter.record: awaited send (before)", meter: new MoesifMeter({ applicationId: APP_ID, baseUri: collector, logBodies: false, timeoutMs: 1000, log }) },
+    {
+      label: "LedgerMeter.record: ledger write (after)",
+      meter: new LedgerMeter({ writer: createLedgerWriter(ledgerEnv(ledger), LOCAL_LEDGER_TABLE, 1000), timeoutMs: 1000, logBodies: false, stripeBilling: "meters", fallback, log }),
+    },
+  ];
+  let n = 0;
+  const header = ["meter", "c", "p50 ms", "p95 ms", "p99 ms", "records/s"];
+  const rows: string[][] = [];
+  for (const concurrency of [1, 32]) {
+    const runs = meters.map(() => ({ latencies: [] as number[], wallMs: 0 }));
+    for (const { meter } of meters) await load(() => meter.record(benchRecord(n++, body)), 200, Math.min(concurrency, 8)); // warm-up
+    for (let round = 0; round < ROUNDS; round++) {
+      for (const [i, { meter }] of meters.entries()) {
+        const isLedger = meter instanceof LedgerMeter;
+        const before = isLedger ? (await ledgerServer.usage()).cpuUs : 0;
+        const run = await load(() => meter.record(benchRecord(n++, body)), Math.round(METER_RECORDS / ROUNDS), concurrency);
+        if (isLedger) {
+          dynaliteCpuUs += (await ledgerServer.usage()).cpuUs - before;
+          ledgerWrites += run.latencies.length;
+        }
+        runs[i].latencies.push(...run.latencies);
+        runs[i].wallMs += run.wallMs;
+      }
+    }
+    for (const [i, { label }] of meters.entries()) {
+      const sorted = runs[i].latencies.sort((a, b) => a - b);
+      rows.push([label, String(concurrency), ...[50, 95, 99].map((p) => percentile(sorted, p).toFixed(3)), String(Math.round((sorted.length / runs[i].wallMs) * 1000))]);
+    }
+  }
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
+  return [
+    line(header),
+    widths.map((w) => "-".repeat(w)).join("  "),
+    ...rows.map(line),
+    `(per-request metering time as the handler awaits it; collector and dynalite in their own processes; dynalite used ${(dynaliteCpuUs / ledgerWrites / 1000).toFixed(3)} ms CPU per write; ${fallbacks} ledger writes fell back to Moesif, ${warnings} warnings)`,
+  ];
 }
 
 async function localStackRow(upstream: string): Promise<string> {
@@ -555,10 +715,12 @@ async function main(): Promise<void> {
   const started = Date.now();
   const bundle = measureBundle();
   const servers = await startServers();
+  const ledger = await startLedger();
   try {
     process.stdout.write(`\nnpm run bench: ${REQUESTS} requests per path and concurrency in ${ROUNDS} interleaved rounds, loopback, node ${process.version}, ${new Date().toISOString()}\n\n`);
-    const serving = await servingTable(servers, bundle.entry);
+    const serving = await servingTable({ ...servers, ledger: ledger.url }, bundle.entry);
     process.stdout.write(serving.lines.join("\n") + "\n\n");
+    process.stdout.write((await meteringTable(servers.collector, ledger)).join("\n") + "\n\n");
     process.stdout.write((await streamingTable(servers, bundle.entry)).join("\n") + "\n\n");
     const other: Array<[string, string]> = [];
     for (const [label, bytes] of [["1 KB", 1024], ["100 KB", 100 * 1024], ["1 MB", 1024 * 1024]] as const) {
@@ -582,6 +744,7 @@ async function main(): Promise<void> {
   } finally {
     // SIGKILL: a model server busy tokenizing would not get to a SIGTERM handler, and it has nothing to flush.
     servers.child.kill("SIGKILL");
+    ledger.child.kill("SIGKILL");
   }
 }
 

@@ -2,6 +2,7 @@
  * `npm start [-- --stack <name>]`: the whole metered API on this machine, no cloud account needed.
  * Prints the URLs, each customer's key and plan, a curl line and an OpenAI SDK snippet.
  */
+import path from "node:path";
 import type { PlanConfig } from "../infra/stack-config";
 import { LocalStackError, startLocalStack, type LocalStack } from "./local/stack";
 
@@ -13,6 +14,23 @@ function argValue(flag: string): string | undefined {
 /** The models a plan serves: its list, else its priced models (a billing plan serves only those), else all. */
 function planModels(plan: PlanConfig | undefined): string[] | undefined {
   return plan?.models ?? (plan?.prices ? Object.keys(plan.prices) : undefined);
+}
+
+/** A path as short as it reads unambiguously: relative to the working directory when inside it. */
+function shortPath(file: string): string {
+  const relative = path.relative(process.cwd(), file);
+  return relative && !relative.startsWith("..") && !path.isAbsolute(relative) ? relative : file;
+}
+
+/** The sinks the forwarder delivers to, one line each. Keys are never printed (a local key only by its prefix). */
+function sinkLines(stack: LocalStack): string[] {
+  const data = (file: string) => shortPath(path.join(stack.dataDir, file));
+  const moesif = stack.collector ? `${stack.collector.url} (built-in Moesif collector -> ${data("usage.db")})` : "Moesif (MOESIF_APPLICATION_ID is set)";
+  let stripe: string;
+  if (stack.stripeBilling === "moesif") stripe = "off (STRIPE_BILLING=moesif: Moesif's billing meter reports to Stripe)";
+  else if (stack.stripe) stripe = `${stack.stripe.url} (built-in Stripe meter event endpoint -> ${data("stripe.db")}, test key sk_test_…)`;
+  else stripe = `${stack.stripeApiBase} (STRIPE_API_BASE, key from STRIPE_API_KEY)`;
+  return [`  Moesif sink       ${moesif}`, `  Stripe sink       ${stripe}`];
 }
 
 function banner(stack: LocalStack, stackName: string): string {
@@ -30,9 +48,12 @@ function banner(stack: LocalStack, stackName: string): string {
     `    POST ${baseUrl}/v1/chat/completions`,
     `    GET  ${baseUrl}/v1/models`,
     `  upstream          ${stack.upstream ? `${stack.upstreamUrl} (built-in model server)` : stack.upstreamUrl}`,
-    `  metering          ${stack.collector ? `${stack.collector.url} (built-in Moesif collector -> .local/usage.db; npm run usage)` : "Moesif (MOESIF_APPLICATION_ID is set)"}`,
+    `  usage ledger      ${stack.ledger.endpoint} (dynalite, table ${stack.ledger.table}, ${shortPath(path.join(stack.dataDir, "ledger"))}; npm run usage)`,
+    `  forwarder         every ${stack.forwarderIntervalMs} ms, ledger -> ${stack.stripeBilling === "meters" ? "Moesif + Stripe meter events" : "Moesif"}`,
+    ...sinkLines(stack),
+    "  reconcile         npm run reconcile  (ledger totals vs what each sink acknowledged; -- --json)",
     "",
-    "  customers (keys kept in .local/api-keys.json):",
+    `  customers (keys kept in ${shortPath(path.join(stack.dataDir, "api-keys.json"))}):`,
     ...Object.entries(config.customers).map(([id, c]) => {
       const plan = config.plans[c.plan];
       const quota = plan.quota ? `, quota ${plan.quota.limit}/${plan.quota.period}` : "";
@@ -58,6 +79,8 @@ function banner(stack: LocalStack, stackName: string): string {
 }
 
 async function main(): Promise<void> {
+  // The AWS SDK (the ledger's client) warns on Node 20 about its future Node 22 floor: noise for a local run.
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
   const stackName = argValue("--stack") ?? process.env.STACK ?? "dev";
   const port = process.env.PORT ? Number(process.env.PORT) : 3000;
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw new LocalStackError(`PORT must be a port number, got "${process.env.PORT}"`);
@@ -73,7 +96,12 @@ async function main(): Promise<void> {
     if (stopping) return;
     stopping = true;
     process.stdout.write(`\n${signal}: stopping the local stack\n`);
-    await stack.stop();
+    try {
+      await stack.stop();
+    } catch (err) {
+      process.stderr.write(`npm start: stopping failed: ${(err as Error)?.message ?? String(err)}\n`);
+      process.exit(1);
+    }
     process.exit(0);
   };
   process.on("SIGINT", () => void shutdown("SIGINT"));

@@ -1,15 +1,18 @@
 /**
  * `npm run usage [-- --json] [-- --project-dir <dir>] [-- --data-dir <dir>]`: requests, tokens and cost per customer
- * and model from the local stack's store.
+ * and model from the local stack's usage ledger (dynalite under `<dataDir>/ledger`), whether `npm start` is
+ * running (its ledger is read through its endpoint) or not (a private dynalite is started on the same files).
  *
- * Cost is what each event says the request was billed (`metadata.cost_micros`, integer micro-units, summed in
- * SQLite), not a re-pricing with today's plan prices: prices may have changed since the requests were served.
+ * Cost is what each ledger item says the request was billed (`cost_micros`, integer micro-units), summed, not a
+ * re-pricing with today's plan prices: prices may have changed since the requests were served. The ledger is the
+ * record every sink is fed from, so this report does not depend on any sink having caught up.
  */
 import fs from "node:fs";
 import path from "node:path";
+import type { LedgerItem } from "../functions/shared/ledger-schema";
 import { formatMicros } from "../functions/shared/pricing";
-import { LocalStackError } from "./local/stack";
-import { SqliteStore, type UsageRow } from "./local/sqlite-store";
+import { LocalLedgerError, openLocalLedger } from "./local/ledger-db";
+import { mergeUncosted, SqliteStore, type UsageRow } from "./local/sqlite-store";
 
 export interface UsageReportRow extends UsageRow {
   /**
@@ -17,6 +20,66 @@ export interface UsageReportRow extends UsageRow {
    * are `cost_micros` (integer micro-units of `currency`).
    */
   cost: number | null;
+}
+
+/** Orders as SQLite's `ORDER BY` does (BINARY collation, NULL first): the collector's report and this one agree. */
+function compareNullable(a: string | null, b: string | null): number {
+  if (a === b) return 0;
+  if (a === null) return -1;
+  if (b === null) return 1;
+  return a < b ? -1 : 1;
+}
+
+/**
+ * Requests, tokens and cost per customer, Stripe customer, plan, model and currency from ledger items: the same
+ * rows, in the same order, as the collector's `SqliteStore.usage()` makes from the same requests' Moesif events.
+ * Items without a customer are left out (nobody is billed); an item's cost counts only when it is a safe
+ * non-negative integer.
+ */
+export function ledgerUsage(items: Iterable<LedgerItem>): UsageRow[] {
+  const rows = new Map<string, UsageRow>();
+  const count = (value: unknown) => (typeof value === "number" && Number.isSafeInteger(value) && value > 0 ? value : 0);
+  for (const item of items) {
+    if (!item.customer_id) continue;
+    const cost = typeof item.cost_micros === "number" && Number.isSafeInteger(item.cost_micros) && item.cost_micros >= 0 ? item.cost_micros : null;
+    const currency = cost === null ? null : (item.currency ?? null);
+    const row: UsageRow = {
+      customer: item.customer_id,
+      company: item.stripe_customer_id ?? null,
+      plan: item.plan ?? null,
+      model: item.model ?? "-",
+      requests: 0,
+      billed_requests: 0,
+      prompt_tokens: 0,
+      completion_tokens: 0,
+      total_tokens: 0,
+      cached_tokens: 0,
+      reasoning_tokens: 0,
+      estimated_requests: 0,
+      cost_micros: null,
+      currency,
+    };
+    const key = JSON.stringify([row.customer, row.company, row.plan, row.model, row.currency]);
+    const into = rows.get(key) ?? (rows.set(key, row), row);
+    into.requests += 1;
+    into.billed_requests += item.billed ? 1 : 0;
+    into.prompt_tokens += count(item.prompt_tokens);
+    into.completion_tokens += count(item.completion_tokens);
+    into.total_tokens += count(item.total_tokens);
+    into.cached_tokens += count(item.cached_tokens);
+    into.reasoning_tokens += count(item.reasoning_tokens);
+    into.estimated_requests += item.usage_estimated ? 1 : 0;
+    if (cost !== null) into.cost_micros = (into.cost_micros ?? 0) + cost;
+  }
+  const sorted = [...rows.values()].sort(
+    (a, b) =>
+      compareNullable(a.customer, b.customer) ||
+      compareNullable(a.model, b.model) ||
+      compareNullable(a.currency, b.currency) ||
+      compareNullable(a.company, b.company) ||
+      compareNullable(a.plan, b.plan),
+  );
+  return mergeUncosted(sorted);
 }
 
 export function usageReport(rows: UsageRow[]): UsageReportRow[] {
@@ -43,28 +106,50 @@ export function usageTable(rows: UsageReportRow[]): string {
   return [line(header), widths.map((w) => "-".repeat(w)).join("  "), ...body.map(line)].join("\n");
 }
 
-function main(): void {
-  const args = process.argv.slice(2);
+/** The data dir the scripts read: `--data-dir`, else LOCAL_DATA_DIR, else `<--project-dir or the repository>/.local`. */
+export function localDataDir(args: string[]): string {
   const flag = (name: string) => (args.indexOf(name) >= 0 ? args[args.indexOf(name) + 1] : undefined);
-  // `--stack` is accepted for compatibility; the store is per project directory, not per stack.
   const root = flag("--project-dir") ?? path.resolve(__dirname, "..");
-  const dataDir = flag("--data-dir") ?? process.env.LOCAL_DATA_DIR ?? path.join(root, ".local");
-  const dbFile = path.join(dataDir, "usage.db");
-  if (!fs.existsSync(dbFile)) throw new LocalStackError(`no usage yet: ${dbFile} does not exist (run npm start and send a request)`);
-  const store = new SqliteStore(dbFile);
+  return flag("--data-dir") ?? process.env.LOCAL_DATA_DIR ?? path.join(root, ".local");
+}
+
+/** The ledger's rows; a data dir from before the ledger (only a collector's usage.db) is read from that, said on stderr. */
+async function readUsage(dataDir: string): Promise<UsageRow[]> {
+  let ledger;
   try {
-    const rows = usageReport(store.usage());
-    process.stdout.write((args.includes("--json") ? JSON.stringify(rows, null, 2) : rows.length ? usageTable(rows) : "no metered requests yet") + "\n");
+    ledger = await openLocalLedger(dataDir);
+  } catch (err) {
+    const dbFile = path.join(dataDir, "usage.db");
+    if (!(err instanceof LocalLedgerError) || !/^no ledger yet/.test(err.message) || !fs.existsSync(dbFile)) throw err;
+    process.stderr.write(`npm run usage: ${dataDir} has no ledger (written before it existed); reporting the collector's events in ${dbFile}\n`);
+    const store = new SqliteStore(dbFile);
+    try {
+      return store.usage();
+    } finally {
+      store.close();
+    }
+  }
+  try {
+    const items: LedgerItem[] = [];
+    for await (const item of ledger.store.scanAll()) items.push(item);
+    return ledgerUsage(items);
   } finally {
-    store.close();
+    await ledger.close();
   }
 }
 
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  // `--stack` is accepted for compatibility; the ledger is per data dir, not per stack.
+  const rows = usageReport(await readUsage(localDataDir(args)));
+  process.stdout.write((args.includes("--json") ? JSON.stringify(rows, null, 2) : rows.length ? usageTable(rows) : "no metered requests yet") + "\n");
+}
+
 if (require.main === module) {
-  try {
-    main();
-  } catch (err) {
-    process.stderr.write(`npm run usage: ${err instanceof LocalStackError ? err.message : (err as Error).message}\n`);
+  // A local CLI on the Node 20 the project supports: the SDK's notice about its future Node 22 floor is noise here.
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
+  main().catch((err: unknown) => {
+    process.stderr.write(`npm run usage: ${err instanceof LocalLedgerError ? err.message : (err as Error).message}\n`);
     process.exit(1);
-  }
+  });
 }

@@ -6,6 +6,7 @@
  */
 import fs from "node:fs";
 import path from "node:path";
+import type { StripeBilling } from "../shared/ledger-schema";
 import { parsePlanPricing, PriceError, type PlanPricing } from "../shared/pricing";
 
 export interface Customer {
@@ -47,6 +48,13 @@ export interface FunctionConfig {
   customers: Record<string, Customer>;
   plans: Record<string, Plan>;
   moesif: { applicationId?: string; baseUri: string; timeoutMs: number; logBodies: boolean };
+  /**
+   * The usage ledger (`LEDGER_TABLE`, a DynamoDB table): when set, each request's usage is written there (bounded by
+   * `timeoutMs`, `LEDGER_TIMEOUT_MS`) and the forwarder delivers it; the direct Moesif send is only the fallback.
+   */
+  ledger: { table?: string; timeoutMs: number };
+  /** Who reports usage to Stripe (`STRIPE_BILLING`): Moesif's billing meter, or the forwarder's Stripe meter events. */
+  stripeBilling: StripeBilling;
   /**
    * Forward the local model server's `mock` request field upstream. Off (the field is stripped) except where the
    * upstream is the built-in model server: a real OpenAI answers 400 to unknown fields.
@@ -100,6 +108,11 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
     problems.push(`RESPONSE_ENVELOPE must be "none" or "request_payload", got "${envelope}"`);
   }
 
+  const stripeBilling = env.STRIPE_BILLING || "moesif";
+  if (stripeBilling !== "moesif" && stripeBilling !== "meters") {
+    problems.push(`STRIPE_BILLING must be "moesif" or "meters", got "${stripeBilling}"`);
+  }
+
   return {
     upstreamBaseUrl: (env.UPSTREAM_BASE_URL || DEFAULT_UPSTREAM_BASE_URL).replace(/\/+$/, ""),
     upstreamApiKey: readUpstreamKey(env),
@@ -119,6 +132,9 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
       timeoutMs: positiveInt("METERING_TIMEOUT_MS", 1000),
       logBodies: env.MOESIF_LOG_BODIES === "true",
     },
+    ledger: { table: env.LEDGER_TABLE?.trim() || undefined, timeoutMs: positiveInt("LEDGER_TIMEOUT_MS", 1000) },
+    // An unknown value is a problem above; "moesif" then, since it never sends anything to Stripe itself.
+    stripeBilling: stripeBilling === "meters" ? "meters" : "moesif",
     forwardMockDirectives: env.FORWARD_MOCK_DIRECTIVES === "true",
     problems,
   };

@@ -5,11 +5,12 @@
  * core (`core.ts`) and its ports, which are built once per cold start below.
  */
 import type { APIGatewayProxyEvent, Context } from "aws-lambda";
-import { loadFunctionConfig } from "./config";
+import { loadFunctionConfig, type FunctionConfig } from "./config";
 import { handleRequest, type CoreDeps, type ProxyRequest } from "./core";
 import { toErrorResponse } from "./errors";
 import { streamifyResponse, type LambdaResponseStream, type StreamingHandler } from "./lambda-stream";
-import { createLogger, describeError } from "./logger";
+import { createLedgerWriter, LedgerMeter } from "./ledger";
+import { createLogger, describeError, type Logger } from "./logger";
 import { NO_METER, type UsageMeter } from "./metering";
 import { MoesifMeter } from "./moesif";
 import { LambdaResponder } from "./responder";
@@ -38,14 +39,33 @@ export function createDeps(env: NodeJS.ProcessEnv = process.env, options: { writ
 
   const upstream = new AxiosUpstreamClient({ baseUrl: config.upstreamBaseUrl, apiKey: () => port.current().upstreamApiKey, timeoutMs: config.upstreamTimeoutMs });
   const moesif = (applicationId: string): UsageMeter => new MoesifMeter({ ...config.moesif, applicationId, log });
-  let meter: UsageMeter;
-  if (parameters.moesifApplicationId) meter = new DeferredMeter(port, moesif, log);
-  else if (direct.moesifApplicationId) meter = moesif(direct.moesifApplicationId);
-  else {
-    meter = NO_METER;
-    log.warn("metering_disabled", { reason: "neither MOESIF_APPLICATION_ID_PARAMETER nor MOESIF_APPLICATION_ID is set; usage is only logged" });
+  let moesifMeter: UsageMeter | undefined;
+  if (parameters.moesifApplicationId) moesifMeter = new DeferredMeter(port, moesif, log);
+  else if (direct.moesifApplicationId) moesifMeter = moesif(direct.moesifApplicationId);
+  const meter = config.ledger.table ? ledgerMeter(env, config, config.ledger.table, moesifMeter, log) : moesifMeter;
+  if (!meter) log.warn("metering_disabled", { reason: "neither LEDGER_TABLE nor MOESIF_APPLICATION_ID_PARAMETER nor MOESIF_APPLICATION_ID is set; usage is only logged" });
+  return { config, upstream, meter: meter ?? NO_METER, log, clock: Date.now, secrets: port };
+}
+
+/**
+ * With `LEDGER_TABLE`, the request path writes the ledger and the direct Moesif send (today's meter) becomes its
+ * fallback. The DynamoDB client is made here, once per container (with the other ports, before the first request
+ * is served), so loading the SDK never eats into a write's time budget.
+ */
+function ledgerMeter(env: NodeJS.ProcessEnv, config: FunctionConfig, table: string, fallback: UsageMeter | undefined, log: Logger): UsageMeter | undefined {
+  if (!fallback) {
+    log.warn("ledger_fallback_disabled", {
+      reason: "no Moesif application id is set: an item the ledger cannot take is kept only in memory and in its ledger_deferred log line",
+    });
   }
-  return { config, upstream, meter, log, clock: Date.now, secrets: port };
+  try {
+    const writer = createLedgerWriter(env, table, config.ledger.timeoutMs);
+    return new LedgerMeter({ writer, timeoutMs: config.ledger.timeoutMs, logBodies: config.moesif.logBodies, stripeBilling: config.stripeBilling, fallback: fallback ?? NO_METER, log });
+  } catch (err) {
+    // Only a broken deployment gets here (the SDK missing from the runtime); serve and meter through Moesif.
+    log.error("ledger_unavailable", { table, error: describeError(err), fallback: fallback ? "direct Moesif send" : "none" });
+    return fallback;
+  }
 }
 
 /**

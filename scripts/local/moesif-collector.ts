@@ -3,7 +3,10 @@
  * (gzip or plain JSON on `POST /v1/events` and `/v1/events/batch`, app id in `X-Moesif-Application-Id`) and answers
  * `GET /v1/config` and `GET /v1/rules` as Moesif does. Events go to an `EventStore`.
  *
- * `mode` lets tests make it misbehave: refuse (socket destroyed), hang, answer 500 or answer garbage.
+ * `mode` lets tests make it misbehave: refuse (socket destroyed), hang, answer 500, answer 429 with `Retry-After:
+ * retryAfterSeconds` (`rate_limited`: throttling, which any HTTP API may answer) or answer garbage.
+ * `answerDelayMs` stores accepted events at once but answers that much later: the window in which the sink has the
+ * events and the sender does not know it yet (what a crash of the sender must not double-count).
  *
  * What it keeps in memory besides the store is bounded (the most recent payloads and request heads), so `npm start`
  * can run for days; tests that must see every payload ask for `keepRawPayloads: "all"`.
@@ -43,7 +46,7 @@ export class MemoryEventStore implements EventStore {
   }
 }
 
-export type CollectorMode = "ok" | "refuse" | "hang" | "error" | "garbage";
+export type CollectorMode = "ok" | "refuse" | "hang" | "error" | "rate_limited" | "garbage";
 
 export interface CollectorOptions {
   applicationId?: string;
@@ -55,6 +58,8 @@ export interface CollectorOptions {
    * by total characters, or `"all"`. @default { count: 2000, chars: 8 MiB }
    */
   keepRawPayloads?: "all" | { count: number; chars: number };
+  /** See `MoesifCollector.answerDelayMs`. @default 0 */
+  answerDelayMs?: number;
 }
 
 /** Enough for every test in this repository to see all of its payloads, small enough for a long `npm start`. */
@@ -62,6 +67,10 @@ export const DEFAULT_RAW_PAYLOAD_LIMIT = { count: 2000, chars: 8 * 1024 * 1024 }
 
 export class MoesifCollector extends LoopbackServer {
   mode: CollectorMode = "ok";
+  /** Seconds in the `Retry-After` header of `rate_limited` answers. */
+  retryAfterSeconds = 1;
+  /** Accepted events are stored at once and answered this much later (201 then). */
+  answerDelayMs: number;
   readonly store: EventStore;
   /** The decoded event payloads, exactly as they arrived (the most recent ones; see `keepRawPayloads`). */
   readonly rawPayloads: string[] = [];
@@ -75,6 +84,7 @@ export class MoesifCollector extends LoopbackServer {
   constructor(private readonly options: CollectorOptions = {}) {
     super(options);
     this.store = options.store ?? new MemoryEventStore();
+    this.answerDelayMs = options.answerDelayMs ?? 0;
     const keep = options.keepRawPayloads ?? DEFAULT_RAW_PAYLOAD_LIMIT;
     this.limit = keep === "all" ? { count: Number.POSITIVE_INFINITY, chars: Number.POSITIVE_INFINITY } : keep;
   }
@@ -110,6 +120,7 @@ export class MoesifCollector extends LoopbackServer {
       this.keepRequest(req);
       if (this.mode === "hang") return; // never answers; the client must give up on its own
       if (this.mode === "error") return json(res, 500, { message: "collector failure" });
+      if (this.mode === "rate_limited") return json(res, 429, { message: "Too Many Requests" }, { "Retry-After": String(this.retryAfterSeconds) });
       if (this.mode === "garbage") {
         res.writeHead(200, { "Content-Type": "application/json" });
         res.end("{not json<<");
@@ -139,8 +150,12 @@ export class MoesifCollector extends LoopbackServer {
           return json(res, 400, { message: "Expected an event object (or an array of them for /batch)" });
         }
         this.store.add(events as StoredEvent[]);
-        res.writeHead(201);
-        res.end();
+        const answer = () => {
+          res.writeHead(201);
+          res.end();
+        };
+        if (this.answerDelayMs > 0) setTimeout(answer, this.answerDelayMs).unref();
+        else answer();
         return;
       }
       json(res, 404, { message: "Not found" });

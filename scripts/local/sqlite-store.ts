@@ -27,6 +27,16 @@ export interface UsageRow {
   currency: string | null;
 }
 
+/** An event as `acknowledged()` returns it. */
+export interface AcknowledgedEvent {
+  transaction_id: string;
+  user_id: string | null;
+  prompt_tokens: number;
+  completion_tokens: number;
+  cost_micros: number | null;
+  currency: string | null;
+}
+
 /**
  * Columns added after the first release, with their definitions: a `.local/usage.db` written by an older version
  * gets them on open (`ALTER TABLE … ADD COLUMN`), its old rows reading as no cost and zero cached/reasoning tokens.
@@ -154,6 +164,16 @@ export class SqliteStore implements EventStore {
     return mergeUncosted(rows);
   }
 
+  /**
+   * One row per event the collector acknowledged (de-duplicated on `transaction_id`, the table's key), with what
+   * `npm run reconcile` compares against the ledger.
+   */
+  acknowledged(): AcknowledgedEvent[] {
+    return this.db
+      .prepare("SELECT transaction_id, user_id, prompt_tokens, completion_tokens, cost_micros, currency FROM events ORDER BY rowid")
+      .all() as AcknowledgedEvent[];
+  }
+
   /** Adds one request to a key's quota period unless that would pass `limit`. Returns whether it was admitted. */
   takeQuota(keyId: string, periodStart: string, limit: number): boolean {
     // One atomic upsert: the row is created at 1, or incremented only while below the limit.
@@ -165,8 +185,11 @@ export class SqliteStore implements EventStore {
   }
 }
 
-/** Folds rows without a currency into the single priced row of the same customer, company, plan and model. */
-function mergeUncosted(rows: UsageRow[]): UsageRow[] {
+/**
+ * Folds rows without a currency into the single priced row of the same customer, company, plan and model (so a
+ * customer's model shows as one line). Shared with the ledger's report (`scripts/usage.ts`).
+ */
+export function mergeUncosted(rows: UsageRow[]): UsageRow[] {
   const key = (r: UsageRow) => JSON.stringify([r.customer, r.company, r.plan, r.model]);
   const priced = new Map<string, UsageRow[]>();
   for (const row of rows) if (row.currency !== null) priced.set(key(row), [...(priced.get(key(row)) ?? []), row]);

@@ -1,17 +1,29 @@
 /**
- * The local stack: gateway emulator + the real ai-chat handler + a built-in model server + a Moesif-compatible
- * collector backed by SQLite, configured from the same stack file `pulumi up` reads.
+ * The local stack: gateway emulator + the real ai-chat handler + a built-in model server + the usage ledger
+ * (dynalite) + the usage forwarder's sweep + a Moesif-compatible collector and a Stripe-compatible meter event
+ * endpoint, both backed by SQLite, configured from the same stack file `pulumi up` reads.
+ *
+ * The request path writes each request's usage to the ledger (as on AWS); the forwarder, run here on an interval
+ * instead of the DynamoDB stream and EventBridge schedule, delivers it to both sinks. What lives under the data dir
+ * (default `.local/`): `api-keys.json`, `ledger/` (LevelDB) + `ledger.json` while running, `usage.db` (collector
+ * events, quota counters), `stripe.db` (meter events).
  */
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import YAML from "yaml";
 import { createDeps, createHandler } from "../../functions/ai-chat/index";
+import { streamifyResponse } from "../../functions/ai-chat/lambda-stream";
+import type { StripeBilling } from "../../functions/shared/ledger-schema";
+import { createLedgerDocumentClient, LedgerStore } from "../../functions/shared/ledger-store";
+import { createForwarderFromEnv, type CreateForwarderOptions, type UsageForwarder } from "../../functions/usage-forwarder/forwarder";
 import { customersByKeyId, functionPlans, ROUTES } from "../../infra/function-env";
 import { parseStackConfig, PROJECT, StackConfigError, type StackConfig } from "../../infra/stack-config";
 import { GatewayEmulator, type GatewayKey } from "./gateway";
+import { LedgerDb, LocalLedgerError } from "./ledger-db";
 import { MoesifCollector } from "./moesif-collector";
 import { SqliteStore } from "./sqlite-store";
+import { LOCAL_STRIPE_API_KEY, StripeServer } from "./stripe-server";
 import { UpstreamServer } from "./upstream-server";
 
 /** A problem the user can fix, reported as one line without a stack trace. */
@@ -26,7 +38,11 @@ export interface LocalStackOptions {
   dataDir?: string;
   /** @default 3000; 0 picks a free port */
   port?: number;
-  /** Environment: UPSTREAM_BASE_URL, UPSTREAM_API_KEY, MOESIF_APPLICATION_ID, MOESIF_BASE_URI, FORWARD_MOCK_DIRECTIVES, LOG_LEVEL… */
+  /**
+   * Environment: UPSTREAM_BASE_URL, UPSTREAM_API_KEY, MOESIF_APPLICATION_ID, MOESIF_BASE_URI, STRIPE_API_BASE,
+   * STRIPE_API_KEY, STRIPE_BILLING (default `meters`), FORWARDER_INTERVAL_MS (default 1000), SINK_TIMEOUT_MS,
+   * FORWARDER_BATCH_SIZE, STRIPE_METER_API, LEDGER_TIMEOUT_MS, LOCAL_SINK_DELAY_MS, FORWARD_MOCK_DIRECTIVES, LOG_LEVEL…
+   */
   env?: NodeJS.ProcessEnv;
   /** Where the function's log lines go. @default stdout */
   write?: (line: string) => void;
@@ -34,6 +50,8 @@ export interface LocalStackOptions {
   keepRawPayloads?: "all" | { count: number; chars: number };
   /** The gateway's idle timeout between two streamed chunks. @default 300000 (API Gateway's, Regional endpoints) */
   streamIdleTimeoutMs?: number;
+  /** Test seams of the forwarder (tighter back-off or retry schedules). @default the deployed forwarder's */
+  forwarder?: Pick<CreateForwarderOptions, "backoff" | "failedRetryBaseMs" | "sweepLimit">;
 }
 
 export interface LocalStack {
@@ -48,12 +66,80 @@ export interface LocalStack {
   collector?: MoesifCollector;
   store?: SqliteStore;
   gateway: GatewayEmulator;
+  dataDir: string;
+  /** The usage ledger (dynalite): its endpoint and table, and the store the forwarder uses. */
+  ledger: { endpoint: string; table: string; store: LedgerStore };
+  /** `meters`: the forwarder sends Stripe meter events; `moesif`: Moesif alone (its billing meter bills). */
+  stripeBilling: StripeBilling;
+  /** The built-in Stripe-compatible endpoint (absent with STRIPE_API_BASE or STRIPE_BILLING=moesif). */
+  stripe?: StripeServer;
+  /** Where meter events go (the built-in endpoint's URL, or STRIPE_API_BASE); absent with STRIPE_BILLING=moesif. */
+  stripeApiBase?: string;
+  /** The usage forwarder, swept every `forwarderIntervalMs` (FORWARDER_INTERVAL_MS). */
+  forwarder: UsageForwarder;
+  forwarderIntervalMs: number;
+  /**
+   * Sweeps until nothing in the ledger is due for delivery (pending, or failed and due), for tests; throws after
+   * `timeoutMs` naming an item still owed. Items written after it returns are the next sweep's.
+   */
+  drain(options?: { timeoutMs?: number }): Promise<void>;
   stop(): Promise<void>;
 }
 
 const ROOT = path.resolve(__dirname, "..", "..");
 const LOCAL_UPSTREAM_KEY = "local-upstream-key";
 const LOCAL_MOESIF_APP_ID = "local-collector";
+export const DEFAULT_FORWARDER_INTERVAL_MS = 1000;
+
+/** A non-negative integer variable of the local stack's environment, or `fallback` when unset. */
+function integerEnv(env: NodeJS.ProcessEnv, name: string, fallback: number, min: number): number {
+  const raw = env[name]?.trim();
+  if (!raw) return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min) throw new LocalStackError(`${name} must be an integer of at least ${min}, got "${raw}"`);
+  return value;
+}
+
+/**
+ * Runs `sweep` every `intervalMs` after the previous one ended, so sweeps never overlap (a slow sink makes the loop
+ * slower, never piles sweeps up); `stop` waits for the sweep in flight.
+ */
+class SweepLoop {
+  private timer?: NodeJS.Timeout;
+  private current?: Promise<void>;
+  private stopped = false;
+
+  constructor(
+    private readonly sweep: () => Promise<unknown>,
+    private readonly intervalMs: number,
+  ) {}
+
+  start(): this {
+    this.schedule();
+    return this;
+  }
+
+  private schedule(): void {
+    if (this.stopped) return;
+    this.timer = setTimeout(() => {
+      // The forwarder's sweep never rejects; should it, the loop goes on (the next sweep retries everything).
+      this.current = this.sweep().then(
+        () => undefined,
+        () => undefined,
+      );
+      void this.current.then(() => {
+        this.current = undefined;
+        this.schedule();
+      });
+    }, this.intervalMs);
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    await this.current;
+  }
+}
 
 /** Reads and validates `Pulumi.<stack>.yaml` with the program's own rules. */
 export function readStackFile(file: string): StackConfig {
@@ -119,9 +205,24 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
   const stopAll = async () => {
     for (const part of started.reverse()) await part.stop();
   };
+  const stripeBilling = env.STRIPE_BILLING?.trim() || "meters";
+  if (stripeBilling !== "meters" && stripeBilling !== "moesif") throw new LocalStackError(`STRIPE_BILLING must be "meters" or "moesif", got "${stripeBilling}"`);
+  const intervalMs = integerEnv(env, "FORWARDER_INTERVAL_MS", DEFAULT_FORWARDER_INTERVAL_MS, 10);
+  const sinkDelayMs = integerEnv(env, "LOCAL_SINK_DELAY_MS", 0, 0);
+  const externalStripe = stripeBilling === "meters" && Boolean(env.STRIPE_API_BASE?.trim());
+  if (externalStripe && !env.STRIPE_API_KEY) throw new LocalStackError("STRIPE_API_BASE is set but STRIPE_API_KEY is not: give the key of that Stripe-compatible server");
   try {
     const store = new SqliteStore(path.join(dataDir, "usage.db"));
     started.push({ stop: () => store.close() });
+
+    let ledgerDb: LedgerDb;
+    try {
+      ledgerDb = await LedgerDb.start(dataDir, { publish: true });
+    } catch (err) {
+      if (err instanceof LocalLedgerError) throw new LocalStackError(err.message);
+      throw err;
+    }
+    started.push(ledgerDb);
 
     let upstream: UpstreamServer | undefined;
     let upstreamUrl = env.UPSTREAM_BASE_URL;
@@ -140,10 +241,23 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
     let moesifBase = env.MOESIF_BASE_URI ?? config.moesifBaseUri;
     let moesifAppId = env.MOESIF_APPLICATION_ID;
     if (!moesifAppId) {
-      collector = await new MoesifCollector({ applicationId: LOCAL_MOESIF_APP_ID, store, keepRawPayloads: options.keepRawPayloads }).start();
+      collector = await new MoesifCollector({ applicationId: LOCAL_MOESIF_APP_ID, store, keepRawPayloads: options.keepRawPayloads, answerDelayMs: sinkDelayMs }).start();
       started.push(collector);
       moesifBase = collector.url;
       moesifAppId = LOCAL_MOESIF_APP_ID;
+    }
+
+    let stripe: StripeServer | undefined;
+    let stripeApiBase: string | undefined;
+    let stripeApiKey: string | undefined;
+    if (externalStripe) {
+      stripeApiBase = env.STRIPE_API_BASE!.trim();
+      stripeApiKey = env.STRIPE_API_KEY;
+    } else if (stripeBilling === "meters") {
+      stripe = await new StripeServer({ apiKey: LOCAL_STRIPE_API_KEY, dbFile: path.join(dataDir, "stripe.db") }).start();
+      started.push(stripe);
+      stripeApiBase = stripe.url;
+      stripeApiKey = LOCAL_STRIPE_API_KEY;
     }
 
     const keys: GatewayKey[] = Object.entries(config.customers).map(([customerId, customer]) => ({
@@ -171,8 +285,25 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       // reads it to misbehave on request. (A test pointing UPSTREAM_BASE_URL at its own mock server sets it itself.)
       FORWARD_MOCK_DIRECTIVES: upstream || env.FORWARD_MOCK_DIRECTIVES === "true" ? "true" : "false",
       LOG_LEVEL: env.LOG_LEVEL ?? "info",
+      // The ledger: the request path writes each request's usage there; the Moesif settings above are its fallback.
+      ...ledgerDb.env,
+      LEDGER_TIMEOUT_MS: env.LEDGER_TIMEOUT_MS?.trim() || String(config.ledgerTimeoutMs),
+      STRIPE_BILLING: stripeBilling,
     };
-    const handler = createHandler(() => createDeps(functionEnv, { write: options.write }));
+    const lambda = createHandler(() => createDeps(functionEnv, { write: options.write }));
+    // An invocation outlives its answer (the function meters once the answer is out): stop() waits for those in
+    // flight before stopping the ledger, so a request answered just before Ctrl-C still has its ledger item.
+    const invocations = new Set<Promise<void>>();
+    const handler = streamifyResponse(async (...args: Parameters<typeof lambda>) => {
+      const invocation = lambda(...args);
+      invocations.add(invocation);
+      try {
+        await invocation;
+      } finally {
+        invocations.delete(invocation);
+      }
+    });
+    started.push({ stop: async () => void (await Promise.allSettled([...invocations])) });
 
     const gateway = new GatewayEmulator({
       stage: config.stageName,
@@ -196,7 +327,66 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
     }
     started.push(gateway);
 
-    return { config, stackFile, baseUrl: gateway.baseUrl, apiKeys, upstream, upstreamUrl, collector, store, gateway, stop: stopAll };
+    // The forwarder's environment as on AWS (infra/function-env.ts forwarderEnvironment), but with secrets given
+    // directly and no sweep grace: locally the sweep is the only trigger (dynalite has no streams).
+    const forwarderEnv: NodeJS.ProcessEnv = {
+      ...ledgerDb.env,
+      MOESIF_BASE_URI: moesifBase,
+      MOESIF_APPLICATION_ID: moesifAppId,
+      STRIPE_BILLING: stripeBilling,
+      ...(stripeApiBase ? { STRIPE_API_BASE: stripeApiBase, STRIPE_API_KEY: stripeApiKey } : {}),
+      FORWARDER_SWEEP_GRACE_MS: "0",
+      ...(env.SINK_TIMEOUT_MS ? { SINK_TIMEOUT_MS: env.SINK_TIMEOUT_MS } : {}),
+      ...(env.FORWARDER_BATCH_SIZE ? { FORWARDER_BATCH_SIZE: env.FORWARDER_BATCH_SIZE } : {}),
+      ...(env.STRIPE_METER_API ? { STRIPE_METER_API: env.STRIPE_METER_API } : {}),
+      LOG_LEVEL: env.LOG_LEVEL ?? "info",
+    };
+    let forwarder: UsageForwarder;
+    try {
+      forwarder = createForwarderFromEnv(forwarderEnv, { write: options.write, ...options.forwarder });
+    } catch (err) {
+      // ForwarderConfigError: a bad SINK_TIMEOUT_MS, FORWARDER_BATCH_SIZE, STRIPE_METER_API or URL (no secret in it).
+      throw new LocalStackError((err as Error).message);
+    }
+    const loop = new SweepLoop(() => forwarder.sweep(), intervalMs).start();
+    started.push(loop);
+
+    const ledgerDoc = createLedgerDocumentClient(ledgerDb.env);
+    started.push({ stop: () => ledgerDoc.destroy() });
+    const ledgerStore = new LedgerStore(ledgerDoc, ledgerDb.table);
+    const drain = async ({ timeoutMs = 30_000 }: { timeoutMs?: number } = {}): Promise<void> => {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        await forwarder.sweep();
+        const [owed] = await ledgerStore.backlog({ now: Date.now(), graceMs: 0, limit: 1 });
+        if (!owed) return;
+        if (Date.now() > deadline) {
+          throw new Error(`the ledger still owes deliveries after ${timeoutMs} ms, e.g. ${owed.transaction_id} (moesif ${owed.moesif_state ?? "-"}, stripe ${owed.stripe_state ?? "-"})`);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 25));
+      }
+    };
+
+    return {
+      config,
+      stackFile,
+      baseUrl: gateway.baseUrl,
+      apiKeys,
+      upstream,
+      upstreamUrl,
+      collector,
+      store,
+      gateway,
+      dataDir,
+      ledger: { endpoint: ledgerDb.endpoint, table: ledgerDb.table, store: ledgerStore },
+      stripeBilling,
+      stripe,
+      stripeApiBase,
+      forwarder,
+      forwarderIntervalMs: intervalMs,
+      drain,
+      stop: stopAll,
+    };
   } catch (err) {
     await stopAll();
     throw err;

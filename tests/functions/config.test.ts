@@ -75,3 +75,44 @@ describe("loadFunctionConfig: plans and prices", () => {
     expect(loadFunctionConfig(testEnv()).forwardMockDirectives).to.equal(false);
   });
 });
+
+describe("loadFunctionConfig: usage ledger", () => {
+  it("has no ledger, a 1000 ms write budget and Moesif billing by default", () => {
+    const config = loadFunctionConfig(testEnv());
+    expect(config.problems).to.deep.equal([]);
+    expect(config.ledger).to.deep.equal({ table: undefined, timeoutMs: 1000 });
+    expect(config.stripeBilling).to.equal("moesif");
+  });
+
+  it("reads LEDGER_TABLE, LEDGER_TIMEOUT_MS and STRIPE_BILLING", () => {
+    const config = loadFunctionConfig(testEnv({ LEDGER_TABLE: " usage-ledger-abc123 ", LEDGER_TIMEOUT_MS: "250", STRIPE_BILLING: "meters" }));
+    expect(config.problems).to.deep.equal([]);
+    expect(config.ledger).to.deep.equal({ table: "usage-ledger-abc123", timeoutMs: 250 });
+    expect(config.stripeBilling).to.equal("meters");
+  });
+
+  for (const raw of ["0", "-5", "1.5", "soon"]) {
+    it(`reports LEDGER_TIMEOUT_MS="${raw}" as a configuration problem`, () => {
+      const config = loadFunctionConfig(testEnv({ LEDGER_TABLE: "usage-ledger", LEDGER_TIMEOUT_MS: raw }));
+      expect(config.problems).to.deep.equal([`LEDGER_TIMEOUT_MS must be a positive integer, got "${raw}"`]);
+      expect(config.ledger.timeoutMs).to.equal(1000);
+    });
+  }
+
+  for (const raw of ["both", "Meters", "stripe"]) {
+    it(`reports STRIPE_BILLING="${raw}" as a configuration problem, never billing through Stripe for it`, () => {
+      const config = loadFunctionConfig(testEnv({ STRIPE_BILLING: raw }));
+      expect(config.problems).to.deep.equal([`STRIPE_BILLING must be "moesif" or "meters", got "${raw}"`]);
+      expect(config.stripeBilling).to.equal("moesif");
+    });
+  }
+
+  it("answers 500 service_misconfigured while STRIPE_BILLING is wrong", async () => {
+    const config = loadFunctionConfig(testEnv({ STRIPE_BILLING: "both" }));
+    const upstream = new FakeUpstream(() => jsonResponse(200, {}));
+    const response = await handleRequest(proxyRequest({ json: chatBody() }), fakeDeps({ config, upstream }));
+    expect(response.statusCode).to.equal(500);
+    expect(JSON.parse(response.body).error.code).to.equal("service_misconfigured");
+    expect(upstream.requests).to.have.length(0);
+  });
+});

@@ -2,7 +2,9 @@ import fs from "node:fs";
 import http from "node:http";
 import os from "node:os";
 import path from "node:path";
-import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
+import { startLocalStack, type LocalStack, type LocalStackOptions } from "../../scripts/local/stack";
+import { LOCAL_STRIPE_API_KEY } from "../../scripts/local/stripe-server";
+import type { LedgerItem } from "../../functions/shared/ledger-schema";
 import { recordForScan, registerSecret } from "./secret-scan";
 
 /** A stack file for evidence tests: one tightly scoped plan, one roomy plan. */
@@ -60,15 +62,30 @@ export function rawRequest(url: string, options: { method?: string; headers?: Re
 
 /**
  * A local stack on a throwaway project for one `describe` block: started before its tests, stopped after. Its keys
- * join the suite's secret scan, and its log lines and metering payloads are scanned.
+ * (and the local Stripe key) join the suite's secret scan, and its log lines and metering payloads are scanned.
+ * The forwarder sweeps every 100 ms unless `env` says otherwise (events reach the sinks soon after each request).
  */
-export function useLocalStack(name: string, env: NodeJS.ProcessEnv = {}, yaml = EVIDENCE_STACK_YAML): { readonly stack: LocalStack; readonly projectDir: string } {
+export function useLocalStack(
+  name: string,
+  env: NodeJS.ProcessEnv = {},
+  yaml = EVIDENCE_STACK_YAML,
+  options: Pick<LocalStackOptions, "forwarder"> = {},
+): { readonly stack: LocalStack; readonly projectDir: string; readonly dataDir: string; readonly logs: string[] } {
   const project = tempProject(yaml);
   const logs: string[] = [];
   let stack: LocalStack | undefined;
   before(async () => {
-    stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env, write: (l) => logs.push(l), keepRawPayloads: "all" });
-    registerSecret(...Object.values(stack.apiKeys));
+    stack = await startLocalStack({
+      stack: "test",
+      projectDir: project.dir,
+      dataDir: project.dataDir,
+      port: 0,
+      env: { FORWARDER_INTERVAL_MS: "100", ...env },
+      write: (l) => logs.push(l),
+      keepRawPayloads: "all",
+      ...options,
+    });
+    registerSecret(...Object.values(stack.apiKeys), LOCAL_STRIPE_API_KEY);
   });
   after(async () => {
     recordForScan(`${name} logs`, logs);
@@ -82,5 +99,25 @@ export function useLocalStack(name: string, env: NodeJS.ProcessEnv = {}, yaml = 
       return stack;
     },
     projectDir: project.dir,
+    dataDir: project.dataDir,
+    logs,
   };
+}
+
+/** Every item of a local stack's ledger. */
+export async function ledgerItems(stack: LocalStack): Promise<LedgerItem[]> {
+  const items: LedgerItem[] = [];
+  for await (const item of stack.ledger.store.scanAll()) items.push(item);
+  return items;
+}
+
+/** Polls an async `probe` every 25 ms until it returns a value, or throws after `ms` saying what it waited for. */
+export async function waitUntil<T>(what: string, probe: () => Promise<T | undefined> | T | undefined, ms = 30_000): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
 }

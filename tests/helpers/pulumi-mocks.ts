@@ -112,6 +112,41 @@ export function recordingMocks(created: Recorded[], pendingOptions: Map<string, 
         case "stripe:index/webhookEndpoint:WebhookEndpoint":
           state.secret = MOCK_WEBHOOK_SECRET;
           break;
+        case "aws:dynamodb/table:Table":
+          state.name = inputs.name ?? autoName();
+          id = state.name;
+          state.arn = `arn:aws:dynamodb:${REGION}:${ACCOUNT}:table/${state.name}`;
+          // A stream's ARN is the table's plus /stream/<label> (the label is the stream's creation time).
+          if (inputs.streamEnabled) {
+            state.streamLabel = "2026-11-27T00:00:00.000";
+            state.streamArn = `${state.arn}/stream/${state.streamLabel}`;
+          }
+          break;
+        case "aws:sqs/queue:Queue":
+          state.name = inputs.name ?? autoName();
+          state.arn = `arn:aws:sqs:${REGION}:${ACCOUNT}:${state.name}`;
+          state.url = `https://sqs.${REGION}.amazonaws.com/${ACCOUNT}/${state.name}`;
+          id = state.url;
+          break;
+        case "aws:cloudwatch/eventRule:EventRule":
+          state.name = inputs.name ?? autoName();
+          id = state.name;
+          state.arn = `arn:aws:events:${REGION}:${ACCOUNT}:rule/${state.name}`;
+          break;
+        case "aws:lambda/eventSourceMapping:EventSourceMapping":
+          state.uuid = derived(`uuid:${args.name}`, 32, "0123456789abcdef");
+          id = state.uuid;
+          state.arn = `arn:aws:lambda:${REGION}:${ACCOUNT}:event-source-mapping:${state.uuid}`;
+          break;
+        case "stripe:index/meter:Meter":
+          id = `mtr_${derived(`stripe:${args.name}`, 24, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")}`;
+          break;
+        case "stripe:index/product:Product":
+          id = `prod_${derived(`stripe:${args.name}`, 14, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")}`;
+          break;
+        case "stripe:index/price:Price":
+          id = `price_${derived(`stripe:${args.name}`, 24, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")}`;
+          break;
       }
       const options = pendingOptions.get(`${args.type}::${args.name}`);
       created.push({

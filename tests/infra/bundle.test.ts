@@ -70,6 +70,26 @@ describe("bundleFunction (the esbuild bundles pulumi up deploys)", () => {
     expect(denied.policyDocument.Statement[0].Effect).to.equal("Deny");
   });
 
+  it("builds the usage forwarder alone, with the Stripe SDK inside and the AWS SDK left to the runtime, and its handler answers a stream batch", async () => {
+    const dir = path.join(BUILD, `usage-forwarder-${process.pid}`);
+    try {
+      const { entry } = bundleFunction(path.resolve(__dirname, "../../functions/usage-forwarder/index.ts"), dir, { tokenizerRanks: false });
+      expect(fs.readdirSync(dir)).to.deep.equal(["index.js"]);
+      const code = fs.readFileSync(entry, "utf8");
+      expect(code).to.match(/require\("@aws-sdk\/[a-z-]+"\)/);
+      // The stripe package is not in the Lambda runtime: it must be inside the bundle.
+      expect(code).to.not.match(/require\("stripe"\)/);
+      expect(code).to.include("api.stripe.com");
+      Object.assign(process.env, { LEDGER_TABLE: "usage-ledger-table-test", AWS_REGION: "us-east-1", LOG_LEVEL: "error" });
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const bundled = require(entry) as { handler: (event: unknown) => Promise<{ batchItemFailures: unknown[] }> };
+      // A batch with no INSERT (the forwarder's own marks) needs no sink and no table: nothing to deliver, nothing failed.
+      expect(await bundled.handler({ Records: [{ eventName: "MODIFY", eventID: "1", dynamodb: { SequenceNumber: "1" } }] })).to.deep.equal({ batchItemFailures: [] });
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("leaves the AWS SDK to the Lambda runtime instead of bundling it", () => {
     const dir = path.join(BUILD, `sdk-${process.pid}`);
     fs.mkdirSync(dir, { recursive: true });

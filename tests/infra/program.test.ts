@@ -8,88 +8,23 @@ import { GATEWAY_RESPONSES, KEEPS_STATUS } from "../../infra/gateway-responses";
 import { ACCESS_LOG_FORMAT, AUTHORIZER_STAGE_VARIABLE, deploymentTrigger, logWritePolicy, ROUTES, secretsVersion } from "../../infra/metered-ai-api";
 import { MOESIF_STRIPE_EVENTS } from "../../infra/moesif-stripe-webhook";
 import { parseStackConfig } from "../../infra/stack-config";
-import { isSecretInput, MOCK_WEBHOOK_SECRET, mockApiKeyValue, plainState, promiseOf, redactSecrets, setRecordingMocks, unsecret, type Recorded } from "../helpers/pulumi-mocks";
-import { recordForScan, registerSecret } from "../helpers/secret-scan";
-
-const PROJECT = "metered-ai-api";
-// Realistic lengths: OpenAI project keys are ~164 characters, Moesif application ids ~150, Stripe keys ~107.
-const UPSTREAM_SECRET = `sk-proj-${"Ab3".repeat(52)}`;
-const MOESIF_APP_ID = `eyJhcHAiOiI${"mOeSiF9".repeat(20)}`;
-const STRIPE_KEY = `sk_test_${"51Stripe".repeat(12)}`;
-const WEBHOOK_URL = "https://api.moesif.net/example/stripe/webhook";
-registerSecret(UPSTREAM_SECRET, MOESIF_APP_ID, STRIPE_KEY, MOCK_WEBHOOK_SECRET);
-
-const PLANS = {
-  starter: {
-    rateLimit: 2,
-    burstLimit: 5,
-    quota: { limit: 1000, period: "MONTH" },
-    models: ["gpt-4o-mini"],
-    prices: { "gpt-4o-mini": { input: 0.15, cachedInput: 0.075, output: 0.6 } },
-  },
-  pro: { rateLimit: 20, burstLimit: 40, quota: { limit: 100000, period: "WEEK", offset: 1 }, currency: "usd", prices: { "gpt-4o": { input: "2.50", output: "10.00" } } },
-  free: { rateLimit: 1, burstLimit: 1 },
-};
-const CUSTOMERS = { acme: { plan: "starter", stripeCustomerId: "cus_acme" }, globex: { plan: "pro", stripeCustomerId: "cus_globex" } };
-
-const baseConfig: Record<string, string> = {
-  [`${PROJECT}:upstreamApiKey`]: UPSTREAM_SECRET,
-  [`${PROJECT}:moesifApplicationId`]: MOESIF_APP_ID,
-  [`${PROJECT}:moesifStripeWebhookUrl`]: WEBHOOK_URL,
-  [`${PROJECT}:stageName`]: "beta",
-  "stripe:apiKey": STRIPE_KEY,
-  [`${PROJECT}:logRetentionDays`]: "14",
-  [`${PROJECT}:plans`]: JSON.stringify(PLANS),
-  [`${PROJECT}:customers`]: JSON.stringify(CUSTOMERS),
-};
-const SECRET_KEYS = [`${PROJECT}:upstreamApiKey`, `${PROJECT}:moesifApplicationId`, "stripe:apiKey"];
-
-type Program = typeof import("../../infra/index");
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const { waitForRPCs } = require("@pulumi/pulumi/runtime/settings") as { waitForRPCs(): Promise<void> };
-
-/** Runs the program under mocks with the given config; returns its module and every resource it registered. */
-async function runProgram(config: Record<string, string>, stack = "dev"): Promise<{ program: Program; created: Recorded[] }> {
-  const created: Recorded[] = [];
-  await setRecordingMocks(created, PROJECT, stack);
-  pulumi.runtime.setAllConfig(config, SECRET_KEYS);
-  delete require.cache[require.resolve("../../infra/index")];
-  const program = (await import("../../infra/index")) as Program;
-  await promiseOf(program.invokeUrl);
-  await promiseOf(program.stripeWebhookEndpointId);
-  await waitForRPCs();
-  for (const resource of created) if (resource.type === "aws:apigateway/apiKey:ApiKey") registerSecret(mockApiKeyValue(resource.name));
-  return { program, created };
-}
-
-const withConfig = (change: Record<string, string | undefined>): Record<string, string> => {
-  const config: Record<string, string> = { ...baseConfig };
-  for (const [key, value] of Object.entries(change)) {
-    if (value === undefined) delete config[key];
-    else config[key] = value;
-  }
-  return config;
-};
-
-const finder = (created: Recorded[]) => {
-  const ofType = (type: string) => created.filter((r) => r.type === type);
-  const named = (type: string, name: string) => {
-    const found = ofType(type).find((r) => r.name === name);
-    expect(found, `${type} ${name}`).to.not.equal(undefined);
-    return found!;
-  };
-  const one = (type: string) => {
-    const found = ofType(type);
-    expect(found, type).to.have.length(1);
-    return found[0];
-  };
-  return { ofType, named, one };
-};
-
-/** All exported stack outputs of the program module. */
-function stackOutputs(program: Program): Array<[string, pulumi.Output<unknown>]> {
-  return Object.entries(program).filter(([, value]) => pulumi.Output.isInstance(value)) as Array<[string, pulumi.Output<unknown>]>;
-}
+import { isSecretInput, MOCK_WEBHOOK_SECRET, mockApiKeyValue, plainState, promiseOf, redactSecrets, unsecret, type Recorded } from "../helpers/pulumi-mocks";
+import { recordForScan } from "../helpers/secret-scan";
+import {
+  baseConfig,
+  CUSTOMERS,
+  finder,
+  MOESIF_APP_ID,
+  PLANS,
+  PROJECT,
+  runProgram,
+  stackOutputs,
+  STRIPE_KEY,
+  UPSTREAM_SECRET,
+  WEBHOOK_URL,
+  withConfig,
+  type Program,
+} from "./program-harness";
 
 describe("Pulumi program (infra/index.ts under mocks)", function () {
   this.timeout(60_000);
@@ -101,6 +36,8 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
   const chatFn = () => named("aws:lambda/function:Function", "metered-ai-api-fn");
   const authorizerFn = () => named("aws:lambda/function:Function", "metered-ai-api-authorizer");
   const variables = () => chatFn().inputs.environment.variables as Record<string, string>;
+  // The chat function's parameters (the forwarder has its own, see usage-ledger.test.ts).
+  const chatParameters = () => ofType("aws:ssm/parameter:Parameter").filter((p) => p.name.startsWith("metered-ai-api-param-"));
 
   before(async () => {
     ({ program, created } = await runProgram(baseConfig));
@@ -260,7 +197,9 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
 
     it("deploys only after every method, integration, gateway response, the authorizer and every Lambda permission exist", () => {
       const deployment = one("aws:apigateway/deployment:Deployment");
-      const mustPrecede = created.filter((r) => [...tracked.slice(1), "aws:lambda/permission:Permission"].includes(r.type));
+      // The API's own permissions (the forwarder's sweep permission is not part of any deployment).
+      const apiPermission = (r: Recorded) => r.type === "aws:lambda/permission:Permission" && r.inputs.principal === "apigateway.amazonaws.com";
+      const mustPrecede = created.filter((r) => tracked.slice(1).includes(r.type) || apiPermission(r));
       expect(mustPrecede.length).to.be.greaterThan(20);
       for (const resource of mustPrecede) expect(deployment.options.dependencies, resource.name).to.include(resource.urn);
     });
@@ -307,7 +246,7 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
     });
 
     it("keeps both secrets in auto-named SSM SecureString parameters, so stacks of one name never collide", () => {
-      const parameters = Object.fromEntries(ofType("aws:ssm/parameter:Parameter").map((p) => [p.name, p]));
+      const parameters = Object.fromEntries(chatParameters().map((p) => [p.name, p]));
       expect(Object.keys(parameters).sort()).to.deep.equal(["metered-ai-api-param-moesif-application-id", "metered-ai-api-param-upstream-api-key"]);
       for (const parameter of Object.values(parameters)) {
         expect(parameter.inputs.type).to.equal("SecureString");
@@ -323,7 +262,7 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       const environment = chatFn().inputs.environment;
       expect(isSecretInput(environment)).to.equal(false);
       const vars = variables();
-      const names = Object.fromEntries(ofType("aws:ssm/parameter:Parameter").map((p) => [p.name, p.state.name]));
+      const names = Object.fromEntries(chatParameters().map((p) => [p.name, p.state.name]));
       expect(vars.UPSTREAM_API_KEY_PARAMETER).to.equal(names["metered-ai-api-param-upstream-api-key"]).and.match(/^metered-ai-api-param-upstream-api-key-[0-9a-f]{7}$/);
       expect(vars.MOESIF_APPLICATION_ID_PARAMETER).to.equal(names["metered-ai-api-param-moesif-application-id"]);
       expect(vars).to.not.have.any.keys("UPSTREAM_API_KEY", "MOESIF_APPLICATION_ID", "PLANS");
@@ -332,22 +271,23 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
     });
 
     it("puts the parameters' versions in the environment, so a rotated secret replaces warm containers", () => {
-      const versions = ofType("aws:ssm/parameter:Parameter").map((p) => p.state.version);
+      const versions = chatParameters().map((p) => p.state.version);
       expect(versions).to.deep.equal([1, 1]);
       expect(variables().SECRETS_VERSION).to.equal("1.1");
       expect(secretsVersion([3, 1])).to.not.equal(secretsVersion([4, 1]));
     });
 
-    it("lets the role read exactly those two parameters and write its own log group, nothing else", () => {
+    it("lets the role read exactly those two parameters, write its own log group and put ledger items, nothing else", () => {
       const policy = JSON.parse(named("aws:iam/rolePolicy:RolePolicy", "metered-ai-api-policy").inputs.policy);
-      const parameterArns = ofType("aws:ssm/parameter:Parameter").map((p) => p.state.arn).sort();
+      const parameterArns = chatParameters().map((p) => p.state.arn).sort();
       expect(parameterArns).to.have.length(2);
       for (const arn of parameterArns) expect(arn).to.match(/^arn:aws:ssm:us-east-1:123456789012:parameter\/metered-ai-api-param-[a-z-]+-[0-9a-f]{7}$/);
       const logGroup = named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-fn-logs");
-      expect(policy.Statement).to.have.length(2);
+      expect(policy.Statement).to.have.length(3);
       expect(policy.Statement[0]).to.deep.equal({ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroup.state.arn}:*` });
       expect(policy.Statement[1]).to.deep.include({ Effect: "Allow", Action: ["ssm:GetParameters", "ssm:GetParameter"] });
       expect([...policy.Statement[1].Resource].sort()).to.deep.equal(parameterArns);
+      expect(policy.Statement[2]).to.deep.equal({ Effect: "Allow", Action: ["dynamodb:PutItem"], Resource: one("aws:dynamodb/table:Table").state.arn });
       expect(JSON.stringify(policy)).to.not.include("kms:");
       expect(ofType("aws:iam/rolePolicyAttachment:RolePolicyAttachment").map((a) => a.inputs.policyArn)).to.not.include("arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole");
     });
@@ -540,7 +480,7 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       ["an http upstream that is not loopback", { [`${PROJECT}:upstreamBaseUrl`]: "http://10.0.0.5:8000/v1" }, /upstreamBaseUrl.*https:\/\//],
       ["the old price shape", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, prices: { inputPer1k: 0.0003, outputPer1k: 0.0012, currency: "usd" } } }) }, /plans\.starter\.prices.*old.*gpt-4o-mini: \{input: 0\.15/],
       ["a listed model without a price", { [`${PROJECT}:plans`]: JSON.stringify({ starter: { rateLimit: 1, burstLimit: 1, models: ["gpt-4o", "gpt-4o-mini"], prices: { "gpt-4o-mini": { input: 0.15, output: 0.6 } } } }) }, /plans\.starter\.prices.*no price for "gpt-4o"/],
-      ["a buffered deadline past API Gateway's 5-minute stream idle timeout", { [`${PROJECT}:upstreamTimeoutMs`]: "298000", [`${PROJECT}:lambdaTimeoutSeconds`]: "900" }, /upstreamTimeoutMs.*301000 ms exceeds API Gateway's 5-minute idle timeout/],
+      ["a buffered deadline past API Gateway's 5-minute stream idle timeout", { [`${PROJECT}:upstreamTimeoutMs`]: "298000", [`${PROJECT}:lambdaTimeoutSeconds`]: "900" }, /upstreamTimeoutMs.*302000 ms exceeds API Gateway's 5-minute idle timeout/],
       ["more customers than the Lambda environment can hold", { [`${PROJECT}:customers`]: JSON.stringify(Object.fromEntries(Array.from({ length: 60 }, (_, i) => [`customer-${i}`, { plan: "pro", stripeCustomerId: `cus_${"X".repeat(14)}` }]))) }, /metered-ai-api:customers.*60 customers make the function's environment \d+ bytes/],
       ["an unknown architecture", { [`${PROJECT}:lambdaArchitecture`]: "sparc" }, /lambdaArchitecture/],
     ];

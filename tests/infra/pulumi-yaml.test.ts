@@ -3,7 +3,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import YAML from "yaml";
-import { OBJECT_KEYS, PLAIN_KEYS, SECRET_KEYS } from "../../infra/config";
+import { OBJECT_KEYS, OPTIONAL_SECRET_KEYS, PLAIN_KEYS, SECRET_KEYS } from "../../infra/config";
 import { parseStackConfig, PROJECT, REQUIRED_CONFIG_KEYS } from "../../infra/stack-config";
 
 const ROOT = path.resolve(__dirname, "../..");
@@ -65,6 +65,15 @@ describe("Pulumi.yaml (what the CLI checks before the program runs)", () => {
 
   it("declares every key the program reads, and no other", () => {
     expect(Object.keys(project.config).sort()).to.deep.equal([...PLAIN_KEYS, ...OBJECT_KEYS, ...SECRET_KEYS].sort());
+  });
+
+  it("leaves optional secrets undeclared (declared, one would be required or refused) and documents them in a comment", () => {
+    const text = fs.readFileSync(path.join(ROOT, "Pulumi.yaml"), "utf8");
+    for (const key of OPTIONAL_SECRET_KEYS) {
+      expect(project.config, key).to.not.have.property(key);
+      expect(text, key).to.match(new RegExp(`^#.*\\b${key}\\b`, "m"));
+      expect(text, key).to.include(`pulumi config set --secret ${key}`);
+    }
   });
 
   it("gives secrets no default (a default is stored unencrypted, which the CLI refuses for a secret key)", () => {

@@ -1,6 +1,6 @@
 import { expect } from "chai";
-import { environmentBytes, functionEnvironment, functionPlans, plannedEnvironment, sanitizeStackName } from "../../infra/function-env";
-import { MAX_QUOTA_OFFSET, parseStackConfig, StackConfigError, type QuotaPeriod } from "../../infra/stack-config";
+import { environmentBytes, forwarderEnvironment, functionEnvironment, functionPlans, plannedEnvironment, plannedLedgerTableName, sanitizeStackName } from "../../infra/function-env";
+import { billingCurrencies, MAX_QUOTA_OFFSET, parseStackConfig, StackConfigError, type QuotaPeriod } from "../../infra/stack-config";
 
 const PLAN = { rateLimit: 5, burstLimit: 10 };
 const parse = (values: Record<string, unknown>, stack = "dev") => parseStackConfig({ plans: { starter: PLAN }, ...values }, { forDeploy: false, stack });
@@ -116,10 +116,17 @@ describe("stack config (infra/stack-config.ts)", () => {
       expect([config.upstreamTimeoutMs, config.upstreamIdleTimeoutMs, config.meteringTimeoutMs, config.lambdaTimeoutSeconds]).to.deep.equal([120_000, 60_000, 1_000, 300]);
     });
     it("refuses a buffered deadline that leaves less than the 2 s margin under the function timeout or the 5-minute idle timeout", () => {
-      expect(parse({ upstreamTimeoutMs: 297_000 }).upstreamTimeoutMs).to.equal(297_000);
-      expect(refusal({ upstreamTimeoutMs: 297_001 })).to.match(/upstreamTimeoutMs.*300001 ms exceeds API Gateway's 5-minute idle timeout/);
+      expect(parse({ upstreamTimeoutMs: 296_000 }).upstreamTimeoutMs).to.equal(296_000);
+      expect(refusal({ upstreamTimeoutMs: 296_001 })).to.match(/upstreamTimeoutMs.*300001 ms exceeds API Gateway's 5-minute idle timeout/);
       expect(refusal({ lambdaTimeoutSeconds: 20 })).to.match(/upstreamTimeoutMs.*exceeds lambdaTimeoutSeconds \(20000 ms\)/);
       expect(parse({ lambdaTimeoutSeconds: 29, upstreamTimeoutMs: 25_000, upstreamIdleTimeoutMs: 20_000 }).lambdaTimeoutSeconds).to.equal(29);
+    });
+    it("counts the ledger write and the direct Moesif send that stands in for it one after the other", () => {
+      expect(parse({}).ledgerTimeoutMs).to.equal(1_000);
+      expect(parse({ upstreamTimeoutMs: 290_000, ledgerTimeoutMs: 5_000, meteringTimeoutMs: 3_000 }).ledgerTimeoutMs).to.equal(5_000);
+      expect(refusal({ upstreamTimeoutMs: 290_000, ledgerTimeoutMs: 5_001, meteringTimeoutMs: 3_000 })).to.match(/upstreamTimeoutMs.*ledgerTimeoutMs.*300001 ms exceeds/);
+      expect(refusal({ lambdaTimeoutSeconds: 60, upstreamTimeoutMs: 30_000, upstreamIdleTimeoutMs: 50_000, ledgerTimeoutMs: 7_001 })).to.match(/upstreamIdleTimeoutMs.*ledgerTimeoutMs.*lambdaTimeoutSeconds/);
+      expect(refusal({ ledgerTimeoutMs: 0 })).to.match(/ledgerTimeoutMs.*1 to 10000/);
     });
     it("refuses a stream idle gap at or past API Gateway's idle timeout or the function timeout", () => {
       expect(refusal({ upstreamIdleTimeoutMs: 299_000 })).to.match(/upstreamIdleTimeoutMs.*5-minute idle timeout/);
@@ -156,6 +163,45 @@ describe("stack config (infra/stack-config.ts)", () => {
       const planned = plannedEnvironment(parse({}), "prod");
       expect(planned.UPSTREAM_API_KEY_PARAMETER).to.equal("metered-ai-api-param-upstream-api-key-xxxxxxx");
       expect(planned.MOESIF_APPLICATION_ID_PARAMETER).to.equal("metered-ai-api-param-moesif-application-id-xxxxxxx");
+    });
+  });
+
+  describe("the usage ledger and Stripe billing", () => {
+    const billing = { plans: { paid: { ...PLAN, prices: { m: { input: 1, output: 2 } } }, euro: { ...PLAN, currency: "eur", prices: { m: { input: 1, output: 2 } } }, free: PLAN } };
+
+    it("defaults to Moesif reporting to Stripe, a deletion-protected ledger and an unreserved forwarder", () => {
+      expect(parse({})).to.include({ stripeBilling: "moesif", ledgerDeletionProtection: true, ledgerTimeoutMs: 1_000, forwarderReservedConcurrency: -1 });
+      expect(parse({ ledgerDeletionProtection: "false", forwarderReservedConcurrency: "5" })).to.include({ ledgerDeletionProtection: false, forwarderReservedConcurrency: 5 });
+    });
+
+    it("accepts only moesif or meters, never both", () => {
+      expect(parse({ stripeBilling: "meters" }).stripeBilling).to.equal("meters");
+      expect(refusal({ stripeBilling: "both" })).to.match(/"metered-ai-api:stripeBilling": must be "moesif".*or "meters"/);
+    });
+
+    it("with meters, requires a Stripe customer id for every customer on a plan with prices, and only for those", () => {
+      const customers = { acme: { plan: "paid", stripeCustomerId: "cus_acme" }, hobby: { plan: "free" }, nostripe: { plan: "euro" } };
+      expect(refusal({ ...billing, customers, stripeBilling: "meters" })).to.match(/"metered-ai-api:customers\.nostripe\.stripeCustomerId": is required with stripeBilling: meters, because plan "euro" bills/);
+      // The same customers pass while Moesif reports to Stripe, and meters pass once that customer is gone.
+      expect(parse({ ...billing, customers }).customers.nostripe).to.deep.equal({ plan: "euro" });
+      const { nostripe: _left, ...rest } = customers;
+      expect(Object.keys(parse({ ...billing, customers: rest, stripeBilling: "meters" }).customers)).to.deep.equal(["acme", "hobby"]);
+    });
+
+    it("lists one currency per billing plan currency, for one Stripe price each", () => {
+      expect(billingCurrencies(parse(billing).plans)).to.deep.equal(["eur", "usd"]);
+      expect(billingCurrencies(parse({}).plans)).to.deep.equal([]);
+    });
+
+    it("refuses a forwarder concurrency of 0, which would stop every delivery", () => {
+      expect(refusal({ forwarderReservedConcurrency: 0 })).to.match(/forwarderReservedConcurrency.*0 would stop every delivery/);
+    });
+
+    it("tells the function its ledger timeout and billing route, and sizes LEDGER_TABLE for the generated table name", () => {
+      const config = parse({ ledgerTimeoutMs: 750, stripeBilling: "meters" });
+      expect(functionEnvironment(config, "dev")).to.include({ LEDGER_TIMEOUT_MS: "750", STRIPE_BILLING: "meters" });
+      expect(plannedEnvironment(config, "dev").LEDGER_TABLE).to.equal(plannedLedgerTableName()).and.equal("usage-ledger-table-xxxxxxx");
+      expect(forwarderEnvironment(config)).to.deep.equal({ MOESIF_BASE_URI: "https://api.moesif.net", STRIPE_BILLING: "meters", FORWARDER_SWEEP_GRACE_MS: "60000", LOG_LEVEL: "info" });
     });
   });
 

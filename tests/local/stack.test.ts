@@ -298,6 +298,8 @@ describe("npm start lifecycle", () => {
       cwd: ROOT,
       env: { ...process.env, PORT: "0", LOG_LEVEL: "warn" },
     });
+    let errors = "";
+    child.stderr.on("data", (chunk: Buffer) => (errors += chunk.toString()));
     try {
       let output = "";
       const url = await new Promise<string>((resolve, reject) => {
@@ -315,7 +317,7 @@ describe("npm start lifecycle", () => {
       expect(response.status).to.equal(200);
       const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
       child.kill("SIGTERM");
-      expect(await exited).to.equal(0);
+      expect(await exited, errors).to.equal(0);
     } finally {
       child.kill("SIGKILL");
       fs.rmSync(dir, { recursive: true, force: true });

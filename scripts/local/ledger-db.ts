@@ -1,0 +1,334 @@
+/**
+ * The local usage ledger: the same DynamoDB API the deployed functions use, served by `dynalite` (LevelDB files
+ * under `<dataDir>/ledger/`), with the table the Pulumi program creates (`LEDGER_TABLE_SCHEMA`).
+ *
+ * `startLedgerDb` runs it for `npm start` and writes `<dataDir>/ledger.json` (`{ endpoint, pid }`) while it runs, so
+ * scripts (`npm run usage`, `npm run reconcile`) reach the running one with `openLocalLedger`. LevelDB lets one
+ * process at a time open its files, so when nothing serves the ledger a script starts a private dynalite on the same
+ * files for the time it reads, and stops it again.
+ *
+ * A `ledger.json` left behind by a process that died without stopping (`kill -9`) is stale: its pid is gone, or its
+ * endpoint does not answer; it is ignored and replaced (the operating system released the LevelDB lock with the
+ * process).
+ */
+import fs from "node:fs";
+import path from "node:path";
+import { Worker } from "node:worker_threads";
+import { CreateTableCommand, DescribeTableCommand, DynamoDBClient, ListTablesCommand } from "@aws-sdk/client-dynamodb";
+import type { DynamoDBDocumentClient } from "@aws-sdk/lib-dynamodb";
+import { LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE } from "../../functions/shared/ledger-schema";
+import { createLedgerDocumentClient, LedgerStore } from "../../functions/shared/ledger-store";
+
+/** A local ledger problem the user can fix, said in one line (no stack trace). */
+export class LocalLedgerError extends Error {
+  override name = "LocalLedgerError";
+}
+
+/**
+ * Credentials and region for dynalite, which checks neither. Set explicitly so the AWS SDK never walks its default
+ * chain (profiles, the instance metadata service) on a laptop, and so no real AWS credential is ever sent to it.
+ */
+export const LOCAL_AWS_ENV = { AWS_REGION: "us-east-1", AWS_ACCESS_KEY_ID: "local", AWS_SECRET_ACCESS_KEY: "local" } as const;
+
+/** What `<dataDir>/ledger.json` holds while a process serves the ledger. */
+export interface LedgerLock {
+  endpoint: string;
+  pid: number;
+}
+
+/** The environment the functions need to reach a local ledger (LEDGER_TABLE, the endpoint, local credentials). */
+export function ledgerEnv(endpoint: string, table = LOCAL_LEDGER_TABLE): NodeJS.ProcessEnv {
+  return { LEDGER_TABLE: table, AWS_ENDPOINT_URL_DYNAMODB: endpoint, ...LOCAL_AWS_ENV };
+}
+
+export const ledgerDir = (dataDir: string) => path.join(dataDir, "ledger");
+export const ledgerLockFile = (dataDir: string) => path.join(dataDir, "ledger.json");
+
+/**
+ * dynalite runs in a worker thread: each ledger request costs a few milliseconds of JavaScript (SDK client and
+ * dynalite server alike), and on the stack's one event loop, beside the gateway, the function, the model server and
+ * the sinks, the server's share made ledger writes miss their 1 s budget under load (measured: 1,000 requests at
+ * concurrency 50). A worker gets its own event loop (and core), and still dies with the process, so a `kill -9`
+ * leaves no orphan holding the LevelDB lock. Plain JavaScript, evaluated: no TypeScript loader in the worker.
+ */
+const WORKER_SOURCE = `
+const { parentPort, workerData } = require("node:worker_threads");
+const dynalite = require(workerData.dynalite);
+// createTableMs 0: a table is ACTIVE at once (dynalite otherwise mimics DynamoDB's CREATING phase).
+const server = dynalite({ path: workerData.path, createTableMs: 0, deleteTableMs: 0, updateTableMs: 0 });
+server.once("error", (err) => parentPort.postMessage({ error: String(err && err.code || err) }));
+server.listen(workerData.port, "127.0.0.1", () => parentPort.postMessage({ port: server.address().port }));
+parentPort.on("message", (message) => {
+  if (message !== "stop") return;
+  // In-flight requests finish before LevelDB closes (dynalite closes it once the HTTP server has closed; a request
+  // still running then fails outside any handler). Idle keep-alive sockets go at once, busy ones after 5 s.
+  const force = setTimeout(() => server.closeAllConnections(), 5000);
+  server.close(() => { clearTimeout(force); parentPort.postMessage({ stopped: true }); });
+  server.closeIdleConnections();
+});
+`;
+
+/** A running dynalite (in a worker thread) with the ledger table. */
+export class LedgerDb {
+  private stopping?: Promise<void>;
+
+  private constructor(
+    private readonly worker: Worker,
+    /** `http://127.0.0.1:<port>` */
+    readonly endpoint: string,
+    readonly table: string,
+    readonly dataDir: string,
+    private readonly lockFile?: string,
+    private readonly exitHook?: () => void,
+  ) {}
+
+  /** LEDGER_TABLE, AWS_ENDPOINT_URL_DYNAMODB and the local credentials, for the functions' environments. */
+  get env(): NodeJS.ProcessEnv {
+    return ledgerEnv(this.endpoint, this.table);
+  }
+
+  /**
+   * Starts dynalite on `<dataDir>/ledger` and creates the table when it is absent. `publish` (what `npm start` does)
+   * writes `<dataDir>/ledger.json` and refuses to start when another live process already serves this ledger.
+   * A LevelDB still locked by a short-lived script (a private `openLocalLedger`) is waited for, up to `lockWaitMs`.
+   */
+  static async start(dataDir: string, options: { port?: number; publish?: boolean; lockWaitMs?: number } = {}): Promise<LedgerDb> {
+    const lockFile = ledgerLockFile(dataDir);
+    if (options.publish) {
+      const running = await liveLedger(dataDir);
+      if (running) {
+        throw new LocalLedgerError(
+          `the ledger in ${ledgerDir(dataDir)} is already served by process ${running.pid} (${running.endpoint}): stop that npm start, or give this one another data dir (--data-dir / LOCAL_DATA_DIR)`,
+        );
+      }
+    }
+    fs.mkdirSync(dataDir, { recursive: true });
+    await waitForLevelDb(ledgerDir(dataDir), options.lockWaitMs ?? 10_000);
+
+    const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { dynalite: require.resolve("dynalite"), path: ledgerDir(dataDir), port: options.port ?? 0 } });
+    let port: number;
+    try {
+      port = await new Promise<number>((resolve, reject) => {
+        worker.once("error", reject);
+        worker.once("exit", (code) => reject(new Error(`dynalite's worker exited with ${code} while starting`)));
+        worker.once("message", (message: { port?: number; error?: string }) => {
+          if (message.port) resolve(message.port);
+          else reject(new LocalLedgerError(`cannot serve the ledger on 127.0.0.1:${options.port ?? 0}: ${message.error}`));
+        });
+      });
+    } catch (err) {
+      await worker.terminate();
+      throw err;
+    }
+    worker.removeAllListeners();
+    worker.on("error", (err) => process.stderr.write(`local ledger (dynalite) failed: ${err.message}\n`));
+    const endpoint = `http://127.0.0.1:${port}`;
+    let exitHook: (() => void) | undefined;
+    try {
+      await ensureTable(endpoint, LOCAL_LEDGER_TABLE);
+      if (options.publish) {
+        writeLockFile(lockFile, { endpoint, pid: process.pid });
+        // A process that exits without stop() (an uncaught error, process.exit) leaves no stale file behind either.
+        exitHook = () => removeLockFile(lockFile, process.pid);
+        process.once("exit", exitHook);
+      }
+    } catch (err) {
+      await worker.terminate();
+      throw err;
+    }
+    return new LedgerDb(worker, endpoint, LOCAL_LEDGER_TABLE, dataDir, options.publish ? lockFile : undefined, exitHook);
+  }
+
+  /** Stops serving (requests in flight finish), closes LevelDB (releasing its lock) and removes our `ledger.json`. */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      if (this.lockFile) removeLockFile(this.lockFile, process.pid);
+      if (this.exitHook) process.off("exit", this.exitHook);
+      await new Promise<void>((resolve) => {
+        const done = () => resolve();
+        this.worker.once("exit", done);
+        this.worker.on("message", (message: { stopped?: boolean }) => message.stopped && done());
+        this.worker.postMessage("stop");
+      });
+      await this.worker.terminate();
+    })();
+    return this.stopping;
+  }
+}
+
+function writeLockFile(file: string, lock: LedgerLock): void {
+  const temp = `${file}.${process.pid}.tmp`;
+  fs.writeFileSync(temp, JSON.stringify(lock) + "\n");
+  fs.renameSync(temp, file);
+}
+
+function removeLockFile(file: string, pid: number): void {
+  try {
+    const lock = JSON.parse(fs.readFileSync(file, "utf8")) as Partial<LedgerLock>;
+    if (lock.pid === pid) fs.unlinkSync(file);
+  } catch {
+    // Gone already, or not ours to remove.
+  }
+}
+
+/** `ledger.json`'s content, or undefined when there is none or it is unreadable (a half-written file counts as none). */
+export function readLockFile(dataDir: string): LedgerLock | undefined {
+  try {
+    const lock = JSON.parse(fs.readFileSync(ledgerLockFile(dataDir), "utf8")) as Partial<LedgerLock>;
+    if (typeof lock.endpoint === "string" && Number.isInteger(lock.pid)) return { endpoint: lock.endpoint, pid: lock.pid as number };
+  } catch {
+    // fall through
+  }
+  return undefined;
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: alive, owned by someone else.
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/** The process serving this data dir's ledger, if `ledger.json` names one whose pid is alive and whose endpoint answers. */
+export async function liveLedger(dataDir: string): Promise<LedgerLock | undefined> {
+  const lock = readLockFile(dataDir);
+  if (!lock || !pidAlive(lock.pid)) return undefined;
+  // A live pid may be another program that reused the number after a kill -9: the endpoint decides.
+  return (await answers(lock.endpoint)) ? lock : undefined;
+}
+
+function client(endpoint: string, timeoutMs: number): DynamoDBClient {
+  return new DynamoDBClient({
+    endpoint,
+    region: LOCAL_AWS_ENV.AWS_REGION,
+    credentials: { accessKeyId: LOCAL_AWS_ENV.AWS_ACCESS_KEY_ID, secretAccessKey: LOCAL_AWS_ENV.AWS_SECRET_ACCESS_KEY },
+    maxAttempts: 1,
+    requestHandler: { connectionTimeout: timeoutMs, requestTimeout: timeoutMs },
+  });
+}
+
+async function answers(endpoint: string): Promise<boolean> {
+  const dynamo = client(endpoint, 1000);
+  try {
+    await dynamo.send(new ListTablesCommand({ Limit: 1 }));
+    return true;
+  } catch {
+    return false;
+  } finally {
+    dynamo.destroy();
+  }
+}
+
+async function ensureTable(endpoint: string, table: string): Promise<void> {
+  const dynamo = client(endpoint, 10_000);
+  try {
+    try {
+      await dynamo.send(new DescribeTableCommand({ TableName: table }));
+      return;
+    } catch (err) {
+      if ((err as { name?: string }).name !== "ResourceNotFoundException") throw err;
+    }
+    await dynamo.send(
+      new CreateTableCommand({
+        TableName: table,
+        BillingMode: "PAY_PER_REQUEST",
+        AttributeDefinitions: LEDGER_TABLE_SCHEMA.attributeDefinitions.map((a) => ({ ...a })),
+        KeySchema: LEDGER_TABLE_SCHEMA.keySchema.map((k) => ({ ...k })),
+        GlobalSecondaryIndexes: LEDGER_TABLE_SCHEMA.globalSecondaryIndexes.map((index) => ({
+          IndexName: index.IndexName,
+          KeySchema: index.KeySchema.map((k) => ({ ...k })),
+          Projection: { ...index.Projection },
+        })),
+      }),
+    );
+  } finally {
+    dynamo.destroy();
+  }
+}
+
+interface LevelLike {
+  open(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/**
+ * Waits until no other process holds the LevelDB at `dir`. dynalite opens its LevelDB lazily and, when another
+ * process holds the lock, throws "Database is not open" from inside a request handler, which would crash this
+ * process; so the lock is tried here first with the same `level` module dynalite uses (its own dependency).
+ */
+async function waitForLevelDb(dir: string, waitMs: number): Promise<void> {
+  const levelPath = require.resolve("level", { paths: [path.dirname(require.resolve("dynalite/package.json"))] });
+  const { Level } = require(levelPath) as { Level: new (location: string, options?: Record<string, unknown>) => LevelLike };
+  const deadline = Date.now() + waitMs;
+  for (;;) {
+    const db = new Level(dir, { valueEncoding: "json" });
+    try {
+      await db.open();
+      await db.close();
+      return;
+    } catch (err) {
+      const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+      const locked = cause?.code === "LEVEL_LOCKED" || /lock/i.test(cause?.message ?? "");
+      if (!locked) throw new LocalLedgerError(`cannot open the ledger's LevelDB at ${dir}: ${cause?.message ?? (err as Error).message}`);
+      if (Date.now() >= deadline) {
+        throw new LocalLedgerError(
+          `the ledger's LevelDB at ${dir} is locked by another process (an npm start or npm run usage/reconcile on the same data dir): ` +
+            `stop it, or wait for it to finish`,
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  }
+}
+
+/** A ledger opened by a script: the running `npm start`'s, or a private dynalite started for the script. */
+export interface LocalLedger {
+  endpoint: string;
+  table: string;
+  /** Whether this is the running `npm start`'s ledger (true) or a private dynalite (false). */
+  shared: boolean;
+  doc: DynamoDBDocumentClient;
+  store: LedgerStore;
+  env: NodeJS.ProcessEnv;
+  /** Stops the private dynalite (if any) and the client. */
+  close(): Promise<void>;
+}
+
+/**
+ * Opens `<dataDir>`'s ledger for a script: the running one when `ledger.json` names a live process whose endpoint
+ * answers, else a private dynalite on the same files (stopped by `close()`). Throws `LocalLedgerError` when the data
+ * dir has no ledger yet (unless `create`), or its LevelDB is locked by a process that serves no endpoint.
+ */
+export async function openLocalLedger(dataDir: string, options: { create?: boolean; lockWaitMs?: number } = {}): Promise<LocalLedger> {
+  let endpoint: string;
+  let db: LedgerDb | undefined;
+  const running = await liveLedger(dataDir);
+  if (running) endpoint = running.endpoint;
+  else {
+    if (!options.create && !fs.existsSync(ledgerDir(dataDir))) {
+      throw new LocalLedgerError(`no ledger yet: ${ledgerDir(dataDir)} does not exist (run npm start and send a request)`);
+    }
+    db = await LedgerDb.start(dataDir, { lockWaitMs: options.lockWaitMs ?? 10_000 });
+    endpoint = db.endpoint;
+    // Holding the LevelDB lock proves nothing else serves it: a ledger.json still here is stale (kill -9).
+    const stale = readLockFile(dataDir);
+    if (stale) fs.rmSync(ledgerLockFile(dataDir), { force: true });
+  }
+  const env = ledgerEnv(endpoint);
+  const doc = createLedgerDocumentClient(env, { timeoutMs: 30_000 });
+  return {
+    endpoint,
+    table: LOCAL_LEDGER_TABLE,
+    shared: db === undefined,
+    doc,
+    store: new LedgerStore(doc, LOCAL_LEDGER_TABLE),
+    env,
+    close: async () => {
+      doc.destroy();
+      await db?.stop();
+    },
+  };
+}
