@@ -257,11 +257,15 @@ function stripeClient(apiKey: string, apiBase?: string): Stripe {
 
 /** Reads Stripe totals for the items that bill through it, via `apiBase` or a private built-in endpoint. */
 async function stripeReport(items: LedgerItem[], stripe: { apiKey?: string; apiBase?: string; localDb?: string }, marks: DeliveryMarks, notes: string[], endAt?: number): Promise<SinkReport> {
-  const billed = items.filter(billsThroughStripe).filter((i) => endAt === undefined || Math.floor(i.started_at / 1000) < endAt);
+  const all = items.filter(billsThroughStripe);
+  const billed = all.filter((i) => endAt === undefined || Math.floor(i.started_at / 1000) < endAt);
   const ledger = ledgerStripeTotals(billed);
   const window = summaryWindow(billed, endAt);
   const notCompared = (source: string): SinkReport => ({ compared: false, source, rows: compareTotals(ledger, {}), delivery: marks });
-  if (!window) return { compared: true, source: "no ledger item bills through Stripe meters", rows: [], delivery: marks };
+  if (!window) {
+    const source = all.length === 0 ? "no ledger item bills through Stripe meters" : `all ${all.length} item(s) billed through Stripe meters are too recent for Stripe's summaries; compared on a later run`;
+    return { compared: true, source, rows: [], delivery: marks };
+  }
   let server: StripeServer | undefined;
   let apiBase = stripe.apiBase;
   let apiKey = stripe.apiKey;
@@ -350,7 +354,7 @@ export const STRIPE_SETTLE_MS = 5 * 60_000;
 export async function reconcileAws(stack: string, projectDir: string, env: NodeJS.ProcessEnv = process.env, now = Date.now()): Promise<ReconcileReport> {
   let outputs: { ledgerTableName?: string; ledgerTableArn?: string };
   try {
-    outputs = JSON.parse(execFileSync("pulumi", ["stack", "output", "--json", "-s", stack], { cwd: projectDir, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] })) as typeof outputs;
+    outputs = JSON.parse(execFileSync("pulumi", ["stack", "output", "--json", "-s", stack], { cwd: projectDir, env, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] })) as typeof outputs;
   } catch (err) {
     const stderr = String((err as { stderr?: unknown }).stderr ?? (err as Error).message).trim().split("\n")[0];
     throw new ReconcileError(`cannot read the outputs of stack ${stack} (pulumi stack output --json -s ${stack}): ${stderr}`);

@@ -78,6 +78,14 @@ export const LAMBDA_RESPONSE_LIMIT_BYTES = 6 * 1024 * 1024;
  */
 export const DEADLINE_RESERVE_MS = 2000;
 
+/**
+ * The most metering can take after the answer: the ledger write (when there is a ledger) and, if it fails, the
+ * direct Moesif send that stands in for it, one after the other (`infra/stack-config.ts` checks the same sum).
+ */
+export function meteringReserveMs(config: FunctionConfig): number {
+  return (config.ledger.table ? config.ledger.timeoutMs : 0) + config.moesif.timeoutMs;
+}
+
 /** What one request contributes to its metering record. Filled in as the request progresses. */
 interface Metering {
   customer?: Customer;
@@ -247,7 +255,7 @@ function deliveryProblem(response: ProxyResponse, deps: CoreDeps, deadline: numb
   if (response.body.length > LAMBDA_RESPONSE_LIMIT_BYTES / 8 && serialisedSize(response) > LAMBDA_RESPONSE_LIMIT_BYTES) {
     return new ResponseTooLargeError(LAMBDA_RESPONSE_LIMIT_BYTES);
   }
-  if (deadline !== undefined && response.statusCode < 300 && deadline - deps.clock() < deps.config.moesif.timeoutMs) return new DeadlineExceededError();
+  if (deadline !== undefined && response.statusCode < 300 && deadline - deps.clock() < meteringReserveMs(deps.config)) return new DeadlineExceededError();
   return undefined;
 }
 
@@ -376,7 +384,7 @@ async function streamChatCompletion(
   const callerWantsUsage = callerOptions.include_usage === true;
   const body = stringifyJson({ ...forwarded, stream: true, stream_options: { ...callerOptions, include_usage: true } });
   // The whole stream must end in time to meter it before the invocation's deadline.
-  const streamDeadline = deadline !== undefined ? deadline - deps.config.moesif.timeoutMs - DEADLINE_RESERVE_MS : undefined;
+  const streamDeadline = deadline !== undefined ? deadline - meteringReserveMs(deps.config) - DEADLINE_RESERVE_MS : undefined;
 
   const started = deps.clock();
   const timeoutMs = upstreamBudget(call, started);
@@ -483,7 +491,7 @@ async function callUpstream(call: UpstreamCall, request: UpstreamRequest): Promi
  */
 function upstreamBudget({ deps, deadline }: UpstreamCall, now: number): number | undefined {
   if (deadline === undefined) return undefined;
-  const budget = deadline - now - deps.config.moesif.timeoutMs - DEADLINE_RESERVE_MS;
+  const budget = deadline - now - meteringReserveMs(deps.config) - DEADLINE_RESERVE_MS;
   if (budget < 100) throw new DeadlineExceededError();
   return budget;
 }

@@ -2,7 +2,7 @@
  * The local usage ledger: the same DynamoDB API the deployed functions use, served by `dynalite` (LevelDB files
  * under `<dataDir>/ledger/`), with the table the Pulumi program creates (`LEDGER_TABLE_SCHEMA`).
  *
- * `startLedgerDb` runs it for `npm start` and writes `<dataDir>/ledger.json` (`{ endpoint, pid }`) while it runs, so
+ * `LedgerDb.start(dataDir, { publish: true })` runs it for `npm start` and writes `<dataDir>/ledger.json` (`{ endpoint, pid }`) while it runs, so
  * scripts (`npm run usage`, `npm run reconcile`) reach the running one with `openLocalLedger`. LevelDB lets one
  * process at a time open its files, so when nothing serves the ledger a script starts a private dynalite on the same
  * files for the time it reads, and stops it again.
@@ -63,7 +63,7 @@ parentPort.on("message", (message) => {
   // In-flight requests finish before LevelDB closes (dynalite closes it once the HTTP server has closed; a request
   // still running then fails outside any handler). Idle keep-alive sockets go at once, busy ones after 5 s.
   const force = setTimeout(() => server.closeAllConnections(), 5000);
-  server.close(() => { clearTimeout(force); parentPort.postMessage({ stopped: true }); });
+  server.close(() => { clearTimeout(force); parentPort.postMessage({ stopped: true }); parentPort.close(); });
   server.closeIdleConnections();
 });
 `;
@@ -117,7 +117,7 @@ export class LedgerDb {
         });
       });
     } catch (err) {
-      await worker.terminate();
+      await stopWorker(worker);
       throw err;
     }
     worker.removeAllListeners();
@@ -133,7 +133,7 @@ export class LedgerDb {
         process.once("exit", exitHook);
       }
     } catch (err) {
-      await worker.terminate();
+      await stopWorker(worker);
       throw err;
     }
     return new LedgerDb(worker, endpoint, LOCAL_LEDGER_TABLE, dataDir, options.publish ? lockFile : undefined, exitHook);
@@ -144,16 +144,31 @@ export class LedgerDb {
     this.stopping ??= (async () => {
       if (this.lockFile) removeLockFile(this.lockFile, process.pid);
       if (this.exitHook) process.off("exit", this.exitHook);
-      await new Promise<void>((resolve) => {
-        const done = () => resolve();
-        this.worker.once("exit", done);
-        this.worker.on("message", (message: { stopped?: boolean }) => message.stopped && done());
-        this.worker.postMessage("stop");
-      });
-      await this.worker.terminate();
+      await stopWorker(this.worker);
     })();
     return this.stopping;
   }
+}
+
+/**
+ * Asks the worker to close dynalite and waits for it to end on its own (it closes its port once LevelDB is closed).
+ * `terminate()` is only the fallback after `graceMs`: observed to hang after a clean close with the native LevelDB
+ * binding loaded, so it is not awaited.
+ */
+async function stopWorker(worker: Worker, graceMs = 15_000): Promise<void> {
+  // threadId is -1 once the thread has ended (a crash while starting).
+  if (worker.threadId === -1) return;
+  await new Promise<void>((resolve) => {
+    const fallback = setTimeout(() => {
+      void worker.terminate();
+      resolve();
+    }, graceMs);
+    worker.once("exit", () => {
+      clearTimeout(fallback);
+      resolve();
+    });
+    worker.postMessage("stop");
+  });
 }
 
 function writeLockFile(file: string, lock: LedgerLock): void {
@@ -256,8 +271,9 @@ interface LevelLike {
 
 /**
  * Waits until no other process holds the LevelDB at `dir`. dynalite opens its LevelDB lazily and, when another
- * process holds the lock, throws "Database is not open" from inside a request handler, which would crash this
- * process; so the lock is tried here first with the same `level` module dynalite uses (its own dependency).
+ * process holds the lock, throws "Database is not open" from inside its first request's handler (its thread dies)
+ * instead of failing to start; so the lock is tried here first with the same `level` module dynalite uses (its own
+ * dependency), and a locked ledger is reported as such.
  */
 async function waitForLevelDb(dir: string, waitMs: number): Promise<void> {
   const levelPath = require.resolve("level", { paths: [path.dirname(require.resolve("dynalite/package.json"))] });

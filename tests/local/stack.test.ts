@@ -8,10 +8,12 @@ import { promisify } from "node:util";
 import OpenAI from "openai";
 import { gatewayResponse, renderGatewayBody } from "../../infra/gateway-responses";
 import { quotaPeriodStart, TokenBucket } from "../../scripts/local/gateway";
-import { startLocalStack, type LocalStack } from "../../scripts/local/stack";
-import { tempProject } from "../helpers/local-project";
+import { MoesifCollector } from "../../scripts/local/moesif-collector";
+import { LocalStackError, startLocalStack, type LocalStack } from "../../scripts/local/stack";
+import { LOCAL_STRIPE_API_KEY, StripeServer } from "../../scripts/local/stripe-server";
+import { ledgerItems, tempProject, waitUntil } from "../helpers/local-project";
 import { recordForScan, registerSecret } from "../helpers/secret-scan";
-import { waitFor } from "./streaming-helpers";
+import { eventsFor, waitFor } from "./streaming-helpers";
 
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, "../..");
@@ -232,10 +234,121 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
     }
   });
 
+  it("writes each request to the usage ledger, and its forwarder delivers it to the collector and the Stripe endpoint", async () => {
+    const response = await post("/v1/chat/completions", { model: "gpt-4o", messages: [{ role: "user", content: "ledger" }] }, stack.apiKeys.globex);
+    expect(response.status).to.equal(200);
+    const requestId = response.headers.get("x-amzn-requestid")!;
+    const mine = await waitUntil("the request's ledger item", async () => (await ledgerItems(stack)).find((i) => i.request_id === requestId));
+    // globex's plan has no prices: Moesif gets it (analytics), Stripe owes nothing.
+    expect(mine.moesif_state).to.be.oneOf(["pending", "delivered"]);
+    expect(mine.stripe_state).to.equal(undefined);
+    await stack.drain();
+    expect(eventsFor(stack, requestId)).to.have.length(1);
+
+    // acme's billed requests (above) went to the Stripe endpoint too: its total is their cost.
+    const acme = (await ledgerItems(stack)).filter((i) => i.customer_id === "acme" && i.billed);
+    expect(acme.length).to.be.greaterThan(0);
+    expect(acme.every((i) => i.moesif_state === "delivered" && i.stripe_state === "delivered" && i.undelivered === undefined)).to.equal(true);
+    expect(stack.stripe!.totals()).to.deep.equal({ cus_acme: acme.reduce((n, i) => n + i.cost_micros!, 0) });
+  });
+
   it("never writes a caller's key to the function log or the metering store", () => {
     const everything = [...logs, ...stack.store!.all().map((e) => JSON.stringify(e))].join("\n");
     for (const key of Object.values(stack.apiKeys)) expect(everything).to.not.include(key);
   });
+});
+
+describe("local stack sinks from the environment", () => {
+  const body = { model: "gpt-4o-mini", messages: [{ role: "user", content: "elsewhere" }] };
+  const send = (stack: LocalStack) =>
+    fetch(`${stack.baseUrl}/v1/chat/completions`, { method: "POST", headers: { "content-type": "application/json", "x-api-key": stack.apiKeys.acme }, body: JSON.stringify(body) });
+
+  async function withStack(env: NodeJS.ProcessEnv, test: (stack: LocalStack) => Promise<void>): Promise<void> {
+    const project = tempProject(STACK_YAML);
+    const logs: string[] = [];
+    const stack = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env: { FORWARDER_INTERVAL_MS: "50", ...env }, write: (l) => logs.push(l) });
+    try {
+      await test(stack);
+    } finally {
+      recordForScan("local stack sinks logs", logs);
+      await stack.stop();
+      project.remove();
+    }
+  }
+
+  it("sends meter events to STRIPE_API_BASE with STRIPE_API_KEY instead of the built-in endpoint", async () => {
+    const key = "sk_test_elsewhere_000000000001";
+    registerSecret(key);
+    const elsewhere = await new StripeServer({ apiKey: key }).start();
+    try {
+      await withStack({ STRIPE_API_BASE: elsewhere.url, STRIPE_API_KEY: key }, async (stack) => {
+        expect(stack.stripe).to.equal(undefined);
+        expect(stack.stripeApiBase).to.equal(elsewhere.url);
+        expect((await send(stack)).status).to.equal(200);
+        await waitUntil("the ledger item", async () => ((await ledgerItems(stack)).length > 0 ? true : undefined));
+        await stack.drain();
+        const [item] = await ledgerItems(stack);
+        expect(elsewhere.totals()).to.deep.equal({ cus_acme: item.cost_micros });
+        expect(fs.existsSync(path.join(stack.dataDir, "stripe.db"))).to.equal(false);
+      });
+    } finally {
+      await elsewhere.stop();
+    }
+  });
+
+  it("sends Moesif events to MOESIF_BASE_URI with MOESIF_APPLICATION_ID instead of the built-in collector", async () => {
+    const appId = "moesif-app-id-elsewhere-0001";
+    registerSecret(appId);
+    const elsewhere = await new MoesifCollector({ applicationId: appId }).start();
+    try {
+      await withStack({ MOESIF_BASE_URI: elsewhere.url, MOESIF_APPLICATION_ID: appId }, async (stack) => {
+        expect(stack.collector).to.equal(undefined);
+        expect((await send(stack)).status).to.equal(200);
+        await waitUntil("the ledger item", async () => ((await ledgerItems(stack)).length > 0 ? true : undefined));
+        await stack.drain();
+        const [item] = await ledgerItems(stack);
+        expect(elsewhere.events().map((e) => e.transaction_id)).to.deep.equal([item.transaction_id]);
+        // The request path wrote the ledger; it did not send to Moesif itself (one batch, from the forwarder).
+        expect(elsewhere.requests.map((r) => r.url)).to.deep.equal(["/v1/events/batch"]);
+      });
+    } finally {
+      await elsewhere.stop();
+    }
+  });
+
+  it("bills through Moesif alone with STRIPE_BILLING=moesif: no Stripe endpoint, no Stripe state on items", async () => {
+    await withStack({ STRIPE_BILLING: "moesif" }, async (stack) => {
+      expect(stack.stripe).to.equal(undefined);
+      expect(stack.stripeBilling).to.equal("moesif");
+      expect((await send(stack)).status).to.equal(200);
+      const [item] = await waitUntil("the ledger item", async () => {
+        const items = await ledgerItems(stack);
+        return items.length > 0 ? items : undefined;
+      });
+      expect(item.billed && item.cost_micros! > 0).to.equal(true);
+      expect(item.stripe_state).to.equal(undefined);
+    });
+  });
+
+  for (const [env, message] of [
+    [{ STRIPE_API_BASE: "http://127.0.0.1:12111" }, "STRIPE_API_BASE is set but STRIPE_API_KEY is not: give the key of that Stripe-compatible server"],
+    [{ STRIPE_BILLING: "both" }, 'STRIPE_BILLING must be "meters" or "moesif", got "both"'],
+    [{ FORWARDER_INTERVAL_MS: "soon" }, 'FORWARDER_INTERVAL_MS must be an integer of at least 10, got "soon"'],
+  ] as const) {
+    it(`refuses ${Object.entries(env).map(([k, v]) => `${k}=${v}`).join(" ")} with a message saying what to fix`, async () => {
+      const project = tempProject(STACK_YAML);
+      try {
+        const failure = await startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env, write: () => undefined }).then(
+          async (stack) => stack.stop(),
+          (err: unknown) => err,
+        );
+        expect(failure).to.be.instanceOf(LocalStackError);
+        expect((failure as Error).message).to.equal(message);
+      } finally {
+        project.remove();
+      }
+    });
+  }
 });
 
 describe("npm start with bad input", () => {
@@ -277,6 +390,22 @@ describe("npm start with bad input", () => {
     expectOneLine(await startCli(null), /cannot read the stack config .*Pulumi\.test\.yaml: ENOENT/);
   });
 
+  it("says when another npm start serves the same data dir", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "metered-cli-"));
+    fs.writeFileSync(path.join(dir, "Pulumi.test.yaml"), STACK_YAML);
+    const running = await startLocalStack({ stack: "test", projectDir: dir, port: 0, env: {}, write: () => undefined });
+    try {
+      const result = await run(process.execPath, [...TS_NODE, path.join(ROOT, "scripts/start.ts"), "--stack", "test", "--project-dir", dir], { cwd: ROOT, env: { ...process.env, PORT: "0" } }).then(
+        () => ({ code: 0, stderr: "" }),
+        (err: { code: number; stderr: string }) => ({ code: err.code, stderr: err.stderr }),
+      );
+      expectOneLine(result, new RegExp(`the ledger in .*ledger is already served by process ${process.pid} \\(http://127\\.0\\.0\\.1:\\d+\\): stop that npm start`));
+    } finally {
+      await running.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("says when the port is in use", async () => {
     const blocker = net.createServer();
     await new Promise<void>((resolve) => blocker.listen(0, "127.0.0.1", () => resolve()));
@@ -312,12 +441,21 @@ describe("npm start lifecycle", () => {
       });
       const keys = JSON.parse(fs.readFileSync(path.join(dir, ".local/api-keys.json"), "utf8")) as Record<string, string>;
       expect(output).to.include(`curl -s ${url}/v1/chat/completions -H 'Authorization: Bearer ${keys.acme}'`);
+      const lock = JSON.parse(fs.readFileSync(path.join(dir, ".local/ledger.json"), "utf8")) as { endpoint: string; pid: number };
+      expect(lock.pid).to.equal(child.pid);
+      expect(output).to.match(new RegExp(`usage ledger +${lock.endpoint.replace(/\./g, "\\.")} \\(dynalite, table usage-ledger, .*ledger; npm run usage\\)`));
+      expect(output).to.match(/forwarder +every 1000 ms, ledger -> Moesif \+ Stripe meter events/);
+      expect(output).to.match(/Moesif sink +http:\/\/127\.0\.0\.1:\d+ \(built-in Moesif collector -> .*usage\.db\)/);
+      expect(output).to.match(/Stripe sink +http:\/\/127\.0\.0\.1:\d+ \(built-in Stripe meter event endpoint -> .*stripe\.db, test key sk_test_…\)/);
+      expect(output).to.include("npm run reconcile");
+      expect(output).to.not.include(LOCAL_STRIPE_API_KEY);
       expect(output).to.include(`new OpenAI({ baseURL: "${url}/v1", apiKey: "${keys.acme}" })`);
       const response = await fetch(`${url}/v1/models`, { headers: { authorization: `Bearer ${keys.globex}` } });
       expect(response.status).to.equal(200);
       const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
       child.kill("SIGTERM");
       expect(await exited, errors).to.equal(0);
+      expect(fs.existsSync(path.join(dir, ".local/ledger.json")), "ledger.json removed on a clean stop").to.equal(false);
     } finally {
       child.kill("SIGKILL");
       fs.rmSync(dir, { recursive: true, force: true });

@@ -5,7 +5,8 @@ import path from "node:path";
 import Database from "better-sqlite3";
 import type { StoredEvent } from "../../scripts/local/moesif-collector";
 import { SqliteStore } from "../../scripts/local/sqlite-store";
-import { usageReport, usageTable } from "../../scripts/usage";
+import type { LedgerItem } from "../../functions/shared/ledger-schema";
+import { ledgerUsage, usageReport, usageTable } from "../../scripts/usage";
 
 let counter = 0;
 /** An event as the function sends it (only the fields the store reads). */
@@ -104,5 +105,68 @@ describe("usage report (SQLite store + npm run usage)", () => {
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+/** The ledger item of the same request as `storedEvent` describes (the fields the report reads). */
+function ledgerItemOf(event: StoredEvent): LedgerItem {
+  const m = event.metadata as Record<string, unknown>;
+  const cost = typeof m.cost_micros === "number" && Number.isSafeInteger(m.cost_micros) && m.cost_micros >= 0 ? m.cost_micros : undefined;
+  return {
+    transaction_id: event.transaction_id!,
+    created_at: 0,
+    request_id: event.transaction_id!,
+    method: "POST",
+    route: "/v1/chat/completions",
+    status: (event.response?.status as number) ?? 200,
+    started_at: 0,
+    finished_at: 0,
+    customer_id: event.user_id,
+    stripe_customer_id: event.company_id,
+    plan: m.plan as string,
+    model: (m.model as string | null) ?? undefined,
+    prompt_tokens: m.prompt_tokens as number,
+    completion_tokens: m.completion_tokens as number,
+    total_tokens: m.total_tokens as number,
+    cached_tokens: (m.cached_tokens as number) ?? 0,
+    reasoning_tokens: 0,
+    usage_estimated: m.usage_estimated === true,
+    billed: m.billed === true,
+    cost_micros: cost,
+    currency: cost === undefined ? undefined : (m.currency as string),
+    streamed: false,
+    client_disconnected: false,
+    moesif_event: JSON.stringify(event),
+  };
+}
+
+describe("usage report from the ledger (npm run usage)", () => {
+  it("makes the same rows from ledger items as the collector's store makes from the same requests' events", () => {
+    const events = [
+      storedEvent("acme", billed(100, 20, 1_234)),
+      storedEvent("acme", { ...billed(50, 10, 617), usage_estimated: true, cached_tokens: 8 }),
+      storedEvent("acme", { model: "gpt-4o", ...billed(10, 10, 125) }),
+      storedEvent("acme", { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, billed: false, cost_micros: null, currency: null }, 502),
+      storedEvent("acme", { model: null, prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, billed: false, cost_micros: null, currency: null }, 400),
+      storedEvent("globex", billed(7, 3, null)),
+      storedEvent("globex", billed(1, 1, 20, "eur")),
+      storedEvent("globex", billed(1, 1, 10, "usd")),
+    ];
+    const store = new SqliteStore(":memory:");
+    try {
+      store.add(events);
+      const fromLedger = ledgerUsage(events.map(ledgerItemOf));
+      expect(fromLedger).to.deep.equal(store.usage());
+      expect(fromLedger.find((r) => r.customer === "acme" && r.model === "gpt-4o-mini")).to.include({ requests: 3, billed_requests: 2, estimated_requests: 1, cached_tokens: 8, cost_micros: 1_851 });
+    } finally {
+      store.close();
+    }
+  });
+
+  it("leaves out items without a customer and never sums a cost that is not a safe whole number", () => {
+    const item = ledgerItemOf(storedEvent("acme", billed(5, 5, 100)));
+    const rows = ledgerUsage([{ ...item, customer_id: undefined }, { ...item, transaction_id: "x", cost_micros: 1.5 }, { ...item, transaction_id: "y", cost_micros: Number.MAX_SAFE_INTEGER + 2 }]);
+    expect(rows).to.have.length(1);
+    expect(rows[0]).to.include({ customer: "acme", requests: 2, cost_micros: null, currency: null });
   });
 });
