@@ -51,8 +51,14 @@ export const SWEEP_SCHEDULE = "rate(1 minute)";
 /** The dead-letter queue keeps a skipped batch's description for SQS's longest retention, 14 days (1,209,600 s). */
 export const DEAD_LETTER_RETENTION_SECONDS = 14 * 24 * 60 * 60;
 
-/** The forwarder's timeout: a sweep ends before the next one starts; sink calls are bounded by SINK_TIMEOUT_MS (10 s). */
-export const FORWARDER_TIMEOUT_SECONDS = 60;
+/**
+ * The forwarder's timeout: 55 s, under the sweep's one-minute rate, so in the normal case a sweep invocation has
+ * ended before EventBridge starts the next one (the function stops its own work 2 s before its deadline; sink calls
+ * are bounded by SINK_TIMEOUT_MS, 10 s, and ledger calls by that deadline). Not a guarantee of no overlap:
+ * EventBridge delivers at least once, an invocation can wait in Lambda's async queue, and stream invocations run
+ * beside sweeps. Overlaps are harmless (marks are conditional writes, the sinks de-duplicate), only wasteful.
+ */
+export const FORWARDER_TIMEOUT_SECONDS = 55;
 
 export interface UsageLedgerArgs {
   /** The forwarder's code: a directory archive with `index.js` exporting `handler`. */
@@ -198,7 +204,8 @@ export class UsageLedger extends pulumi.ComponentResource {
     );
     new aws.cloudwatch.EventTarget(`${name}-sweep-target`, { rule: sweep.name, arn: fn.arn }, { parent: this, dependsOn: [sweepPermission] });
     // A sweep that failed or waited in Lambda's async queue is superseded by the next one a minute later: no retries,
-    // and none kept longer than that minute (60 s is the least Lambda accepts), so sweeps never pile up.
+    // and none kept longer than that minute (60 s is the least Lambda accepts), so sweeps do not pile up (a late one
+    // can still overlap the next; see FORWARDER_TIMEOUT_SECONDS).
     new aws.lambda.FunctionEventInvokeConfig(`${name}-sweep-invoke-config`, { functionName: fn.name, maximumRetryAttempts: 0, maximumEventAgeInSeconds: 60 }, parent);
 
     this.tableName = table.name;

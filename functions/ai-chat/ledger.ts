@@ -99,7 +99,11 @@ function buildLedgerItem(record: UsageRecord, options: LedgerItemOptions): { ite
       item.stripe_next_at = finishedAt;
     }
   }
-  if (owesDelivery(item)) item.undelivered = undeliveredShard(item.transaction_id);
+  if (owesDelivery(item)) {
+    item.undelivered = undeliveredShard(item.transaction_id);
+    // The backlog index's sort key: due at once (Moesif is pending), the longest-waiting first.
+    item.due_at = item.created_at;
+  }
   return { item, prepared };
 }
 
@@ -108,7 +112,8 @@ function buildLedgerItem(record: UsageRecord, options: LedgerItemOptions): { ite
  * when it is a safe non-negative integer, `billed` as `toMoesifEvent` decides) and `moesif_event` is that event as
  * `prepareEvent` serialises it, so the forwarder sends exactly what the direct send would have. Sink states: Moesif
  * `pending`; Stripe `pending` only with `stripeBilling: "meters"` for a billed request with a cost (`failed`, with
- * `stripe_error`, when the customer has no Stripe id); `undelivered` set while any sink is owed. No key, no secret
+ * `stripe_error`, when the customer has no Stripe id); `undelivered` (the backlog shard) and `due_at` (= `created_at`,
+ * the backlog's sort key) set while any sink is owed. No key, no secret
  * and, unless `logBodies`, no prompt or completion text: the item holds nothing the Moesif event does not.
  */
 export function toLedgerItem(record: UsageRecord, options: LedgerItemOptions): LedgerItem {

@@ -23,8 +23,14 @@ export const LEDGER_KEY = "transaction_id";
 export const UNDELIVERED_INDEX = "undelivered";
 /** The index's partition key: `u0` … `u15`, from the transaction id (16 shards spread a busy backlog's writes). */
 export const UNDELIVERED_KEY = "undelivered";
-/** The index's sort key: when the item was created (ms since the epoch), so a sweep reads the oldest first. */
-export const UNDELIVERED_SORT = "created_at";
+/**
+ * The index's sort key: when the item is next due for a delivery attempt (ms since the epoch). A sweep reads each
+ * shard's items due by now, the longest-due first, with a key condition (`due_at <= now - grace`): an item whose
+ * sinks all refused it and are waiting for their next attempt (up to an hour) is not even read until then, so such
+ * items can never crowd out the ones behind them. The writer sets it to `created_at`; the forwarder's marks keep it
+ * at or before the earliest time some sink is due again (see `LedgerItem.due_at`).
+ */
+export const UNDELIVERED_SORT = "due_at";
 export const UNDELIVERED_SHARDS = 16;
 
 /** The event name of the Stripe Billing Meter the forwarder reports to (a contract with the Stripe meter `pulumi up` creates). */
@@ -55,8 +61,15 @@ export type StripeBilling = "moesif" | "meters";
  */
 export interface LedgerItem {
   transaction_id: string;
-  /** When the item was made (the request's end), ms since the epoch: the index's sort key. */
+  /** When the item was made (the request's end), ms since the epoch. */
   created_at: number;
+  /**
+   * The backlog index's sort key (ms since the epoch), present with `undelivered`: `created_at` when written; while
+   * any sink is `pending`, some time at or before now; once every sink still owed has `failed`, the earliest of their
+   * `<sink>_next_at`. Never later than the item is next due (a mark that would move it later is conditional on the
+   * states it was computed from); it may be earlier, which costs a read and nothing else.
+   */
+  due_at?: number;
   request_id: string;
   method: string;
   route: string;

@@ -4,8 +4,10 @@
  * `sweep()` for the backlog (the sparse `undelivered` index), run on a schedule.
  *
  * Exactly once = at-least-once delivery + the sinks' idempotency keys (Moesif `transaction_id`, Stripe
- * `identifier`) + delivery marks. An item is only marked after its sink acknowledged it; a crash or a failed mark in
- * between leaves it pending, to be sent again and de-duplicated by the sink.
+ * `identifier`) + delivery marks. An item is only marked after its sink acknowledged it; a crash between the two
+ * leaves it pending, to be sent again and de-duplicated by the sink. A mark that fails is remembered in memory
+ * (the sink has the item) and written again by later runs without sending the item again, since the sinks only
+ * de-duplicate for a while (Stripe: a rolling 24 hours).
  *
  * Per sink and batch:
  * - acknowledged: each item is marked delivered, once every sink has answered, in one write for all the sinks
@@ -15,12 +17,19 @@
  * - refused (another 4xx): the batch is bisected until the refused item(s) are alone; those become `failed`
  *   (attempts + 1, the reason, `next_at` = now + min(2^attempts minutes, 60 minutes)) and everything else is
  *   delivered. A `failed` item is never dropped: it stays in the backlog and is tried again when due.
+ * An item whose own data is unusable (`parseLedgerItem`, or a sink's `check`) is refused the same way, never thrown.
  *
- * Nothing here throws for a sink or a DynamoDB failure: each is logged and leaves the item pending.
+ * Every run has a deadline (the Lambda's, or `sweepTimeoutMs`): each ledger call carries an abort signal for it and
+ * is abandoned at it even if the SDK ignores the signal, sends stop before it, and marks are not started after it.
+ * When the ledger keeps failing (reads, or every mark of a run), sweeps back off (1 s doubling to 5 min).
+ *
+ * Nothing here throws for a sink, a DynamoDB failure or an item's data: each is logged and leaves the item pending
+ * (or failed, with the reason).
  */
+import { setMaxListeners } from "node:events";
 import { SecretRedactor } from "../shared/secret-redactor";
 import { owesDelivery, SINKS, type LedgerItem, type SinkName } from "../shared/ledger-schema";
-import { createLedgerDocumentClient, LedgerStore } from "../shared/ledger-store";
+import { createLedgerDocumentClient, LedgerStore, parseLedgerItem } from "../shared/ledger-store";
 import { createLogger, describeError, type Logger } from "../ai-chat/logger";
 import { SsmParameterReader, type ParameterReader } from "../ai-chat/secrets";
 import { loadForwarderConfig } from "./config";
@@ -42,7 +51,11 @@ export interface DeliveryReport {
 }
 
 export interface RunOptions {
-  /** Epoch ms by which the run must be over (a Lambda's deadline less a margin): no send starts that could outlast it. */
+  /**
+   * Epoch ms (on the forwarder's clock) by which the run must be over (a Lambda's deadline less a margin): no send
+   * starts that could outlast it, ledger calls still running at it are abandoned, no mark starts after it.
+   * @default now + `sweepTimeoutMs`
+   */
   deadline?: number;
 }
 
@@ -55,38 +68,78 @@ export interface BackoffOptions {
   maxRetryAfterMs?: number;
 }
 
+export interface LedgerBackoffOptions {
+  /** First pause of the sweep after the ledger failed (a backlog read, or every mark of a run). @default 1000 */
+  initialMs?: number;
+  /** @default 300000 */
+  maxMs?: number;
+}
+
 export interface UsageForwarderOptions {
-  store: Pick<LedgerStore, "backlog" | "markDelivered" | "markFailed" | "clearBacklog">;
+  store: Pick<LedgerStore, "backlog" | "markDelivered" | "markFailed" | "clearBacklog"> & Partial<Pick<LedgerStore, "reschedule">>;
   /** The sinks in use. A sink not listed is never sent to; items owing it stay pending and are counted so. */
   sinks: Sink[];
   log: Logger;
   clock?: () => number;
   /** Bound on one sink call. @default 10000 */
   sinkTimeoutMs?: number;
-  /** The sweep leaves items younger than this to the stream trigger. @default 60000 */
+  /** The sweep leaves items due more recently than this to the stream trigger. @default 60000 */
   sweepGraceMs?: number;
   /** Items read from the backlog per sweep round. @default 1000 */
   sweepLimit?: number;
   /** Backlog rounds per sweep at most. @default 20 */
   maxSweepRounds?: number;
+  /**
+   * A run's deadline when the caller gives none (the local stack's sweep loop): a sweep or delivery never runs
+   * longer, whatever DynamoDB or a sink does. @default 30000
+   */
+  sweepTimeoutMs?: number;
+  /** Time one backlog read may spend paging (at most half the run's time left). @default 5000 */
+  backlogReadBudgetMs?: number;
+  /** Items one backlog read examines per shard at most. @default 10000 */
+  backlogMaxReadPerShard?: number;
   backoff?: BackoffOptions;
+  ledgerBackoff?: LedgerBackoffOptions;
   /** Base of a refused item's retry schedule: 2^attempts times this, at most `failedRetryMaxMs`. @default 60000 */
   failedRetryBaseMs?: number;
   /** @default 3600000 */
   failedRetryMaxMs?: number;
   /** Ledger writes in flight at once per batch. @default 16 */
   markConcurrency?: number;
+  /** Acknowledged items whose mark failed, remembered so they are marked later rather than sent again. @default 10000 */
+  maxUnmarked?: number;
   /** Replaces secrets in the reasons written to items; logs are redacted by the logger itself. */
   redact?: (text: string) => string;
 }
 
-/** Records that `sink` acknowledged `item` (its mark is written once every sink has answered). */
-type Acknowledge = (item: LedgerItem, sink: SinkName) => void;
+/** A run's deadline, and the signal that aborts the ledger calls still running at it. */
+interface Run {
+  deadline: number;
+  signal: AbortSignal;
+}
+
+/** One `deliver` pass: its run, what it reports, what its ledger writes did, what the sinks acknowledged. */
+interface Pass {
+  run: Run;
+  report: DeliveryReport;
+  writes: { ok: number; failed: number };
+  acknowledged: Map<string, { item: LedgerItem; sinks: SinkName[] }>;
+  /** What this pass's failed marks changed on each item, so its delivered mark computes from the item as it is. */
+  refusedHere: Map<string, Partial<LedgerItem>>;
+}
 
 interface SinkHealth {
   failures: number;
   nextAttemptAt: number;
   lastReason?: string;
+}
+
+/** A ledger call abandoned at the run's deadline (`started`: it had been sent, so DynamoDB did not answer in time). */
+class RunDeadlineError extends Error {
+  override name = "RunDeadlineError";
+  constructor(readonly started: boolean) {
+    super(started ? "no answer from the ledger before the run's deadline" : "the run's deadline has passed");
+  }
 }
 
 /** The least time worth starting a sink call with; below it the run stops and leaves items pending. */
@@ -118,13 +171,33 @@ function due(item: LedgerItem, sink: SinkName, now: number): boolean {
   return state === "pending" || (state === "failed" && (item[`${sink}_next_at`] ?? 0) <= now);
 }
 
-/** Runs `work` over `items`, at most `limit` at a time. */
+/** For an item whose data is unusable: the sinks it may owe (any state but absent or delivered). */
+function mayOwe(raw: Record<string, unknown>, sink: SinkName): boolean {
+  const state = raw[`${sink}_state`];
+  return state !== undefined && state !== "delivered";
+}
+
+/** A previous attempt count that is usable, else 0. */
+function attemptsOf(raw: Record<string, unknown>, sink: SinkName): number {
+  const attempts = raw[`${sink}_attempts`];
+  return typeof attempts === "number" && Number.isSafeInteger(attempts) && attempts >= 0 ? attempts : 0;
+}
+
+function isoTime(ms: number): string {
+  const date = new Date(ms);
+  return Number.isNaN(date.getTime()) ? String(ms) : date.toISOString();
+}
+
+/** Runs `work` over `items`, at most `limit` at a time. `work` must not reject (each caller catches its own). */
 async function eachLimited<T>(items: T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
   const workers = Array.from({ length: Math.min(limit, items.length) }, async () => {
-    while (next < items.length) await work(items[next++]);
+    while (next < items.length) {
+      const item = items[next++];
+      await work(item).catch(() => undefined);
+    }
   });
-  await Promise.all(workers);
+  await Promise.allSettled(workers);
 }
 
 export class UsageForwarder {
@@ -133,6 +206,11 @@ export class UsageForwarder {
   private running?: Promise<DeliveryReport>;
   /** Sink-level failures seen so far (a sweep stops its rounds at the first). */
   private outages = 0;
+  /** Per transaction id, the sinks that acknowledged it while its delivered mark could not be written. */
+  private readonly unmarked = new Map<string, Set<SinkName>>();
+  /** Consecutive ledger failures (backlog reads, or runs whose every write failed) and the sweep pause they set. */
+  private ledgerFailures = 0;
+  private ledgerPausedUntil = 0;
 
   constructor(private readonly options: UsageForwarderOptions) {
     this.clock = options.clock ?? Date.now;
@@ -148,122 +226,269 @@ export class UsageForwarder {
    * not backing off. Never throws; what could not be delivered stays pending in the table.
    */
   async deliver(items: LedgerItem[], options: RunOptions = {}): Promise<DeliveryReport> {
+    const { run, end } = this.startRun(options.deadline);
     const report = emptyReport(items.length);
-    // One entry per transaction id: a stream batch can carry an item twice.
-    const unique = [...new Map(items.map((item) => [item.transaction_id, item])).values()];
-    const active = new Set(this.options.sinks.map((s) => s.name));
-    for (const sink of SINKS) if (!active.has(sink)) report.pending[sink] += unique.filter((i) => owes(i, sink)).length;
-    // Marks are written once every sink has answered: an item two sinks took in this run gets one write, not three.
-    const acknowledged = new Map<string, SinkName[]>();
-    const acknowledge = (item: LedgerItem, sink: SinkName) => acknowledged.set(item.transaction_id, [...(acknowledged.get(item.transaction_id) ?? []), sink]);
-    await Promise.all(this.options.sinks.map((sink) => this.deliverTo(sink, unique, report, options.deadline, acknowledge)));
-    const at = this.clock();
-    await eachLimited([...acknowledged], this.options.markConcurrency ?? 16, ([id, sinks]) => this.markDelivered(id, sinks, at, report));
-    // Items in the backlog that owe no sink anything (an interrupted mark left them there): take them out.
-    const settled = unique.filter((item) => item.undelivered !== undefined && !owesDelivery(item));
-    await eachLimited(settled, this.options.markConcurrency ?? 16, async (item) => {
-      try {
-        await this.options.store.clearBacklog(item.transaction_id);
-      } catch (err) {
-        this.options.log.warn("ledger_backlog_clear_failed", { transaction_id: item.transaction_id, error: describeError(err) });
-      }
-    });
+    try {
+      await this.deliverIn(run, items, report, false);
+    } catch (err) {
+      // Unreachable by design (every step catches its own failures); a bug must not fail the invocation.
+      this.options.log.error("forwarder_run_failed", { error: describeError(err) });
+    } finally {
+      end();
+    }
     return report;
   }
 
   /**
-   * Delivers the backlog: reads the oldest due items (older than the sweep grace) and delivers them, round after
-   * round while rounds make progress, until the backlog is empty, every sink is backing off, or `deadline` nears.
-   * A sweep called while one runs returns the running one's promise (sweeps never overlap). Never throws.
+   * Delivers the backlog: reads the longest-due items (due before the sweep grace) and delivers them, round after
+   * round while rounds make progress, until the backlog is empty, every sink is backing off, or the deadline nears.
+   * A sweep called while one runs in this forwarder returns the running one's promise; every run ends by its
+   * deadline, so that promise always settles. (Other processes or containers may sweep at the same time: harmless,
+   * since marks are conditional and the sinks de-duplicate.) Never throws.
    */
   sweep(options: RunOptions = {}): Promise<DeliveryReport> {
     this.running ??= this.runSweep(options).finally(() => (this.running = undefined));
     return this.running;
   }
 
+  private startRun(deadline: number | undefined): { run: Run; end: () => void } {
+    const now = this.clock();
+    const at = deadline ?? now + (this.options.sweepTimeoutMs ?? 30_000);
+    const controller = new AbortController();
+    // Every ledger call of the run listens to this one signal (the SDK adds a listener per call).
+    setMaxListeners(0, controller.signal);
+    const timer = setTimeout(() => controller.abort(new RunDeadlineError(true)), Math.max(0, at - now));
+    timer.unref?.();
+    return { run: { deadline: at, signal: controller.signal }, end: () => clearTimeout(timer) };
+  }
+
+  /**
+   * A ledger call bounded by the run's deadline: the signal aborts the SDK's request, and the race returns at the
+   * deadline even if a call ignored it. Rejects with `RunDeadlineError` (not `started` when it was never made).
+   */
+  private async ledger<T>(run: Run, call: (signal: AbortSignal) => Promise<T>): Promise<T> {
+    if (run.signal.aborted || this.clock() >= run.deadline) throw new RunDeadlineError(false);
+    let onAbort: (() => void) | undefined;
+    const aborted = new Promise<never>((_, reject) => {
+      onAbort = () => reject(new RunDeadlineError(true));
+      run.signal.addEventListener("abort", onAbort, { once: true });
+    });
+    try {
+      return await Promise.race([call(run.signal), aborted]);
+    } finally {
+      run.signal.removeEventListener("abort", onAbort!);
+    }
+  }
+
   private async runSweep(options: RunOptions): Promise<DeliveryReport> {
     const total = emptyReport();
-    const limit = this.options.sweepLimit ?? 1000;
-    const rounds = this.options.maxSweepRounds ?? 20;
-    for (let round = 0; round < rounds; round++) {
-      const now = this.clock();
-      if (options.deadline !== undefined && options.deadline - now < MIN_SEND_MS) break;
-      // Sinks backing off are not asked about: a long outage costs no backlog reads beyond one per back-off.
-      const sinks = this.options.sinks.filter((sink) => now >= (this.health.get(sink.name)?.nextAttemptAt ?? 0)).map((s) => s.name);
-      if (sinks.length === 0) break;
-      let items: LedgerItem[];
-      try {
-        items = await this.options.store.backlog({ now, graceMs: this.options.sweepGraceMs ?? 60_000, limit, sinks });
-      } catch (err) {
-        this.options.log.error("ledger_backlog_read_failed", { error: describeError(err) });
-        break;
+    const started = this.clock();
+    if (started < this.ledgerPausedUntil) {
+      this.options.log.debug("forwarder_sweep_skipped", { reason: "the ledger is failing; backing off", retry_in_ms: this.ledgerPausedUntil - started });
+      return total;
+    }
+    const { run, end } = this.startRun(options.deadline);
+    try {
+      const limit = this.options.sweepLimit ?? 1000;
+      const rounds = this.options.maxSweepRounds ?? 20;
+      for (let round = 0; round < rounds; round++) {
+        const now = this.clock();
+        if (run.deadline - now < MIN_SEND_MS) break;
+        // Sinks backing off are not asked about: a long outage costs no backlog reads beyond one per back-off.
+        const sinks = this.options.sinks.filter((sink) => now >= (this.health.get(sink.name)?.nextAttemptAt ?? 0)).map((s) => s.name);
+        if (sinks.length === 0) break;
+        let items: LedgerItem[];
+        try {
+          const readBudgetMs = Math.max(0, Math.min(this.options.backlogReadBudgetMs ?? 5000, (run.deadline - now) / 2));
+          items = await this.ledger(run, (signal) =>
+            this.options.store.backlog({
+              now,
+              graceMs: this.options.sweepGraceMs ?? 60_000,
+              limit,
+              sinks,
+              readBudgetMs,
+              maxReadPerShard: this.options.backlogMaxReadPerShard,
+              resume: true,
+              signal,
+              onShardError: (shard, err) => this.options.log.warn("ledger_backlog_shard_failed", { shard, error: describeError(err) }),
+            }),
+          );
+        } catch (err) {
+          this.options.log.error("ledger_backlog_read_failed", { error: describeError(err) });
+          this.noteLedger(0, 1);
+          break;
+        }
+        if (items.length === 0) break;
+        const outagesBefore = this.outages;
+        const report = emptyReport(items.length);
+        const writes = await this.deliverIn(run, items, report, true);
+        addReport(total, report);
+        const progress = SINKS.reduce((n, s) => n + report.delivered[s] + report.failed[s], 0);
+        // Another round while this one got somewhere and neither a sink nor the ledger failed: a busy shard may hold
+        // more than it gave this time. A failure waits for the next sweep, so one sweep reports each item once.
+        if (progress === 0 || this.outages !== outagesBefore || writes.failed > 0) break;
       }
-      if (items.length === 0) break;
-      const outagesBefore = this.outages;
-      const report = await this.deliver(items, options);
-      addReport(total, report);
-      const progress = SINKS.reduce((n, s) => n + report.delivered[s] + report.failed[s], 0);
-      // Another round while this one got somewhere and no sink failed: a busy shard may hold more than it gave
-      // this time. A sink that failed waits for the next sweep, so one sweep reports each pending item once.
-      if (progress === 0 || this.outages !== outagesBefore) break;
+    } catch (err) {
+      this.options.log.error("forwarder_run_failed", { error: describeError(err) });
+    } finally {
+      end();
     }
     if (total.considered > 0) this.options.log.info("forwarder_sweep", { ...total });
     return total;
+  }
+
+  /** One pass over `items`; returns what its ledger writes did. Never rejects. */
+  private async deliverIn(run: Run, items: LedgerItem[], report: DeliveryReport, fromBacklog: boolean): Promise<{ ok: number; failed: number }> {
+    const pass: Pass = { run, report, writes: { ok: 0, failed: 0 }, acknowledged: new Map(), refusedHere: new Map() };
+    const log = this.options.log;
+    const concurrency = this.options.markConcurrency ?? 16;
+    const active = new Set(this.options.sinks.map((s) => s.name));
+    // One entry per transaction id (a stream batch can carry an item twice); an item whose data is unusable is
+    // refused (failed, with the reason, for each sink it may owe), never computed with.
+    const valid = new Map<string, LedgerItem>();
+    const unusable: Array<{ id: string; raw: Record<string, unknown>; reason: string }> = [];
+    for (const raw of items) {
+      const parsed = parseLedgerItem(raw);
+      if (parsed.ok) valid.set(parsed.item.transaction_id, parsed.item);
+      else if (parsed.id) unusable.push({ id: parsed.id, raw: raw as unknown as Record<string, unknown>, reason: parsed.reason });
+      else log.error("ledger_item_unreadable", { reason: parsed.reason });
+    }
+    const unique = [...valid.values()];
+    for (const item of unique) for (const sink of SINKS) if (item[`${sink}_state`] === "delivered") this.forgetUnmarked(item.transaction_id, [sink]);
+    for (const sink of SINKS) if (!active.has(sink)) report.pending[sink] += unique.filter((i) => owes(i, sink)).length;
+
+    const refusals = unusable.flatMap(({ id, raw, reason }) => SINKS.filter((sink) => mayOwe(raw, sink)).map((sink) => ({ id, raw, reason, sink })));
+    for (const { sink } of refusals) if (!active.has(sink)) report.pending[sink] += 1;
+    await Promise.allSettled([
+      ...this.options.sinks.map((sink) =>
+        this.deliverTo(sink, unique, pass).catch((err: unknown) => {
+          // Unreachable by design; the items stay as they are (pending) in the table.
+          log.error("sink_run_failed", { sink: sink.name, error: describeError(err) });
+        }),
+      ),
+      eachLimited(
+        refusals.filter(({ sink }) => active.has(sink)),
+        concurrency,
+        ({ id, raw, reason, sink }) => this.markFailed(pass, sink, id, attemptsOf(raw, sink), undefined, reason),
+      ),
+    ]);
+
+    // Marks are written once every sink has answered: an item two sinks took in this run gets one write, not
+    // three. None starts once the deadline has passed: the sinks have the items, this process remembers them.
+    const at = this.clock();
+    const acknowledged = [...pass.acknowledged.values()];
+    if (acknowledged.length > 0 && (run.signal.aborted || at >= run.deadline)) {
+      for (const { item, sinks } of acknowledged) {
+        this.rememberUnmarked(item.transaction_id, sinks);
+        for (const sink of sinks) report.pending[sink] += 1;
+      }
+      log.warn("ledger_marks_skipped", { count: acknowledged.length, reason: "the run's deadline passed; marked by a later run without sending again" });
+    } else {
+      await eachLimited(acknowledged, concurrency, ({ item, sinks }) => this.markDelivered(pass, item, sinks, at));
+    }
+    // Items in the backlog that owe no sink anything (an interrupted mark left them there): take them out. Items
+    // the index gave as due that no sink is due for (a conditional write lost a race): give them their schedule.
+    const now = this.clock();
+    const settled = unique.filter((item) => item.undelivered !== undefined && !owesDelivery(item));
+    const early = fromBacklog ? unique.filter((item) => owesDelivery(item) && !SINKS.some((sink) => due(item, sink, now))) : [];
+    await eachLimited([...settled, ...early], concurrency, async (item) => {
+      const store = this.options.store;
+      try {
+        if (owesDelivery(item)) {
+          if (store.reschedule) await this.ledger(run, (signal) => store.reschedule!(item, { now, signal }));
+        } else await this.ledger(run, (signal) => store.clearBacklog(item.transaction_id, { signal }));
+      } catch (err) {
+        log.warn("ledger_backlog_update_failed", { transaction_id: item.transaction_id, error: describeError(err) });
+      }
+    });
+    this.noteLedger(pass.writes.ok, pass.writes.failed);
+    return pass.writes;
   }
 
   private backingOff(sink: SinkName, now: number): boolean {
     return now < (this.health.get(sink)?.nextAttemptAt ?? 0);
   }
 
-  private async deliverTo(sink: Sink, items: LedgerItem[], report: DeliveryReport, deadline: number | undefined, acknowledge: Acknowledge): Promise<void> {
+  private async deliverTo(sink: Sink, items: LedgerItem[], pass: Pass): Promise<void> {
+    const { report, run } = pass;
     const name = sink.name;
     const now = this.clock();
     const owed = items.filter((item) => owes(item, name));
     const dueNow = owed.filter((item) => due(item, name, now));
     report.pending[name] += owed.length - dueNow.length;
     if (dueNow.length === 0) return;
+    // Acknowledged by this sink in an earlier run whose mark failed: mark it again, never send it again.
+    const toSend: LedgerItem[] = [];
+    for (const item of dueNow) {
+      if (this.unmarked.get(item.transaction_id)?.has(name)) this.acknowledge(pass, item, name);
+      else toSend.push(item);
+    }
+    if (toSend.length === 0) return;
     if (this.backingOff(name, now)) {
-      report.pending[name] += dueNow.length;
+      report.pending[name] += toSend.length;
       return;
     }
-    const ready = await sink.ready();
+    let ready: Awaited<ReturnType<Sink["ready"]>>;
+    try {
+      // Bounded by the run's deadline like a ledger call (an SSM read of the credentials has its own 3 s bound).
+      ready = await this.ledger(run, () => sink.ready());
+    } catch (err) {
+      if (err instanceof RunDeadlineError) {
+        // Out of time, not a sink outage: no back-off.
+        report.pending[name] += toSend.length;
+        return;
+      }
+      ready = { ok: false, reason: `${describeError(err).name}: ${describeError(err).message}` };
+    }
     if (!ready.ok) {
       this.sinkFailed(name, { kind: "unavailable", reason: ready.reason });
-      report.pending[name] += dueNow.length;
+      report.pending[name] += toSend.length;
       return;
     }
     const sendable: LedgerItem[] = [];
     const rejected: Array<{ item: LedgerItem; reason: string }> = [];
-    for (const item of dueNow) {
-      const problem = sink.check(item, now);
+    for (const item of toSend) {
+      let problem: string | undefined;
+      try {
+        problem = sink.check(item, now);
+      } catch (err) {
+        problem = `the item cannot be read for ${name}: ${describeError(err).name}: ${describeError(err).message}`;
+      }
       if (problem) rejected.push({ item, reason: problem });
       else sendable.push(item);
     }
-    await eachLimited(rejected, this.options.markConcurrency ?? 16, ({ item, reason }) => this.markFailed(sink.name, item, reason, report));
+    const marking = eachLimited(rejected, this.options.markConcurrency ?? 16, ({ item, reason }) => this.markFailed(pass, name, item.transaction_id, item[`${name}_attempts`] ?? 0, item, reason));
 
     const batches = sink.batches(sendable);
     // Once the sink is found unavailable, the batches not yet started stay pending: one outage, one failure.
-    const run = { stopped: false };
+    const stop = { stopped: false };
     let next = 0;
     const worker = async () => {
       while (next < batches.length) {
         const batch = batches[next++];
-        if (run.stopped) {
+        if (stop.stopped) {
           report.pending[name] += batch.length;
           continue;
         }
-        await this.sendBatch(sink, batch, report, deadline, run, acknowledge);
+        await this.sendBatch(sink, batch, pass, stop);
       }
     };
-    await Promise.all(Array.from({ length: Math.min(sink.concurrency, batches.length) }, worker));
+    await Promise.all([marking, ...Array.from({ length: Math.min(sink.concurrency, batches.length) }, worker)]);
+  }
+
+  private acknowledge(pass: Pass, item: LedgerItem, sink: SinkName): void {
+    const entry = pass.acknowledged.get(item.transaction_id) ?? { item, sinks: [] };
+    entry.sinks.push(sink);
+    pass.acknowledged.set(item.transaction_id, entry);
   }
 
   /** Sends one batch; on a refusal, bisects it. Leaves every item it did not get acknowledged or refused pending. */
-  private async sendBatch(sink: Sink, batch: LedgerItem[], report: DeliveryReport, deadline: number | undefined, run: { stopped: boolean }, acknowledge: Acknowledge): Promise<void> {
+  private async sendBatch(sink: Sink, batch: LedgerItem[], pass: Pass, stop: { stopped: boolean }): Promise<void> {
+    const { report, run } = pass;
     const name = sink.name;
-    const budget = Math.min(this.options.sinkTimeoutMs ?? 10_000, deadline === undefined ? Number.POSITIVE_INFINITY : deadline - this.clock());
-    if (run.stopped || budget < MIN_SEND_MS) {
-      run.stopped = true;
+    const budget = Math.min(this.options.sinkTimeoutMs ?? 10_000, run.deadline - this.clock());
+    if (stop.stopped || budget < MIN_SEND_MS) {
+      stop.stopped = true;
       report.pending[name] += batch.length;
       return;
     }
@@ -276,11 +501,11 @@ export class UsageForwarder {
     }
     if (outcome.kind === "delivered") {
       this.sinkRecovered(name);
-      for (const item of batch) acknowledge(item, name);
+      for (const item of batch) this.acknowledge(pass, item, name);
       return;
     }
     if (outcome.kind === "unavailable") {
-      run.stopped = true;
+      stop.stopped = true;
       this.sinkFailed(name, outcome);
       report.pending[name] += batch.length;
       return;
@@ -288,38 +513,90 @@ export class UsageForwarder {
     // Refused: the sink is up (it read the batch), so this is no outage.
     this.sinkRecovered(name);
     if (batch.length === 1) {
-      await this.markFailed(name, batch[0], outcome.reason, report);
+      await this.markFailed(pass, name, batch[0].transaction_id, batch[0][`${name}_attempts`] ?? 0, batch[0], outcome.reason);
       return;
     }
     const half = Math.ceil(batch.length / 2);
-    await this.sendBatch(sink, batch.slice(0, half), report, deadline, run, acknowledge);
-    await this.sendBatch(sink, batch.slice(half), report, deadline, run, acknowledge);
+    await this.sendBatch(sink, batch.slice(0, half), pass, stop);
+    await this.sendBatch(sink, batch.slice(half), pass, stop);
   }
 
-  private async markDelivered(id: string, sinks: SinkName[], at: number, report: DeliveryReport): Promise<void> {
+  private async markDelivered(pass: Pass, item: LedgerItem, sinks: SinkName[], at: number): Promise<void> {
+    const id = item.transaction_id;
     try {
-      await this.options.store.markDelivered(id, sinks, at);
-      for (const sink of sinks) report.delivered[sink] += 1;
+      const held = { ...item, ...pass.refusedHere.get(id) };
+      await this.ledger(pass.run, (signal) => this.options.store.markDelivered(id, sinks, at, { held, now: at, signal }));
+      for (const sink of sinks) pass.report.delivered[sink] += 1;
+      this.forgetUnmarked(id, sinks);
+      pass.writes.ok += 1;
     } catch (err) {
-      // The sinks have it, the ledger does not know: it stays pending and is sent again; the sinks de-duplicate.
-      for (const sink of sinks) report.pending[sink] += 1;
+      // The sinks have it, the ledger does not know: remembered here, marked by a later run without sending again
+      // (and, should this process end first, sent again and de-duplicated by the sinks).
+      for (const sink of sinks) pass.report.pending[sink] += 1;
+      this.rememberUnmarked(id, sinks);
+      if (!(err instanceof RunDeadlineError && !err.started)) pass.writes.failed += 1;
       this.options.log.error("ledger_mark_failed", { transaction_id: id, sinks, state: "delivered", error: describeError(err) });
     }
   }
 
-  private async markFailed(sink: SinkName, item: LedgerItem, reason: string, report: DeliveryReport): Promise<void> {
-    const attempts = (item[`${sink}_attempts`] ?? 0) + 1;
-    const delay = Math.min((this.options.failedRetryBaseMs ?? 60_000) * 2 ** attempts, this.options.failedRetryMaxMs ?? 3_600_000);
+  /** Marks an item refused by `sink`; `held` is the item as read (absent when its data is unusable). Never rejects. */
+  private async markFailed(pass: Pass, sink: SinkName, id: string, previousAttempts: number, held: LedgerItem | undefined, reason: string): Promise<void> {
     const safeReason = (this.options.redact ?? ((t: string) => t))(reason);
-    const nextAt = this.clock() + delay;
     try {
-      await this.options.store.markFailed(item.transaction_id, sink, safeReason, attempts, nextAt);
-      report.failed[sink] += 1;
-      this.options.log.warn("delivery_refused", { sink, transaction_id: item.transaction_id, attempts, reason: safeReason, next_attempt_at: new Date(nextAt).toISOString() });
+      const attempts = previousAttempts + 1;
+      const delay = Math.min((this.options.failedRetryBaseMs ?? 60_000) * 2 ** attempts, this.options.failedRetryMaxMs ?? 3_600_000);
+      const now = this.clock();
+      const nextAt = now + delay;
+      await this.ledger(pass.run, (signal) => this.options.store.markFailed(id, sink, safeReason, attempts, nextAt, { held, now, signal }));
+      pass.report.failed[sink] += 1;
+      pass.writes.ok += 1;
+      pass.refusedHere.set(id, { ...pass.refusedHere.get(id), [`${sink}_state`]: "failed", [`${sink}_next_at`]: nextAt, [`${sink}_attempts`]: attempts });
+      this.options.log.warn("delivery_refused", { sink, transaction_id: id, attempts, reason: safeReason, next_attempt_at: isoTime(nextAt) });
     } catch (err) {
-      report.pending[sink] += 1;
-      this.options.log.error("ledger_mark_failed", { transaction_id: item.transaction_id, sink, state: "failed", error: describeError(err) });
+      pass.report.pending[sink] += 1;
+      if (!(err instanceof RunDeadlineError && !err.started)) pass.writes.failed += 1;
+      this.options.log.error("ledger_mark_failed", { transaction_id: id, sink, state: "failed", reason: safeReason, error: describeError(err) });
     }
+  }
+
+  private rememberUnmarked(id: string, sinks: SinkName[]): void {
+    const known = this.unmarked.get(id) ?? new Set<SinkName>();
+    for (const sink of sinks) known.add(sink);
+    this.unmarked.delete(id);
+    this.unmarked.set(id, known);
+    // Past the bound the oldest are forgotten: such an item is sent again, and the sink de-duplicates it.
+    const max = this.options.maxUnmarked ?? 10_000;
+    for (const oldest of this.unmarked.keys()) {
+      if (this.unmarked.size <= max) break;
+      this.unmarked.delete(oldest);
+    }
+  }
+
+  private forgetUnmarked(id: string, sinks: SinkName[]): void {
+    const known = this.unmarked.get(id);
+    if (!known) return;
+    for (const sink of sinks) known.delete(sink);
+    if (known.size === 0) this.unmarked.delete(id);
+  }
+
+  /**
+   * Ledger health after a backlog read or a pass: any write that went through resets it; a pass whose every write
+   * failed (or a read that failed) pauses the sweep, 1 s doubling to 5 min, so a ledger that refuses writes
+   * (throttling, a missing permission) is not hammered, and the items it could not mark are not re-driven.
+   */
+  private noteLedger(ok: number, failed: number): void {
+    if (ok > 0) {
+      if (this.ledgerFailures > 0) this.options.log.info("ledger_recovered", { after_failures: this.ledgerFailures });
+      this.ledgerFailures = 0;
+      this.ledgerPausedUntil = 0;
+      return;
+    }
+    if (failed === 0) return;
+    this.ledgerFailures += 1;
+    const backoff = this.options.ledgerBackoff ?? {};
+    const delay = Math.min((backoff.initialMs ?? 1000) * 2 ** Math.min(this.ledgerFailures - 1, 30), backoff.maxMs ?? 300_000);
+    this.ledgerPausedUntil = this.clock() + delay;
+    this.options.log.warn("ledger_backing_off", { failures: this.ledgerFailures, retry_in_ms: delay, remembered_unmarked: this.unmarked.size });
   }
 
   private sinkFailed(sink: SinkName, outcome: Extract<BatchOutcome, { kind: "unavailable" }>): void {
@@ -359,6 +636,10 @@ export interface CreateForwarderOptions {
   secretsRetryAfterMs?: number;
   /** Ledger writes in flight at once (DynamoDB likes many; dynalite, one process on LevelDB, few). @default 16 */
   markConcurrency?: number;
+  /** A sweep's (or delivery's) deadline when its caller gives none, as the local stack's loop does. @default 30000 */
+  sweepTimeoutMs?: number;
+  /** The sweep's pause after ledger failures. @default 1 s doubling to 5 min */
+  ledgerBackoff?: LedgerBackoffOptions;
 }
 
 /**
@@ -410,6 +691,8 @@ export function createForwarderFromEnv(env: NodeJS.ProcessEnv, options: CreateFo
     backoff: options.backoff,
     failedRetryBaseMs: options.failedRetryBaseMs,
     markConcurrency: options.markConcurrency,
+    sweepTimeoutMs: options.sweepTimeoutMs,
+    ledgerBackoff: options.ledgerBackoff,
     redact: (text) => new SecretRedactor(knownSecrets()).redactText(text),
   });
 }

@@ -11,6 +11,7 @@
 import type { DynamoDBBatchResponse, DynamoDBRecord, DynamoDBStreamEvent } from "aws-lambda";
 import { unmarshall } from "@aws-sdk/util-dynamodb";
 import type { LedgerItem } from "../shared/ledger-schema";
+import { readDynamoNumber } from "../shared/ledger-store";
 import { describeError } from "../ai-chat/logger";
 import { createForwarderFromEnv, type DeliveryReport, type UsageForwarder } from "./forwarder";
 
@@ -29,7 +30,9 @@ export function isStreamEvent(event: unknown): event is DynamoDBStreamEvent {
 export function itemFromRecord(record: DynamoDBRecord): LedgerItem {
   const image = record.dynamodb?.NewImage;
   if (!image) throw new Error("the record has no NewImage (is the stream's view type NEW_IMAGE?)");
-  const item = unmarshall(image as Parameters<typeof unmarshall>[0]) as Partial<LedgerItem>;
+  // Numbers as the ledger's client reads them: a number beyond 2^53 stays text (refused by the forwarder for that
+  // item) instead of a BigInt, or an exception for the whole batch.
+  const item = unmarshall(image as Parameters<typeof unmarshall>[0], { wrapNumbers: readDynamoNumber }) as Partial<LedgerItem>;
   if (typeof item.transaction_id !== "string" || typeof item.created_at !== "number" || typeof item.moesif_event !== "string") {
     throw new Error("the NewImage is not a ledger item (transaction_id, created_at, moesif_event)");
   }

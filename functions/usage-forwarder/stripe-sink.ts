@@ -20,9 +20,17 @@
  * before sending, so such an item is `failed`, visibly, instead of silently dropped. `STRIPE_METER_API=v1` sends
  * one synchronous call per event instead (bounded concurrency), where Stripe refuses a bad event in its answer.
  *
+ * Values: since API version 2026-04-22.dahlia Stripe refuses a value of more than 15 significant digits (400 on v1;
+ * on the stream an asynchronous `meter_event_value_too_many_digits` error report):
+ * https://docs.stripe.com/changelog/dahlia/2026-04-22/billing-meter-event-values-validation. A cost of 10^15
+ * micro-units or more is therefore `failed` before sending (whole numbers only, so at most 15 digits).
+ *
  * Duplicates: v1 refuses an identifier it already has with HTTP 400 `invalid_request_error` "An event already exists
  * with identifier …" (observed with and without `code: duplicate_meter_event`: langfuse/langfuse PR #16292; Stripe's
- * OpenAPI `v2.error.duplicate_meter_event`); that means "already delivered". The v2 stream de-duplicates silently.
+ * OpenAPI `v2.error.duplicate_meter_event`); that means "already delivered" for the one event it is about: a call
+ * carrying one event (v1 always) whose error names that event's identifier, or none. A duplicate error for a call
+ * of several events is treated as a refusal, so the batch is bisected down to that event. The v2 stream
+ * de-duplicates silently.
  */
 import Stripe from "stripe";
 import { describeError } from "../ai-chat/logger";
@@ -37,6 +45,8 @@ export const STRIPE_STREAM_MAX_EVENTS = 100;
 /** Stripe takes timestamps "within the past 35 calendar days" and "up to 5 minutes in the future". */
 export const STRIPE_MAX_EVENT_AGE_MS = 35 * 24 * 3600_000;
 export const STRIPE_MAX_EVENT_LEAD_MS = 5 * 60_000;
+/** Values of this many micro-units or more have more than the 15 digits Stripe accepts (see above). */
+export const STRIPE_MAX_VALUE_EXCLUSIVE = 1e15;
 /** Margin kept from the 35-day edge: an event sent at the very edge could age past it before Stripe processes it. */
 const AGE_MARGIN_MS = 10 * 60_000;
 /** A session token is replaced this long before its `expires_at` (tokens live 15 minutes). */
@@ -95,15 +105,22 @@ export class StripeSink implements Sink {
     return { ok: true };
   }
 
+  /** What Stripe would refuse, checked without trusting the item's types (a corrupt item is refused, not thrown on). */
   check(item: LedgerItem, now: number): string | undefined {
-    if (!item.stripe_customer_id) return "the item has no stripe_customer_id (the customer has no Stripe customer to bill)";
-    if (!Number.isSafeInteger(item.cost_micros) || (item.cost_micros ?? 0) <= 0) return `cost_micros must be a positive whole number, got ${String(item.cost_micros)}`;
-    if (!Number.isFinite(item.started_at)) return "the item has no started_at";
-    if (item.started_at < now - STRIPE_MAX_EVENT_AGE_MS + AGE_MARGIN_MS) {
-      return `started_at ${new Date(item.started_at).toISOString()} is older than the 35 days Stripe accepts meter events for; bill it by hand (an invoice item) and mark it delivered`;
+    const customer: unknown = item.stripe_customer_id;
+    if (typeof customer !== "string" || customer.length === 0) return "the item has no stripe_customer_id (the customer has no Stripe customer to bill)";
+    const cost: unknown = item.cost_micros;
+    if (typeof cost !== "number" || !Number.isSafeInteger(cost) || cost <= 0) return `cost_micros must be a positive whole number, got ${describeValue(cost)}`;
+    if (cost >= STRIPE_MAX_VALUE_EXCLUSIVE) {
+      return `cost_micros ${cost} has more than the 15 digits Stripe accepts in a meter event value (API 2026-04-22.dahlia); bill it by hand (an invoice item) and mark it delivered`;
     }
-    if (item.started_at > now + STRIPE_MAX_EVENT_LEAD_MS) return `started_at ${new Date(item.started_at).toISOString()} is more than 5 minutes in the future`;
-    if (item.transaction_id.length > 100) return "the transaction id is longer than the 100 characters Stripe takes as an identifier";
+    const started: unknown = item.started_at;
+    if (typeof started !== "number" || !Number.isSafeInteger(started) || Number.isNaN(new Date(started).getTime())) return `started_at must be a time in whole ms since the epoch, got ${describeValue(started)}`;
+    if (started < now - STRIPE_MAX_EVENT_AGE_MS + AGE_MARGIN_MS) {
+      return `started_at ${new Date(started).toISOString()} is older than the 35 days Stripe accepts meter events for; bill it by hand (an invoice item) and mark it delivered`;
+    }
+    if (started > now + STRIPE_MAX_EVENT_LEAD_MS) return `started_at ${new Date(started).toISOString()} is more than 5 minutes in the future`;
+    if (typeof item.transaction_id !== "string" || item.transaction_id.length > 100) return "the transaction id is longer than the 100 characters Stripe takes as an identifier";
     return undefined;
   }
 
@@ -156,7 +173,7 @@ export class StripeSink implements Sink {
         }
       }
     } catch (err) {
-      return outcomeOfStripeError(err, this.clock());
+      return outcomeOfStripeError(err, this.clock(), batch);
     }
   }
 
@@ -194,16 +211,29 @@ function statusOf(err: unknown): number | undefined {
   return typeof status === "number" ? status : undefined;
 }
 
-/** Whether Stripe refused an event because it already has its identifier (so it is delivered). */
+/** Whether Stripe refused an event because it already has its identifier. */
 export function isDuplicateIdentifier(err: unknown): boolean {
   const e = err as { statusCode?: number; code?: string; message?: string } | null;
   if (!e || e.statusCode !== 400) return false;
   return e.code === "duplicate_meter_event" || /already exists with identifier/i.test(e.message ?? "");
 }
 
-/** What a Stripe SDK error means for the batch (see `outcomeOfStatus`); never echoes a request body. */
-export function outcomeOfStripeError(err: unknown, now: number): BatchOutcome {
-  if (isDuplicateIdentifier(err)) return { kind: "delivered" };
+/** The identifier a duplicate refusal names ("An event already exists with identifier X."), if it names one. */
+export function duplicateIdentifierOf(err: unknown): string | undefined {
+  const match = /already exists with identifier\s+['"`]?([^\s'"`]+?)['"`]?\.?\s*$/i.exec((err as { message?: string } | null)?.message ?? "");
+  return match?.[1];
+}
+
+/**
+ * What a Stripe SDK error means for `batch` (see `outcomeOfStatus`); never echoes a request body. A duplicate
+ * identifier means delivered only for a batch of one whose identifier it names (or that it names none for).
+ */
+export function outcomeOfStripeError(err: unknown, now: number, batch: readonly LedgerItem[]): BatchOutcome {
+  if (isDuplicateIdentifier(err)) {
+    const named = duplicateIdentifierOf(err);
+    if (batch.length === 1 && (named === undefined || named === batch[0].transaction_id)) return { kind: "delivered" };
+    return { kind: "refused", reason: `Stripe answered HTTP 400: an event already exists with identifier ${named ?? "(not named)"}` };
+  }
   const status = statusOf(err);
   if (status === undefined) {
     const { name, message } = describeError(err);
@@ -212,4 +242,10 @@ export function outcomeOfStripeError(err: unknown, now: number): BatchOutcome {
   const e = err as { code?: string; rawType?: string; type?: string; message?: string; headers?: Record<string, string | string[]> };
   const reason = `Stripe answered HTTP ${status}${e.code ? ` ${e.code}` : e.rawType ? ` ${e.rawType}` : ""}: ${(e.message ?? "").slice(0, 300)}`;
   return outcomeOfStatus(status, reason, e.headers?.["retry-after"], now);
+}
+
+function describeValue(value: unknown): string {
+  if (typeof value === "bigint") return `${value} (a number beyond 2^53)`;
+  if (typeof value === "string") return JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}…` : value);
+  return value === null ? "null" : typeof value === "number" ? String(value) : typeof value;
 }

@@ -15,8 +15,8 @@ import fs from "node:fs";
 import path from "node:path";
 import { Worker } from "node:worker_threads";
 import { CreateTableCommand, DescribeTableCommand, DynamoDBClient, ListTablesCommand } from "@aws-sdk/client-dynamodb";
-import type { DynamoDBDocumentClient } from "@aws-sdk/lib-dynamodb";
-import { LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE } from "../../functions/shared/ledger-schema";
+import { PutCommand, ScanCommand, UpdateCommand, type DynamoDBDocumentClient, type ScanCommandOutput } from "@aws-sdk/lib-dynamodb";
+import { LEDGER_KEY, LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE, UNDELIVERED_INDEX, UNDELIVERED_KEY, UNDELIVERED_SORT } from "../../functions/shared/ledger-schema";
 import { createLedgerDocumentClient, LedgerStore } from "../../functions/shared/ledger-store";
 
 /** A local ledger problem the user can fix, said in one line (no stack trace). */
@@ -80,6 +80,8 @@ export class LedgerDb {
     readonly dataDir: string,
     private readonly lockFile?: string,
     private readonly exitHook?: () => void,
+    /** What `repairIndex` fixed at start after an unclean stop (undefined when the last stop was clean). */
+    readonly repaired?: IndexRepair,
   ) {}
 
   /** LEDGER_TABLE, AWS_ENDPOINT_URL_DYNAMODB and the local credentials, for the functions' environments. */
@@ -94,8 +96,11 @@ export class LedgerDb {
    */
   static async start(dataDir: string, options: { port?: number; publish?: boolean; lockWaitMs?: number } = {}): Promise<LedgerDb> {
     const lockFile = ledgerLockFile(dataDir);
+    // A ledger.json whose process is gone: the last run ended without stop() (kill -9, a crash).
+    let unclean = false;
     if (options.publish) {
       const running = await liveLedger(dataDir);
+      unclean = !running && readLockFile(dataDir) !== undefined;
       if (running) {
         throw new LocalLedgerError(
           `the ledger in ${ledgerDir(dataDir)} is already served by process ${running.pid} (${running.endpoint}): stop that npm start, or give this one another data dir (--data-dir / LOCAL_DATA_DIR)`,
@@ -124,8 +129,10 @@ export class LedgerDb {
     worker.on("error", (err) => process.stderr.write(`local ledger (dynalite) failed: ${err.message}\n`));
     const endpoint = `http://127.0.0.1:${port}`;
     let exitHook: (() => void) | undefined;
+    let repaired: IndexRepair | undefined;
     try {
       await ensureTable(endpoint, LOCAL_LEDGER_TABLE);
+      if (unclean) repaired = await repairIndex(endpoint, LOCAL_LEDGER_TABLE);
       if (options.publish) {
         writeLockFile(lockFile, { endpoint, pid: process.pid });
         // A process that exits without stop() (an uncaught error, process.exit) leaves no stale file behind either.
@@ -136,7 +143,7 @@ export class LedgerDb {
       await stopWorker(worker);
       throw err;
     }
-    return new LedgerDb(worker, endpoint, LOCAL_LEDGER_TABLE, dataDir, options.publish ? lockFile : undefined, exitHook);
+    return new LedgerDb(worker, endpoint, LOCAL_LEDGER_TABLE, dataDir, options.publish ? lockFile : undefined, exitHook, repaired);
   }
 
   /** Stops serving (requests in flight finish), closes LevelDB (releasing its lock) and removes our `ledger.json`. */
@@ -261,6 +268,71 @@ async function ensureTable(endpoint: string, table: string): Promise<void> {
     );
   } finally {
     dynamo.destroy();
+  }
+}
+
+/** What `repairIndex` did: items restored from the index, index entries rewritten, stale index entries removed. */
+export interface IndexRepair {
+  /** Items the index held and the table did not (a put cut between its index write and its item write). */
+  restored: string[];
+  /** Items owing a delivery whose index entry was rewritten (it may have been lost with an update cut short). */
+  reindexed: number;
+  /** Index entries that no longer matched their item (an update cut short after the index, before the item). */
+  unindexed: string[];
+}
+
+/**
+ * Makes the backlog index agree with the table again after a `kill -9`. dynalite writes an item's index entries and
+ * the item itself as separate LevelDB writes (node_modules/dynalite/actions/putItem.js and updateItem.js:
+ * `db.updateIndexes(...)`, then `itemDb.put(...)`), so a process killed between the two leaves them disagreeing;
+ * DynamoDB maintains a GSI itself and has no such state. Run before anything else uses the ledger:
+ * - an index entry without its item: the item is restored from the entry (the index projects ALL attributes, so it
+ *   is the item as the request path put it); dropping it would lose a request's usage;
+ * - an index entry whose keys (`undelivered`, `due_at`) are not its item's: removed, by pointing the item at that
+ *   entry and then putting the item back as it is (dynalite deletes an entry only through its item's writes);
+ * - every item owing a delivery: put again as it is, which writes its index entry (restoring a lost one).
+ */
+export async function repairIndex(endpoint: string, table: string): Promise<IndexRepair> {
+  const doc = createLedgerDocumentClient(ledgerEnv(endpoint, table), { timeoutMs: 30_000 });
+  const repair: IndexRepair = { restored: [], reindexed: 0, unindexed: [] };
+  const put = (item: Record<string, unknown>, onlyNew = false) =>
+    doc.send(new PutCommand({ TableName: table, Item: item, ...(onlyNew ? { ConditionExpression: "attribute_not_exists(#key)", ExpressionAttributeNames: { "#key": LEDGER_KEY } } : {}) }));
+  try {
+    const items = new Map<string, Record<string, unknown>>();
+    let start: Record<string, unknown> | undefined;
+    do {
+      const page: ScanCommandOutput = await doc.send(new ScanCommand({ TableName: table, ExclusiveStartKey: start }));
+      for (const item of page.Items ?? []) items.set(item[LEDGER_KEY] as string, item);
+      start = page.LastEvaluatedKey;
+    } while (start);
+    const indexed: Array<Record<string, unknown>> = [];
+    do {
+      const page: ScanCommandOutput = await doc.send(new ScanCommand({ TableName: table, IndexName: UNDELIVERED_INDEX, ExclusiveStartKey: start }));
+      indexed.push(...(page.Items ?? []));
+      start = page.LastEvaluatedKey;
+    } while (start);
+
+    for (const entry of indexed) {
+      const id = entry[LEDGER_KEY] as string;
+      const item = items.get(id);
+      if (!item) {
+        await put(entry, true);
+        items.set(id, entry);
+        repair.restored.push(id);
+      } else if (entry[UNDELIVERED_KEY] !== item[UNDELIVERED_KEY] || entry[UNDELIVERED_SORT] !== item[UNDELIVERED_SORT]) {
+        await put({ ...item, [UNDELIVERED_KEY]: entry[UNDELIVERED_KEY], [UNDELIVERED_SORT]: entry[UNDELIVERED_SORT] });
+        await put(item);
+        repair.unindexed.push(id);
+      }
+    }
+    for (const item of items.values()) {
+      if (item[UNDELIVERED_KEY] === undefined) continue;
+      await put(item);
+      repair.reindexed += 1;
+    }
+    return repair;
+  } finally {
+    doc.destroy();
   }
 }
 

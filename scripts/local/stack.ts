@@ -223,6 +223,12 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       throw err;
     }
     started.push(ledgerDb);
+    const repaired = ledgerDb.repaired;
+    if (repaired && (repaired.restored.length > 0 || repaired.unindexed.length > 0)) {
+      // The last run was killed mid-write (kill -9): say what the start-up repair of dynalite's index did.
+      const line = JSON.stringify({ time: new Date().toISOString(), level: "warn", message: "ledger_index_repaired", restored: repaired.restored, unindexed: repaired.unindexed, reindexed: repaired.reindexed });
+      (options.write ?? ((l: string) => process.stdout.write(l + "\n")))(line);
+    }
 
     let upstream: UpstreamServer | undefined;
     let upstreamUrl = env.UPSTREAM_BASE_URL;

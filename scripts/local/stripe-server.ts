@@ -3,20 +3,25 @@
  * official `stripe` SDK (23.1.0) sends, verified by driving it with that SDK (tests/local/stripe-server.test.ts):
  *
  * - `POST /v1/billing/meter_events`: form-encoded (`payload[value]=…`), secret key as Bearer. Validated at once as
- *   Stripe does: a duplicate `identifier` is refused with HTTP 400 `invalid_request_error` "An event already exists
- *   with identifier …" and `Stripe-Should-Retry: false` (langfuse/langfuse PR #16292), a timestamp outside the past
- *   35 days / next 5 minutes with HTTP 400.
+ *   Stripe does: a duplicate `identifier` (within `dedupWindowMs`, Stripe's rolling 24 hours, on this server's
+ *   clock) is refused with HTTP 400 `invalid_request_error` "An event already exists with identifier …" and
+ *   `Stripe-Should-Retry: false` (langfuse/langfuse PR #16292), a timestamp outside the past 35 days / next 5
+ *   minutes with HTTP 400, a value of more than 15 digits with HTTP 400 (API 2026-04-22.dahlia:
+ *   https://docs.stripe.com/changelog/dahlia/2026-04-22/billing-meter-event-values-validation; the error code of
+ *   the synchronous refusal is not documented, so none is given).
  * - `POST /v2/billing/meter_event_session`: JSON, secret key as Bearer; returns a 15-minute `authentication_token`.
  * - `POST /v2/billing/meter_event_stream`: JSON `{ events: [...] }` (at most 100), the session token as Bearer;
  *   answers `{}`. Like Stripe, it validates events asynchronously: a duplicate is dropped silently, and an event
- *   Stripe would reject later (out-of-range timestamp, unknown customer) is not counted but kept as an error report
- *   (`errorReports()`, what Stripe sends as `v1.billing.meter.error_report_triggered`). An expired token gets 401
+ *   Stripe would reject later (out-of-range timestamp, unknown customer, a value of more than 15 digits:
+ *   `meter_event_value_too_many_digits`) is not counted but kept as an error report (`errorReports()`, what Stripe
+ *   sends as `v1.billing.meter.error_report_triggered`). An expired token gets 401
  *   `temporary_session_expired` / `billing_meter_event_session_expired`.
  * - `GET /v1/billing/meters`, `GET /v1/billing/meters/:id`, `GET /v1/billing/meters/:id/event_summaries`: the one
  *   meter `ai_usage_cost` (created on first start, id `mtr_local_…`, kept in the database) and its sums, for
  *   `npm run reconcile`.
  *
- * Events persist in SQLite (`dbFile`), so a restart (or `kill -9`) keeps them and their de-duplication.
+ * Events persist in SQLite (`dbFile`), so a restart (or `kill -9`) keeps them and their de-duplication. Values are
+ * whole numbers of at most 15 digits, so the JS numbers they become are exact; they are stored as 64-bit integers.
  *
  * Fault modes for tests: `mode` (`refuse` destroys the socket, `hang` never answers, `error` answers 500,
  * `rate_limited` answers 429 with `Retry-After: retryAfterSeconds`), and `refuseCustomers`: a synchronous 400 for any
@@ -27,7 +32,7 @@ import { randomBytes, randomUUID } from "node:crypto";
 import type http from "node:http";
 import { STRIPE_METER_EVENT_NAME } from "../../functions/shared/ledger-schema";
 import { LoopbackServer, readBody, sendJson } from "./loopback";
-import { StripeStore, type MeterErrorReport, type StoredMeter, type StoredMeterEvent } from "./stripe-store";
+import { STRIPE_DEDUP_WINDOW_MS, StripeStore, type MeterErrorReport, type StoredMeter, type StoredMeterEvent } from "./stripe-store";
 
 /** The key the local stack gives the forwarder and this server when no other is configured. */
 export const LOCAL_STRIPE_API_KEY = "sk_test_metered_ai_api_local_0000";
@@ -45,6 +50,11 @@ export interface StripeServerOptions {
   knownCustomers?: string[];
   /** Lifetime of a meter event session token. @default 15 minutes (Stripe's) */
   sessionTtlMs?: number;
+  /**
+   * How long an identifier is remembered, on `clock`: a repeat within it is a duplicate, one after it is counted
+   * again (Stripe: "We'll enforce uniqueness within a rolling 24 hour period"). @default 24 hours
+   */
+  dedupWindowMs?: number;
   clock?: () => number;
 }
 
@@ -75,6 +85,14 @@ export function parseStripeForm(text: string): Record<string, unknown> {
 const MAX_AGE_S = 35 * 24 * 3600;
 const MAX_LEAD_S = 5 * 60;
 const MAX_STREAM_EVENTS = 100;
+/** Most digits in a meter event value (API 2026-04-22.dahlia). */
+const MAX_VALUE_DIGITS = 15;
+
+/** Why Stripe would refuse this whole-number value text for its size, or undefined. */
+function valueTooLong(value: string): string | undefined {
+  const digits = value.replace(/^-/, "").replace(/^0+(?=\d)/, "");
+  return digits.length > MAX_VALUE_DIGITS ? `The value in the event payload can have at most ${MAX_VALUE_DIGITS} digits. Received ${value}.` : undefined;
+}
 
 export class StripeServer extends LoopbackServer {
   mode: StripeServerMode = "ok";
@@ -237,6 +255,8 @@ export class StripeServer extends LoopbackServer {
     const problem = this.invalid(params, "");
     if (problem) return stripeError(res, 400, { type: "invalid_request_error", code: "parameter_invalid", ...problem });
     const payload = params.payload as { stripe_customer_id: string; value: string };
+    const tooLong = valueTooLong(payload.value);
+    if (tooLong) return stripeError(res, 400, { type: "invalid_request_error", param: "payload[value]", message: tooLong });
     if (this.refuseCustomers.has(payload.stripe_customer_id)) {
       return stripeError(res, 400, { type: "invalid_request_error", code: "resource_missing", param: "payload[stripe_customer_id]", message: `No such customer: '${payload.stripe_customer_id}'` });
     }
@@ -251,7 +271,7 @@ export class StripeServer extends LoopbackServer {
     }
     const identifier = (params.identifier as string | undefined) ?? randomUUID();
     const event: StoredMeterEvent = { identifier, event_name: params.event_name as string, stripe_customer_id: payload.stripe_customer_id, value: Number(payload.value), timestamp, api: "v1" };
-    if (this.store.add(event) === "duplicate") {
+    if (this.addEvent(event) === "duplicate") {
       return stripeError(res, 400, { type: "invalid_request_error", message: `An event already exists with identifier ${identifier}.` }, { "Stripe-Should-Retry": "false" });
     }
     this.noteUnknownCustomer(event);
@@ -263,11 +283,15 @@ export class StripeServer extends LoopbackServer {
     );
   }
 
+  private addEvent(event: StoredMeterEvent): "created" | "duplicate" {
+    return this.store.add(event, { receivedAt: this.clock(), dedupWindowMs: this.options.dedupWindowMs ?? STRIPE_DEDUP_WINDOW_MS });
+  }
+
   /** Stripe accepts an event for an unknown customer and rejects it while processing: counted nowhere, reported. */
   private noteUnknownCustomer(event: StoredMeterEvent): boolean {
     const known = this.options.knownCustomers;
     if (!known || known.includes(event.stripe_customer_id)) return false;
-    this.store.db.prepare("DELETE FROM meter_events WHERE identifier = ?").run(event.identifier);
+    this.store.removeLatest(event.identifier);
     this.store.addErrorReport({ identifier: event.identifier, event_name: event.event_name, code: "meter_event_customer_not_found", message: `No customer ${event.stripe_customer_id}` });
     return true;
   }
@@ -331,8 +355,13 @@ export class StripeServer extends LoopbackServer {
         this.store.addErrorReport({ identifier, event_name: raw.event_name, code: late.code, message: late.message });
         continue;
       }
+      const tooLong = valueTooLong(raw.payload.value);
+      if (tooLong) {
+        this.store.addErrorReport({ identifier, event_name: raw.event_name, code: "meter_event_value_too_many_digits", message: tooLong });
+        continue;
+      }
       const event: StoredMeterEvent = { identifier, event_name: raw.event_name, stripe_customer_id: raw.payload.stripe_customer_id, value: Number(raw.payload.value), timestamp, api: "v2" };
-      if (this.store.add(event) === "created") this.noteUnknownCustomer(event);
+      if (this.addEvent(event) === "created") this.noteUnknownCustomer(event);
     }
     sendJson(res, 200, {}, { "Request-Id": requestId() });
   }

@@ -1,7 +1,9 @@
 /**
- * The local Stripe stand-in's store (better-sqlite3, `<dataDir>/stripe.db`): meter events keyed by `identifier`
- * (so a repeat is never counted twice, across restarts too), the meters, and the asynchronous error reports Stripe
- * would send as `v1.billing.meter.error_report_triggered` events.
+ * The local Stripe stand-in's store (better-sqlite3, `<dataDir>/stripe.db`): meter events with their `identifier`
+ * and when they arrived (a repeat inside the de-duplication window is never counted twice, across restarts too; one
+ * past it is counted again, as Stripe, which "will enforce uniqueness within a rolling period of at least 24
+ * hours", may), the meters, and the asynchronous error reports Stripe would send as
+ * `v1.billing.meter.error_report_triggered` events. Values are whole numbers stored as SQLite integers (64-bit).
  */
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
@@ -13,7 +15,7 @@ export interface StoredMeterEvent {
   identifier: string;
   event_name: string;
   stripe_customer_id: string;
-  /** The payload's `value`, a whole number. */
+  /** The payload's `value`, a whole number (a safe integer: Stripe takes at most 15 digits). */
   value: number;
   /** Seconds since the epoch. */
   timestamp: number;
@@ -38,9 +40,20 @@ export interface StoredMeter {
   created: number;
 }
 
+/** Stripe's de-duplication window for meter event identifiers (a rolling 24 hours). */
+export const STRIPE_DEDUP_WINDOW_MS = 24 * 3600_000;
+
+export interface AddEventOptions {
+  /** When the event arrived (ms, the server's clock). @default Date.now() */
+  receivedAt?: number;
+  /** A repeat of an identifier that arrived less than this long ago is a duplicate. @default 24 h */
+  dedupWindowMs?: number;
+}
+
 export class StripeStore {
   readonly db: Database.Database;
   private readonly insertEvent: Database.Statement;
+  private readonly recentIdentifier: Database.Statement;
 
   constructor(file = ":memory:") {
     if (file !== ":memory:") fs.mkdirSync(path.dirname(file), { recursive: true });
@@ -48,9 +61,10 @@ export class StripeStore {
     // WAL: a committed event survives the process being killed (kill -9) mid-run.
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = NORMAL");
+    this.migrate();
     this.db.exec(`
       CREATE TABLE IF NOT EXISTS meter_events (
-        identifier         TEXT PRIMARY KEY,
+        identifier         TEXT NOT NULL,
         event_name         TEXT NOT NULL,
         stripe_customer_id TEXT NOT NULL,
         value              INTEGER NOT NULL,
@@ -58,6 +72,7 @@ export class StripeStore {
         api                TEXT NOT NULL,
         received_at        INTEGER NOT NULL
       );
+      CREATE INDEX IF NOT EXISTS meter_events_by_identifier ON meter_events (identifier, received_at);
       CREATE INDEX IF NOT EXISTS meter_events_by_customer ON meter_events (event_name, stripe_customer_id, timestamp);
       CREATE TABLE IF NOT EXISTS meters (
         id           TEXT PRIMARY KEY,
@@ -73,14 +88,50 @@ export class StripeStore {
         received_at INTEGER NOT NULL
       );`);
     this.insertEvent = this.db.prepare(
-      "INSERT OR IGNORE INTO meter_events (identifier, event_name, stripe_customer_id, value, timestamp, api, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+      "INSERT INTO meter_events (identifier, event_name, stripe_customer_id, value, timestamp, api, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
     );
+    this.recentIdentifier = this.db.prepare("SELECT 1 FROM meter_events WHERE identifier = ? AND received_at > ? LIMIT 1");
   }
 
-  /** Stores an event unless its identifier is known: `"duplicate"` then, and nothing changes. */
-  add(event: StoredMeterEvent): "created" | "duplicate" {
-    const result = this.insertEvent.run(event.identifier, event.event_name, event.stripe_customer_id, event.value, event.timestamp, event.api, Date.now());
-    return result.changes === 1 ? "created" : "duplicate";
+  /**
+   * Databases written before events could repeat (identifier as PRIMARY KEY) get the current table, their events
+   * kept in order: once, in one transaction.
+   */
+  private migrate(): void {
+    const columns = this.db.prepare("PRAGMA table_info(meter_events)").all() as Array<{ name: string; pk: number }>;
+    if (!columns.some((c) => c.name === "identifier" && c.pk > 0)) return;
+    this.db.transaction(() => {
+      this.db.exec(`
+        DROP INDEX IF EXISTS meter_events_by_customer;
+        ALTER TABLE meter_events RENAME TO meter_events_before_repeats;
+        CREATE TABLE meter_events (
+          identifier TEXT NOT NULL, event_name TEXT NOT NULL, stripe_customer_id TEXT NOT NULL, value INTEGER NOT NULL,
+          timestamp INTEGER NOT NULL, api TEXT NOT NULL, received_at INTEGER NOT NULL
+        );
+        INSERT INTO meter_events (identifier, event_name, stripe_customer_id, value, timestamp, api, received_at)
+          SELECT identifier, event_name, stripe_customer_id, value, timestamp, api, received_at FROM meter_events_before_repeats ORDER BY rowid;
+        DROP TABLE meter_events_before_repeats;`);
+    })();
+  }
+
+  /**
+   * Stores an event unless its identifier arrived within the de-duplication window: `"duplicate"` then, and nothing
+   * changes. The value must be a safe integer (stored exactly, as a 64-bit integer).
+   */
+  add(event: StoredMeterEvent, options: AddEventOptions = {}): "created" | "duplicate" {
+    if (!Number.isSafeInteger(event.value)) throw new RangeError(`a meter event value must be a safe integer, got ${event.value}`);
+    const receivedAt = options.receivedAt ?? Date.now();
+    const windowMs = options.dedupWindowMs ?? STRIPE_DEDUP_WINDOW_MS;
+    return this.db.transaction((): "created" | "duplicate" => {
+      if (this.recentIdentifier.get(event.identifier, receivedAt - windowMs) !== undefined) return "duplicate";
+      this.insertEvent.run(event.identifier, event.event_name, event.stripe_customer_id, BigInt(event.value), event.timestamp, event.api, receivedAt);
+      return "created";
+    })();
+  }
+
+  /** Takes back the latest event with this identifier (one Stripe rejected while processing it). */
+  removeLatest(identifier: string): void {
+    this.db.prepare("DELETE FROM meter_events WHERE rowid = (SELECT MAX(rowid) FROM meter_events WHERE identifier = ?)").run(identifier);
   }
 
   has(identifier: string): boolean {
@@ -91,20 +142,22 @@ export class StripeStore {
     return this.db.prepare("SELECT identifier, event_name, stripe_customer_id, value, timestamp, api FROM meter_events ORDER BY rowid").all() as StoredMeterEvent[];
   }
 
-  /** Sum of `value` per Stripe customer for one event name. */
+  /** Sum of `value` per Stripe customer for one event name (exact in SQLite; a JS number, as Stripe's summaries are). */
   totals(eventName: string): Record<string, number> {
     const rows = this.db
       .prepare("SELECT stripe_customer_id AS customer, SUM(value) AS total FROM meter_events WHERE event_name = ? GROUP BY stripe_customer_id")
-      .all(eventName) as Array<{ customer: string; total: number }>;
-    return Object.fromEntries(rows.map((r) => [r.customer, r.total]));
+      .safeIntegers(true)
+      .all(eventName) as Array<{ customer: string; total: bigint }>;
+    return Object.fromEntries(rows.map((r) => [r.customer, Number(r.total)]));
   }
 
   /** Sum of `value` for a customer's events of `eventName` with `start <= timestamp < end` (seconds). */
   sum(eventName: string, customer: string, start: number, end: number): number {
     const row = this.db
       .prepare("SELECT COALESCE(SUM(value), 0) AS total FROM meter_events WHERE event_name = ? AND stripe_customer_id = ? AND timestamp >= ? AND timestamp < ?")
-      .get(eventName, customer, start, end) as { total: number };
-    return row.total;
+      .safeIntegers(true)
+      .get(eventName, customer, start, end) as { total: bigint };
+    return Number(row.total);
   }
 
   /** The meter for `eventName`, created (with a stable `mtr_local_…` id) on first use. */

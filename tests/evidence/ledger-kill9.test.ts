@@ -116,7 +116,7 @@ describe("usage ledger: kill -9 of npm start in the middle of forwarding, then n
       expect(readLockFile(project.dataDir)?.pid).to.equal(first.child.pid);
 
       // Run 2: same data dir, sinks answering at once.
-      const second = await start({});
+      const second = await start({ LOG_LEVEL: "info" });
       expect(readLockFile(project.dataDir)?.pid, "ledger.json replaced").to.equal(second.child.pid);
       const reopened = await openLocalLedger(project.dataDir);
       let items: LedgerItem[];
@@ -126,9 +126,13 @@ describe("usage ledger: kill -9 of npm start in the middle of forwarding, then n
         await waitUntil("the backlog to empty after the restart", async () => {
           [owed] = await reopened.store.backlog({ now: Date.now(), graceMs: 0, limit: 1 });
           return owed ? undefined : true;
-        }, 90_000).catch((err: Error) => {
+        }, 90_000).catch(async (err: Error) => {
           const { moesif_event: _event, ...item } = owed ?? ({} as LedgerItem);
-          throw new Error(`${err.message}; still owed: ${JSON.stringify(item)}; npm start said: ${second.output()}`);
+          const { GetCommand } = await import("@aws-sdk/lib-dynamodb");
+          const row = await reopened.doc.send(new GetCommand({ TableName: reopened.table, Key: { transaction_id: item.transaction_id } }));
+          const { moesif_event: _e2, ...tableRow } = (row.Item ?? {}) as LedgerItem;
+          const backlog = await reopened.store.backlog({ now: Date.now(), graceMs: 0, limit: 1000 });
+          throw new Error(`${err.message}; still owed (index): ${JSON.stringify(item)}; table row: ${JSON.stringify(tableRow)}; backlog size ${backlog.length}; npm start said: ${second.output()}`);
         });
         items = await scan(reopened);
       } finally {

@@ -228,7 +228,7 @@ describe("UsageForwarder (core, fake ledger and sinks, fake clock)", () => {
   });
 
   describe("delivery marks", () => {
-    it("leaves an item pending when its delivered mark cannot be written, so it is sent again", async () => {
+    it("leaves an item pending when its delivered mark cannot be written, and marks it later without sending it again", async () => {
       const items = [ledgerItem({ stripe: false }), ledgerItem({ stripe: false })];
       const store = new FakeStore(items);
       store.failMarksFor.add(items[0].transaction_id);
@@ -243,8 +243,22 @@ describe("UsageForwarder (core, fake ledger and sinks, fake clock)", () => {
       expect(first.pending.moesif).to.equal(1);
       expect(logged("ledger_mark_failed")[0]).to.deep.include({ transaction_id: items[0].transaction_id, sinks: ["moesif"] });
       expect(second.delivered.moesif).to.equal(1);
-      expect(moesif.sent.flat().filter((id) => id === items[0].transaction_id)).to.have.length(2);
+      expect(moesif.sent.flat().filter((id) => id === items[0].transaction_id)).to.have.length(1);
       expect(store.items.get(items[0].transaction_id)).to.include({ moesif_state: "delivered" });
+    });
+
+    it("sends an item whose mark failed again from another process (which cannot know), for the sink to de-duplicate", async () => {
+      const item = ledgerItem({ stripe: false });
+      const store = new FakeStore([item]);
+      store.failMarksFor.add(item.transaction_id);
+      const moesif = new ScriptedSink("moesif");
+
+      await forwarder(store, [moesif]).deliver([item]);
+      store.failMarksFor.clear();
+      const report = await forwarder(store, [moesif]).sweep();
+
+      expect(report.delivered.moesif).to.equal(1);
+      expect(moesif.sent.flat()).to.deep.equal([item.transaction_id, item.transaction_id]);
     });
 
     it("marks an item both sinks took in one run with a single write", async () => {

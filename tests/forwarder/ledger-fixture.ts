@@ -3,7 +3,7 @@
  * items written straight to it, and the environment that points the forwarder at it.
  */
 import { CreateTableCommand, DeleteTableCommand, DescribeTableCommand, DynamoDBClient } from "@aws-sdk/client-dynamodb";
-import { DynamoDBDocumentClient, GetCommand, PutCommand, ScanCommand } from "@aws-sdk/lib-dynamodb";
+import { BatchWriteCommand, DynamoDBDocumentClient, GetCommand, PutCommand, ScanCommand } from "@aws-sdk/lib-dynamodb";
 import { randomUUID } from "node:crypto";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
@@ -68,6 +68,23 @@ export class LedgerFixture {
     for (const item of items) await this.doc.send(new PutCommand({ TableName: this.table, Item: item }));
   }
 
+  /** Puts many items quickly (BatchWriteItem, 25 a call, a few calls at once); re-sends what DynamoDB left unprocessed. */
+  async putMany(items: LedgerItem[]): Promise<void> {
+    const chunks: LedgerItem[][] = [];
+    for (let i = 0; i < items.length; i += 25) chunks.push(items.slice(i, i + 25));
+    let next = 0;
+    const worker = async () => {
+      while (next < chunks.length) {
+        let requests = chunks[next++].map((Item) => ({ PutRequest: { Item } }));
+        while (requests.length > 0) {
+          const out = await this.doc.send(new BatchWriteCommand({ RequestItems: { [this.table]: requests } }));
+          requests = (out.UnprocessedItems?.[this.table] ?? []) as typeof requests;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: 4 }, worker));
+  }
+
   async get(id: string): Promise<LedgerItem | undefined> {
     return (await this.doc.send(new GetCommand({ TableName: this.table, Key: { transaction_id: id }, ConsistentRead: true }))).Item as LedgerItem | undefined;
   }
@@ -85,8 +102,21 @@ export class LedgerFixture {
 let counter = 0;
 
 /**
+ * The backlog index's sort key for an item in the given states, as the writer and the store set it: its creation
+ * time while any sink is pending, else the earliest next attempt of its failed sinks; an item that owes nothing but
+ * is still in the index (an interrupted mark) keeps the creation time it had.
+ * (Kept here rather than imported, so the fixture states the contract independently of the code under test.)
+ */
+function dueAtFor(item: LedgerItem): number {
+  const states = (["moesif", "stripe"] as const).map((sink) => ({ state: item[`${sink}_state`], next: item[`${sink}_next_at`] }));
+  if (states.some((s) => s.state === "pending")) return item.created_at;
+  const failed = states.filter((s) => s.state === "failed").map((s) => (typeof s.next === "number" ? s.next : item.created_at));
+  return failed.length > 0 ? Math.min(...failed) : item.created_at;
+}
+
+/**
  * A ledger item as the request path writes it: owed to Moesif, and to Stripe when `stripe` (a billed request with a
- * cost under `STRIPE_BILLING=meters`).
+ * cost under `STRIPE_BILLING=meters`). `due_at` follows the states given unless given itself.
  */
 export function ledgerItem(options: { customer?: string; cost?: number; stripe?: boolean; createdAt?: number; startedAt?: number } & Partial<LedgerItem> = {}): LedgerItem {
   const { customer = "cus_alice", cost = 1234, stripe = true, createdAt, startedAt, ...overrides } = options;
@@ -103,7 +133,7 @@ export function ledgerItem(options: { customer?: string; cost?: number; stripe?:
     weight: 1,
     metadata: { cost_micros: cost, currency: "USD", billed: true },
   };
-  return {
+  const item: LedgerItem = {
     transaction_id: id,
     created_at: finished,
     request_id: `req-${id.slice(0, 8)}`,
@@ -133,6 +163,8 @@ export function ledgerItem(options: { customer?: string; cost?: number; stripe?:
     undelivered: undeliveredShard(id),
     ...overrides,
   };
+  if (!("due_at" in overrides) && item.undelivered !== undefined) item.due_at = dueAtFor(item);
+  return item;
 }
 
 /** Polls `condition` until true or `attempts` run out (no timing assertion: only whether it ever holds). */

@@ -9,7 +9,7 @@ describe("LedgerStore (against dynalite)", () => {
   beforeEach(() => ledger.newTable());
 
   describe("backlog", () => {
-    it("returns the items that still owe a delivery, oldest first across shards, and none that owe nothing", async () => {
+    it("returns the items that still owe a delivery, longest due first across shards, and none that owe nothing", async () => {
       const now = Date.now();
       const owing = Array.from({ length: 40 }, (_, i) => ledgerItem({ createdAt: now - 100_000 + i * 7 }));
       const settled = ledgerItem({ createdAt: now - 200_000, moesif_state: "delivered", stripe_state: "delivered", undelivered: undefined });
@@ -44,7 +44,8 @@ describe("LedgerStore (against dynalite)", () => {
       const all = await ledger.store().backlog({ now, graceMs: 0, limit: 100 });
       const stripeOnly = await ledger.store().backlog({ now, graceMs: 0, limit: 100, sinks: ["stripe"] });
 
-      expect(all.map((i) => i.transaction_id)).to.deep.equal([dueAgain.transaction_id, moesifOnly.transaction_id]);
+      // Longest due first: the failed item became due (its next attempt) after the pending one was written.
+      expect(all.map((i) => i.transaction_id)).to.deep.equal([moesifOnly.transaction_id, dueAgain.transaction_id]);
       expect(stripeOnly.map((i) => i.transaction_id)).to.deep.equal([dueAgain.transaction_id]);
     });
 

@@ -244,6 +244,7 @@ describe("usage ledger: the request path's write", () => {
         moesif_state: "pending",
         moesif_attempts: 0,
         undelivered: undeliveredShard(record.transactionId),
+        due_at: record.finishedAt,
       });
       expect(JSON.parse(item.moesif_event).metadata).to.deep.include({ billed: true, cost_micros: 8550, total_tokens: 30 });
     });
@@ -306,7 +307,7 @@ describe("usage ledger: the request path's write", () => {
     it("keeps a charge for a customer without a Stripe id visible as failed, with the reason", () => {
       const record = usageRecord({ customer: { customerId: "carol", plan: "starter" } });
       const item = toLedgerItem(record, { logBodies: false, stripeBilling: "meters" });
-      expect(item).to.include({ stripe_state: "failed", stripe_next_at: record.finishedAt, undelivered: undeliveredShard(record.transactionId) });
+      expect(item).to.include({ stripe_state: "failed", stripe_next_at: record.finishedAt, undelivered: undeliveredShard(record.transactionId), due_at: record.finishedAt });
       expect(item.stripe_customer_id).to.equal(undefined);
       expect(item.stripe_error).to.match(/customer carol has no stripeCustomerId/);
     });

@@ -95,7 +95,7 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
           name: UNDELIVERED_INDEX,
           keySchemas: [
             { attributeName: "undelivered", keyType: "HASH" },
-            { attributeName: "created_at", keyType: "RANGE" },
+            { attributeName: "due_at", keyType: "RANGE" },
           ],
           projectionType: "ALL",
         },
@@ -129,7 +129,7 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
   describe("the forwarder", () => {
     it("runs nodejs22.x from its own bundle, with its own role and log group, for up to 60 s, unreserved by default", async () => {
       const fn = forwarder();
-      expect(fn.inputs).to.include({ runtime: "nodejs22.x", handler: "index.handler", timeout: 60, memorySize: 256, reservedConcurrentExecutions: -1 });
+      expect(fn.inputs).to.include({ runtime: "nodejs22.x", handler: "index.handler", timeout: 55, memorySize: 256, reservedConcurrentExecutions: -1 });
       expect(fn.inputs.architectures).to.deep.equal(["arm64"]);
       const roles = new Set(find.ofType(FUNCTION).map((f) => f.inputs.role));
       expect(roles.size, "every function has its own role").to.equal(3);

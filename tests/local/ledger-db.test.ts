@@ -5,7 +5,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { DescribeTableCommand, DynamoDBClient } from "@aws-sdk/client-dynamodb";
-import { GetCommand, PutCommand } from "@aws-sdk/lib-dynamodb";
+import { GetCommand, PutCommand, ScanCommand, UpdateCommand } from "@aws-sdk/lib-dynamodb";
 import { dynamoClientOptions, LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE, UNDELIVERED_INDEX } from "../../functions/shared/ledger-schema";
 import { LedgerDb, ledgerDir, ledgerLockFile, LocalLedgerError, openLocalLedger, readLockFile } from "../../scripts/local/ledger-db";
 
@@ -149,6 +149,80 @@ describe("local usage ledger (dynalite under <dataDir>/ledger)", function () {
     } finally {
       holder.kill("SIGKILL");
     }
+  });
+
+  it("after an unclean stop, repairs what a write cut short between dynalite's index and its item left behind", async () => {
+    const put = async (item: Record<string, unknown>) => {
+      const ledger = await openLocalLedger(dataDir, { create: true });
+      try {
+        await ledger.doc.send(new PutCommand({ TableName: ledger.table, Item: item }));
+      } finally {
+        await ledger.close();
+      }
+    };
+    const owed = (id: string, created: number) => ({ transaction_id: id, created_at: created, due_at: created, moesif_state: "pending", undelivered: "u3" });
+    for (const [i, id] of ["tx-orphan", "tx-lost", "tx-fine", "tx-stale"].entries()) await put(owed(id, i + 1));
+    await put({ transaction_id: "tx-done", created_at: 9, moesif_state: "delivered" });
+
+    // Break it as a kill -9 does, in LevelDB itself (dynalite stopped): keys found by the item they hold.
+    const levelPath = require.resolve("level", { paths: [path.dirname(require.resolve("dynalite/package.json"))] });
+    type Stored = Record<string, { S?: string; N?: string }>;
+    const { Level } = require(levelPath) as { Level: new (dir: string, options: object) => { iterator(): AsyncIterable<[string, Stored]>; put(k: string, v: unknown): Promise<void>; del(k: string): Promise<void>; close(): Promise<void> } };
+    const openLevel = async () => {
+      const level = new Level(ledgerDir(dataDir), { valueEncoding: "json" });
+      const keys: Record<string, { item?: string; index?: string; itemValue?: Stored; indexValue?: Stored }> = {};
+      for await (const [key, value] of level.iterator()) {
+        const id = value.transaction_id?.S;
+        if (!id) continue;
+        keys[id] ??= {};
+        if (key.startsWith("item-")) Object.assign(keys[id], { item: key, itemValue: value });
+        if (key.startsWith("index-")) Object.assign(keys[id], { index: key, indexValue: value });
+      }
+      return { level, keys };
+    };
+    const before = await openLevel();
+    const fine = before.keys["tx-fine"];
+    await before.level.del(before.keys["tx-orphan"].item!); // a put wrote the index entry, not the item
+    await before.level.del(before.keys["tx-lost"].index!); // an update removed the index entry, not yet rewrote the item
+    // An update that took tx-stale out of the backlog wrote the item, not yet the index removal:
+    await before.level.put(before.keys["tx-stale"].item!, { transaction_id: { S: "tx-stale" }, created_at: { N: "4" }, moesif_state: { S: "delivered" } });
+    await before.level.close();
+    // An update that moved tx-fine later in the index (due_at 3 -> 50) wrote the new entry, not yet the item.
+    const ledger = await openLocalLedger(dataDir);
+    await ledger.doc.send(new UpdateCommand({ TableName: ledger.table, Key: { transaction_id: "tx-fine" }, UpdateExpression: "SET due_at = :later", ExpressionAttributeValues: { ":later": 50 } }));
+    await ledger.close();
+    const after = await openLevel();
+    await after.level.put(fine.item!, fine.itemValue);
+    await after.level.put(fine.index!, fine.indexValue);
+    await after.level.close();
+
+    fs.writeFileSync(ledgerLockFile(dataDir), JSON.stringify({ endpoint: `http://127.0.0.1:${await closedPort()}`, pid: deadPid() }));
+    const db = await LedgerDb.start(dataDir, { publish: true });
+    try {
+      expect(db.repaired?.restored).to.deep.equal(["tx-orphan"]);
+      expect(db.repaired?.unindexed.sort()).to.deep.equal(["tx-fine", "tx-stale"]);
+      expect(db.repaired?.reindexed).to.equal(3);
+      const ledger = await openLocalLedger(dataDir);
+      try {
+        const backlog = await ledger.store.backlog({ now: Date.now(), graceMs: 0, limit: 100 });
+        expect(backlog.map((i) => i.transaction_id).sort()).to.deep.equal(["tx-fine", "tx-lost", "tx-orphan"]);
+        // One entry per item, each as its item is.
+        const index = await ledger.doc.send(new ScanCommand({ TableName: ledger.table, IndexName: UNDELIVERED_INDEX }));
+        expect(index.Items?.map((i) => `${i.transaction_id} ${i.due_at}`).sort()).to.deep.equal(["tx-fine 3", "tx-lost 2", "tx-orphan 1"]);
+        const { Item } = await ledger.doc.send(new GetCommand({ TableName: ledger.table, Key: { transaction_id: "tx-orphan" } }));
+        expect(Item).to.deep.equal(owed("tx-orphan", 1));
+        const stale = await ledger.doc.send(new GetCommand({ TableName: ledger.table, Key: { transaction_id: "tx-stale" } }));
+        expect(stale.Item).to.deep.equal({ transaction_id: "tx-stale", created_at: 4, moesif_state: "delivered" });
+      } finally {
+        await ledger.close();
+      }
+    } finally {
+      await db.stop();
+    }
+    // A clean stop: nothing to repair next time.
+    const clean = await LedgerDb.start(dataDir, { publish: true });
+    expect(clean.repaired).to.equal(undefined);
+    await clean.stop();
   });
 
   it("says there is no ledger yet for a data dir npm start never used", async () => {

@@ -178,6 +178,53 @@ describe("StripeServer (local Stripe stand-in, driven by the official stripe SDK
     });
   });
 
+  describe("Stripe's limits on identifiers and values", () => {
+    it("counts an identifier again once its de-duplication window has passed on its clock, as Stripe (24 h) would", async () => {
+      let now = Date.now();
+      await server.stop();
+      server = await new StripeServer({ apiKey: API_KEY, clock: () => now, dedupWindowMs: 60_000 }).start();
+      stripe = createStripeClient(API_KEY, server.url);
+      const params = { event_name: "ai_usage_cost", identifier: "txn-late", payload: { stripe_customer_id: "cus_a", value: "7" } };
+
+      await stripe.billing.meterEvents.create(params);
+      now += 59_000;
+      const within = await thrown(() => stripe.billing.meterEvents.create(params));
+      now += 2000;
+      await stripe.billing.meterEvents.create(params);
+
+      expect(isDuplicateIdentifier(within)).to.equal(true);
+      expect(server.totals()).to.deep.equal({ cus_a: 14 });
+      expect(server.events().map((e) => e.identifier)).to.deep.equal(["txn-late", "txn-late"]);
+    });
+
+    it("refuses a value of more than 15 digits (v1: 400 at once; v2: an asynchronous error report) and counts exact values", async () => {
+      const sixteen = "1000000000000000";
+      const fifteen = "999999999999999";
+
+      const err = await thrown(() => stripe.billing.meterEvents.create({ event_name: "ai_usage_cost", identifier: "v1-big", payload: { stripe_customer_id: "cus_a", value: sixteen } }));
+      await stripe.billing.meterEvents.create({ event_name: "ai_usage_cost", identifier: "v1-max", payload: { stripe_customer_id: "cus_a", value: fifteen } });
+      const { authentication_token: token } = await stripe.v2.billing.meterEventSession.create();
+      await stripe.v2.billing.meterEventStream.create(
+        {
+          events: [
+            { event_name: "ai_usage_cost", identifier: "v2-big", payload: { stripe_customer_id: "cus_b", value: "123456789012345678901" } },
+            { event_name: "ai_usage_cost", identifier: "v2-max", payload: { stripe_customer_id: "cus_b", value: fifteen } },
+          ],
+        },
+        { apiKey: token },
+      );
+
+      expect(err.statusCode).to.equal(400);
+      expect(err.message).to.match(/at most 15 digits/);
+      expect(server.errorReports().map((r) => [r.identifier, r.code])).to.deep.equal([["v2-big", "meter_event_value_too_many_digits"]]);
+      expect(server.events().map((e) => [e.identifier, e.value])).to.deep.equal([
+        ["v1-max", 999_999_999_999_999],
+        ["v2-max", 999_999_999_999_999],
+      ]);
+      expect(server.totals()).to.deep.equal({ cus_a: 999_999_999_999_999, cus_b: 999_999_999_999_999 });
+    });
+  });
+
   describe("meters and event summaries (for reconciliation)", () => {
     it("lists the ai_usage_cost meter and sums a customer's events in a minute-aligned window", async () => {
       const now = Date.now();
