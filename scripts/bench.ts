@@ -705,7 +705,7 @@ async function localStackRow(upstream: string): Promise<string> {
     await load(call, 100, 8);
     const { latencies, wallMs } = await load(call, 2000, 32);
     latencies.sort((a, b) => a - b);
-    return `${Math.round((2000 / wallMs) * 1000)} req/s, p50 ${percentile(latencies, 50).toFixed(2)} ms, p99 ${percentile(latencies, 99).toFixed(2)} ms (gateway emulator + handler + SQLite collector in one ts-node process, c=32)`;
+    return `${Math.round((2000 / wallMs) * 1000)} req/s, p50 ${percentile(latencies, 50).toFixed(2)} ms, p99 ${percentile(latencies, 99).toFixed(2)} ms (gateway emulator + handler + ledger write + forwarder + SQLite collector and Stripe stand-in in one ts-node process, dynalite in a worker thread, c=32)`;
   } finally {
     await stack.stop();
   }
