@@ -1,6 +1,5 @@
-import http from "node:http";
-import https from "node:https";
 import { gzipSync } from "node:zlib";
+import { MoesifTransport } from "../shared/moesif-transport";
 import { isRecord } from "./config";
 import { describeError, type Logger } from "./logger";
 import { sanitizeHeaders, type UsageMeter, type UsageRecord } from "./metering";
@@ -387,14 +386,9 @@ export interface MoesifMeterOptions {
   clock?: () => number;
 }
 
-/** Why a send failed (the reason goes into the `metering_deferred` log line). */
-class SendFailedError extends Error {
-  override name = "SendFailedError";
-}
-
 /**
- * Sends Moesif's documented wire format (gzip JSON to `/v1/events` or `/v1/events/batch`) over node:http(s) with a
- * keep-alive agent.
+ * Sends Moesif's documented wire format (gzip JSON to `/v1/events` or `/v1/events/batch`) through `MoesifTransport`
+ * (node:http(s), keep-alive).
  *
  * Why awaited: Lambda freezes the process once the handler returns, so a fire-and-forget send may never leave the
  * machine. Each request therefore waits for its event, but never longer than `timeoutMs` (serialisation and
@@ -415,9 +409,7 @@ export class MoesifMeter implements UsageMeter {
   private failures = 0;
   private nextAttemptAt = 0;
   private readonly clock: () => number;
-  private readonly agent: http.Agent;
-  private readonly transport: typeof http | typeof https;
-  private readonly target: URL;
+  private readonly transport: MoesifTransport;
   private readonly maxEventBytes: number;
   private readonly maxBatchEvents: number;
   private readonly maxBatchBytes: number;
@@ -426,10 +418,7 @@ export class MoesifMeter implements UsageMeter {
 
   constructor(private readonly options: MoesifMeterOptions) {
     this.clock = options.clock ?? Date.now;
-    this.target = new URL(options.baseUri.replace(/\/+$/, ""));
-    const secure = this.target.protocol === "https:";
-    this.transport = secure ? https : http;
-    this.agent = secure ? new https.Agent({ keepAlive: true, maxSockets: 16 }) : new http.Agent({ keepAlive: true, maxSockets: 16 });
+    this.transport = new MoesifTransport(options.baseUri, "metered-ai-api", 16);
     this.maxEventBytes = options.maxEventBytes ?? MAX_EVENT_BYTES;
     this.maxBatchEvents = Math.max(1, options.maxBatchEvents ?? 100);
     this.maxBatchBytes = Math.max(this.maxEventBytes, options.maxBatchBytes ?? 1024 * 1024);
@@ -566,7 +555,7 @@ export class MoesifMeter implements UsageMeter {
       const body = gzipSync(json);
       const remaining = Math.floor(deadline - performance.now());
       if (remaining <= 0) return { reason: "time budget spent before sending", refused: false };
-      const status = await this.post(single ? "/v1/events" : "/v1/events/batch", body, remaining);
+      const { status } = await this.transport.post(single ? "/v1/events" : "/v1/events/batch", body, this.options.applicationId, remaining);
       if (status >= 200 && status < 300) return undefined;
       const refused = status >= 400 && status < 500 && status !== 408 && status !== 429;
       return { reason: `collector answered HTTP ${status}`, refused };
@@ -574,46 +563,5 @@ export class MoesifMeter implements UsageMeter {
       const { name, message, code } = describeError(err);
       return { reason: `collector unreachable: ${code ?? name}: ${message}`, refused: false };
     }
-  }
-
-  /** POSTs a gzip body; resolves with the status once the answer is read, rejects after `timeoutMs` in all. */
-  private post(path: string, body: Buffer, timeoutMs: number): Promise<number> {
-    return new Promise((resolve, reject) => {
-      let settled = false;
-      const finish = (err: Error | undefined, status?: number) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        if (err) reject(err);
-        else resolve(status ?? 0);
-      };
-      const req = this.transport.request(
-        {
-          protocol: this.target.protocol,
-          hostname: this.target.hostname,
-          port: this.target.port || undefined,
-          path: `${this.target.pathname === "/" ? "" : this.target.pathname}${path}`,
-          method: "POST",
-          agent: this.agent,
-          headers: {
-            "Content-Type": "application/json; charset=utf-8",
-            "Content-Encoding": "gzip",
-            "Content-Length": body.length,
-            "X-Moesif-Application-Id": this.options.applicationId,
-            "User-Agent": "metered-ai-api",
-          },
-        },
-        (res) => {
-          res.on("error", (err) => finish(err));
-          res.on("end", () => finish(undefined, res.statusCode));
-          res.on("close", () => finish(new SendFailedError("connection closed before the answer was complete")));
-          res.resume();
-        },
-      );
-      // One timer bounds the whole exchange (connect, send, answer), a slow trickle included.
-      const timer = setTimeout(() => req.destroy(new SendFailedError(`no answer within ${timeoutMs} ms`)), timeoutMs);
-      req.on("error", (err) => finish(err));
-      req.end(body);
-    });
   }
 }

@@ -7,11 +7,10 @@
  * Moesif/apidocs `source/includes/collector-api/_events-api.md`), so an event sent again (after a crash between
  * sending and marking) is not counted twice.
  */
-import http from "node:http";
-import https from "node:https";
 import { gzipSync } from "node:zlib";
 import { describeError } from "../ai-chat/logger";
 import type { LedgerItem } from "../shared/ledger-schema";
+import { MoesifTransport } from "../shared/moesif-transport";
 import { outcomeOfStatus, splitBatches, type BatchOutcome, type Sink } from "./sink";
 
 /** Moesif's documented batch limits. */
@@ -34,18 +33,13 @@ export interface MoesifSinkOptions {
 export class MoesifSink implements Sink {
   readonly name = "moesif" as const;
   readonly concurrency: number;
-  private readonly target: URL;
-  private readonly transport: typeof http | typeof https;
-  private readonly agent: http.Agent;
+  private readonly transport: MoesifTransport;
   private readonly maxBatchEvents: number;
   private readonly maxBatchBytes: number;
   private applicationId?: string;
 
   constructor(private readonly options: MoesifSinkOptions) {
-    this.target = new URL(options.baseUri.replace(/\/+$/, ""));
-    const secure = this.target.protocol === "https:";
-    this.transport = secure ? https : http;
-    this.agent = secure ? new https.Agent({ keepAlive: true, maxSockets: 8 }) : new http.Agent({ keepAlive: true, maxSockets: 8 });
+    this.transport = new MoesifTransport(options.baseUri, "metered-ai-api-usage-forwarder", 8);
     this.maxBatchEvents = Math.min(MOESIF_MAX_BATCH_EVENTS, Math.max(1, options.maxBatchEvents ?? MOESIF_MAX_BATCH_EVENTS));
     this.maxBatchBytes = Math.min(MOESIF_MAX_BATCH_BYTES, Math.max(1, options.maxBatchBytes ?? MOESIF_MAX_BATCH_BYTES));
     this.concurrency = Math.max(1, options.concurrency ?? 2);
@@ -81,59 +75,12 @@ export class MoesifSink implements Sink {
     try {
       // The texts are already JSON: joining them is the whole serialisation. gzip is synchronous: at most 1 MiB.
       const body = gzipSync(`[${batch.map((item) => item.moesif_event).join(",")}]`);
-      const { status, retryAfter } = await this.post("/v1/events/batch", body, applicationId, timeoutMs);
+      const { status, retryAfter } = await this.transport.post("/v1/events/batch", body, applicationId, timeoutMs);
       return outcomeOfStatus(status, `Moesif answered HTTP ${status}`, retryAfter);
     } catch (err) {
       const { name, message, code } = describeError(err);
       return { kind: "unavailable", reason: `Moesif unreachable: ${code ?? name}: ${message}` };
     }
   }
-
-  /** POSTs a gzip body; resolves with the status once the answer is read; rejects after `timeoutMs` in all. */
-  private post(path: string, body: Buffer, applicationId: string, timeoutMs: number): Promise<{ status: number; retryAfter?: string }> {
-    return new Promise((resolve, reject) => {
-      let settled = false;
-      const finish = (err: Error | undefined, result?: { status: number; retryAfter?: string }) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        if (err) reject(err);
-        else resolve(result!);
-      };
-      const req = this.transport.request(
-        {
-          protocol: this.target.protocol,
-          hostname: this.target.hostname,
-          port: this.target.port || undefined,
-          path: `${this.target.pathname === "/" ? "" : this.target.pathname}${path}`,
-          method: "POST",
-          agent: this.agent,
-          headers: {
-            "Content-Type": "application/json; charset=utf-8",
-            "Content-Encoding": "gzip",
-            "Content-Length": String(body.length),
-            "X-Moesif-Application-Id": applicationId,
-            "User-Agent": "metered-ai-api-usage-forwarder",
-          },
-        },
-        (res) => {
-          res.resume();
-          res.on("end", () => finish(undefined, { status: res.statusCode ?? 0, retryAfter: headerText(res.headers["retry-after"]) }));
-          res.on("error", (err) => finish(err));
-        },
-      );
-      const timer = setTimeout(() => {
-        const err = new Error(`no answer within ${timeoutMs} ms`);
-        (err as Error & { code: string }).code = "ETIMEDOUT";
-        req.destroy(err);
-        finish(err);
-      }, timeoutMs);
-      req.on("error", (err) => finish(err));
-      req.end(body);
-    });
-  }
 }
 
-function headerText(value: string | string[] | undefined): string | undefined {
-  return Array.isArray(value) ? value[0] : value;
-}
