@@ -247,25 +247,39 @@ async function answers(endpoint: string): Promise<boolean> {
 async function ensureTable(endpoint: string, table: string): Promise<void> {
   const dynamo = client(endpoint, 10_000);
   try {
+    let status: string | undefined;
     try {
-      await dynamo.send(new DescribeTableCommand({ TableName: table }));
-      return;
+      status = (await dynamo.send(new DescribeTableCommand({ TableName: table }))).Table?.TableStatus;
     } catch (err) {
       if ((err as { name?: string }).name !== "ResourceNotFoundException") throw err;
     }
-    await dynamo.send(
-      new CreateTableCommand({
-        TableName: table,
-        BillingMode: "PAY_PER_REQUEST",
-        AttributeDefinitions: LEDGER_TABLE_SCHEMA.attributeDefinitions.map((a) => ({ ...a })),
-        KeySchema: LEDGER_TABLE_SCHEMA.keySchema.map((k) => ({ ...k })),
-        GlobalSecondaryIndexes: LEDGER_TABLE_SCHEMA.globalSecondaryIndexes.map((index) => ({
-          IndexName: index.IndexName,
-          KeySchema: index.KeySchema.map((k) => ({ ...k })),
-          Projection: { ...index.Projection },
-        })),
-      }),
-    );
+    if (status === undefined) {
+      await dynamo.send(
+        new CreateTableCommand({
+          TableName: table,
+          BillingMode: "PAY_PER_REQUEST",
+          AttributeDefinitions: LEDGER_TABLE_SCHEMA.attributeDefinitions.map((a) => ({ ...a })),
+          KeySchema: LEDGER_TABLE_SCHEMA.keySchema.map((k) => ({ ...k })),
+          GlobalSecondaryIndexes: LEDGER_TABLE_SCHEMA.globalSecondaryIndexes.map((index) => ({
+            IndexName: index.IndexName,
+            KeySchema: index.KeySchema.map((k) => ({ ...k })),
+            Projection: { ...index.Projection },
+          })),
+        }),
+      );
+    }
+    // dynalite answers CreateTable with CREATING and turns the table ACTIVE on a timer; until then every read and
+    // write answers ResourceNotFoundException. Wait for ACTIVE, so no caller (nor a stop right after creating, which
+    // would leave the table CREATING on disk for ever) races that timer.
+    const deadline = Date.now() + 5_000;
+    while (status !== "ACTIVE") {
+      status = (await dynamo.send(new DescribeTableCommand({ TableName: table }))).Table?.TableStatus;
+      if (status === "ACTIVE") break;
+      if (Date.now() > deadline) {
+        throw new LocalLedgerError(`the local ledger table ${table} stays ${status ?? "unknown"}; stop npm start and delete the ledger directory under the data dir to start afresh`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
   } finally {
     dynamo.destroy();
   }
