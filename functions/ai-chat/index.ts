@@ -16,6 +16,7 @@ import { MoesifMeter } from "./moesif";
 import { LambdaResponder } from "./responder";
 import { DeferredMeter, ParameterStoreSecrets, SsmParameterReader, StaticSecrets, type SecretsPort } from "./secrets";
 import { AxiosUpstreamClient } from "./upstream";
+import { awsClientOptions } from "../shared/aws-client-options";
 
 /**
  * Builds the production ports from the environment. `write` redirects log lines (tests, the local stack).
@@ -33,7 +34,7 @@ export function createDeps(env: NodeJS.ProcessEnv = process.env, options: { writ
   let secrets: SecretsPort | undefined;
   const log = createLogger({ level: env.LOG_LEVEL, secrets: () => [direct.upstreamApiKey, direct.moesifApplicationId, ...Object.values(secrets?.current() ?? {})], write: options.write });
   secrets = usesParameters
-    ? new ParameterStoreSecrets({ direct, parameters, log, reader: new SsmParameterReader(ssmOptions(env)) })
+    ? new ParameterStoreSecrets({ direct, parameters, log, reader: new SsmParameterReader(awsClientOptions(env, "SSM")) })
     : new StaticSecrets(direct);
   const port = secrets;
 
@@ -66,20 +67,6 @@ function ledgerMeter(env: NodeJS.ProcessEnv, config: FunctionConfig, table: stri
     log.error("ledger_unavailable", { table, error: describeError(err), fallback: fallback ? "direct Moesif send" : "none" });
     return fallback;
   }
-}
-
-/**
- * Where the SDK finds SSM: the region Lambda sets, an endpoint override (`AWS_ENDPOINT_URL_SSM`, as the SDK itself
- * honours, for a local SSM-compatible server) and the credentials Lambda puts in the environment. Read from `env`
- * rather than left to the SDK so that the environment passed to `createDeps` is the whole story.
- */
-function ssmOptions(env: NodeJS.ProcessEnv) {
-  const { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey, AWS_SESSION_TOKEN: sessionToken } = env;
-  return {
-    region: env.AWS_REGION || env.AWS_DEFAULT_REGION || undefined,
-    endpoint: env.AWS_ENDPOINT_URL_SSM || env.AWS_ENDPOINT_URL || undefined,
-    credentials: accessKeyId && secretAccessKey ? { accessKeyId, secretAccessKey, ...(sessionToken ? { sessionToken } : {}) } : undefined,
-  };
 }
 
 /** The Lambda context the handler reads; on the streaming runtime it has no `succeed`/`fail`/`done`. */

@@ -8,6 +8,7 @@
  * `ledger_deferred` line and kept in memory to be put again with later requests: no single fault loses usage.
  */
 import type { DynamoDBDocumentClient } from "@aws-sdk/lib-dynamodb";
+import { BoundedBacklog } from "../shared/bounded-backlog";
 import { dynamoClientOptions, owesDelivery, undeliveredShard, type LedgerItem, type StripeBilling } from "../shared/ledger-schema";
 import { describeError, type Logger } from "./logger";
 import type { UsageMeter, UsageRecord } from "./metering";
@@ -226,19 +227,21 @@ const ITEM_REFUSALS = new Set(["ValidationException", "SerializationException"])
  * period, not one per request. `record` never rejects.
  */
 export class LedgerMeter implements UsageMeter {
-  private pending: PendingItem[] = [];
-  private pendingBytes = 0;
+  private readonly pending: BoundedBacklog<PendingItem>;
   private failures = 0;
   private nextAttemptAt = 0;
   private readonly clock: () => number;
-  private readonly maxPending: number;
-  private readonly maxPendingBytes: number;
   private readonly maxReplay: number;
 
   constructor(private readonly options: LedgerMeterOptions) {
     this.clock = options.clock ?? Date.now;
-    this.maxPending = options.maxPending ?? 1000;
-    this.maxPendingBytes = options.maxPendingBytes ?? 16 * 1024 * 1024;
+    this.pending = new BoundedBacklog<PendingItem>(options.maxPending ?? 1000, options.maxPendingBytes ?? 16 * 1024 * 1024, (dropped) =>
+      options.log.error("ledger_dropped_from_memory", {
+        count: dropped.length,
+        reason: "too many items waiting for the ledger; put them from their ledger_deferred log lines",
+        transaction_ids: dropped.map((p) => p.item.transaction_id),
+      }),
+    );
     this.maxReplay = Math.max(0, options.maxReplay ?? 10);
   }
 
@@ -305,7 +308,7 @@ export class LedgerMeter implements UsageMeter {
    * PutItem of its own; conditional writes cannot be batched). Returns how many are now in the ledger.
    */
   private async replay(deadline: number): Promise<number> {
-    const carried = this.take();
+    const carried = this.pending.take(this.maxReplay);
     if (carried.length === 0) return 0;
     const outcomes = await this.putAll(carried, deadline);
     // Done (put now, or already there), refused (dropped: it has its ledger_deferred line), or back to the buffer.
@@ -315,7 +318,7 @@ export class LedgerMeter implements UsageMeter {
       if (outcome.refused) this.options.log.error("ledger_item_refused", { reason: outcome.reason, transaction_id: carried[i].item.transaction_id, note: "replay it from its ledger_deferred line once fixed" });
       else back.push(carried[i]);
     });
-    this.putBack(back);
+    this.pending.putBack(back);
     return outcomes.filter((outcome) => outcome.ok).length;
   }
 
@@ -354,44 +357,9 @@ export class LedgerMeter implements UsageMeter {
     }
   }
 
-  /** Takes the oldest waiting items, at most `maxReplay`. */
-  private take(): PendingItem[] {
-    const n = Math.min(this.maxReplay, this.pending.length);
-    if (n === 0) return [];
-    const taken = this.pending.splice(0, n);
-    for (const p of taken) this.pendingBytes -= p.bytes;
-    return taken;
-  }
-
-  /** Returns taken items to the front (they are the oldest), beside whatever other requests added meanwhile. */
-  private putBack(items: PendingItem[]): void {
-    if (items.length === 0) return;
-    this.pending.unshift(...items);
-    for (const p of items) this.pendingBytes += p.bytes;
-    this.trim();
-  }
-
   private defer(pending: PendingItem, reason: string): void {
     this.options.log.warn("ledger_deferred", { reason, transaction_id: pending.item.transaction_id, item: pending.item });
     this.pending.push(pending);
-    this.pendingBytes += pending.bytes;
-    this.trim();
-  }
-
-  private trim(): void {
-    let drop = 0;
-    let bytes = this.pendingBytes;
-    while (drop < this.pending.length && (this.pending.length - drop > this.maxPending || bytes > this.maxPendingBytes)) {
-      bytes -= this.pending[drop++].bytes;
-    }
-    if (drop === 0) return;
-    const dropped = this.pending.splice(0, drop);
-    this.pendingBytes = bytes;
-    this.options.log.error("ledger_dropped_from_memory", {
-      count: dropped.length,
-      reason: "too many items waiting for the ledger; put them from their ledger_deferred log lines",
-      transaction_ids: dropped.map((p) => p.item.transaction_id),
-    });
   }
 
   /** One back-off window per outage step: failures of writes that were already in flight do not lengthen it. */

@@ -1,4 +1,5 @@
 import { gzipSync } from "node:zlib";
+import { BoundedBacklog } from "../shared/bounded-backlog";
 import { MoesifTransport } from "../shared/moesif-transport";
 import { isRecord } from "./config";
 import { describeError, type Logger } from "./logger";
@@ -404,8 +405,7 @@ export interface MoesifMeterOptions {
  * an error log naming their transaction ids (they are still in the log). A durable ledger replaces this later.
  */
 export class MoesifMeter implements UsageMeter {
-  private pending: SerializedEvent[] = [];
-  private pendingBytes = 0;
+  private readonly pending: BoundedBacklog<SerializedEvent>;
   private failures = 0;
   private nextAttemptAt = 0;
   private readonly clock: () => number;
@@ -413,8 +413,6 @@ export class MoesifMeter implements UsageMeter {
   private readonly maxEventBytes: number;
   private readonly maxBatchEvents: number;
   private readonly maxBatchBytes: number;
-  private readonly maxPending: number;
-  private readonly maxPendingBytes: number;
 
   constructor(private readonly options: MoesifMeterOptions) {
     this.clock = options.clock ?? Date.now;
@@ -422,8 +420,13 @@ export class MoesifMeter implements UsageMeter {
     this.maxEventBytes = options.maxEventBytes ?? MAX_EVENT_BYTES;
     this.maxBatchEvents = Math.max(1, options.maxBatchEvents ?? 100);
     this.maxBatchBytes = Math.max(this.maxEventBytes, options.maxBatchBytes ?? 1024 * 1024);
-    this.maxPending = options.maxPending ?? 1000;
-    this.maxPendingBytes = options.maxPendingBytes ?? 16 * 1024 * 1024;
+    this.pending = new BoundedBacklog<SerializedEvent>(options.maxPending ?? 1000, options.maxPendingBytes ?? 16 * 1024 * 1024, (dropped) =>
+      options.log.error("metering_dropped_from_memory", {
+        count: dropped.length,
+        reason: "too many events waiting for the collector; replay them from their metering_deferred log lines",
+        transaction_ids: dropped.map((e) => e.transactionId),
+      }),
+    );
   }
 
   async record(record: UsageRecord): Promise<void> {
@@ -446,7 +449,7 @@ export class MoesifMeter implements UsageMeter {
     // While an event the collector refused waits, carry one event at a time, so a refusal names its culprit and
     // never counts against the events that happened to share its batch.
     const suspect = this.pending.some((event) => (event.refusals ?? 0) > 0);
-    const carried = this.take(suspect ? 1 : this.maxBatchEvents - 1, this.maxBatchBytes - own.bytes);
+    const carried = this.pending.take(suspect ? 1 : this.maxBatchEvents - 1, this.maxBatchBytes - own.bytes);
     const deadline = started + this.options.timeoutMs;
     const result = await this.send(carried.length > 0 ? [own, ...carried] : [own], deadline);
     if (!result) {
@@ -457,7 +460,7 @@ export class MoesifMeter implements UsageMeter {
     if (!result.refused) {
       this.noteFailure();
       // Earlier events were logged when they were first deferred; only the new one needs its log line.
-      this.putBack(carried);
+      this.pending.putBack(carried);
       this.defer(own, prepared.event, result.reason);
       return;
     }
@@ -466,18 +469,18 @@ export class MoesifMeter implements UsageMeter {
     const alone = carried.length > 0 ? await this.send([own], deadline) : result;
     if (alone && alone.refused) {
       this.options.log.error("metering_event_refused", { reason: alone.reason, transaction_id: own.transactionId, event: prepared.event });
-      this.putBack(carried);
+      this.pending.putBack(carried);
       return;
     }
     if (alone) {
       // The collector failed otherwise meanwhile (timeout, 5xx): an outage after all.
       this.noteFailure();
-      this.putBack(carried);
+      this.pending.putBack(carried);
       this.defer(own, prepared.event, alone.reason);
       return;
     }
     // The new event went through alone, so the refusal was about the carried ones.
-    this.putBack(carried.filter((event) => this.keepAfterRefusal(event, result.reason)));
+    this.pending.putBack(carried.filter((event) => this.keepAfterRefusal(event, result.reason)));
   }
 
   /** Counts a refusal against an event; false (and an error line) once it has been refused too often. */
@@ -491,45 +494,9 @@ export class MoesifMeter implements UsageMeter {
     return false;
   }
 
-  /** Takes the oldest pending events, at most `maxCount` of them and `maxBytes` in all. */
-  private take(maxCount: number, maxBytes: number): SerializedEvent[] {
-    let n = 0;
-    let bytes = 0;
-    while (n < this.pending.length && n < maxCount && bytes + this.pending[n].bytes <= maxBytes) bytes += this.pending[n++].bytes;
-    if (n === 0) return [];
-    this.pendingBytes -= bytes;
-    return this.pending.splice(0, n);
-  }
-
-  /** Returns taken events to the front (they are the oldest), beside whatever other requests added meanwhile. */
-  private putBack(events: SerializedEvent[]): void {
-    if (events.length === 0) return;
-    this.pending.unshift(...events);
-    for (const event of events) this.pendingBytes += event.bytes;
-    this.trim();
-  }
-
   private defer(serialized: SerializedEvent, event: MoesifEvent, reason: string): void {
     this.options.log.warn("metering_deferred", { reason, event });
     this.pending.push(serialized);
-    this.pendingBytes += serialized.bytes;
-    this.trim();
-  }
-
-  private trim(): void {
-    let drop = 0;
-    let bytes = this.pendingBytes;
-    while (drop < this.pending.length && (this.pending.length - drop > this.maxPending || bytes > this.maxPendingBytes)) {
-      bytes -= this.pending[drop++].bytes;
-    }
-    if (drop === 0) return;
-    const dropped = this.pending.splice(0, drop);
-    this.pendingBytes = bytes;
-    this.options.log.error("metering_dropped_from_memory", {
-      count: dropped.length,
-      reason: "too many events waiting for the collector; replay them from their metering_deferred log lines",
-      transaction_ids: dropped.map((e) => e.transactionId),
-    });
   }
 
   /** One back-off window per outage step: failures of sends that were already in flight do not lengthen it. */

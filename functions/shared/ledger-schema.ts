@@ -11,6 +11,7 @@
  * table they create and the items they exchange cannot drift apart. No AWS SDK imports here: infra loads this file.
  */
 import { createHash } from "node:crypto";
+import { awsClientOptions, type AwsClientOptions } from "./aws-client-options";
 
 /** Partition key: the request's transaction id (a UUID, see `functions/ai-chat/metering.ts` `transactionIdFor`). */
 export const LEDGER_KEY = "transaction_id";
@@ -159,21 +160,7 @@ export const LEDGER_TABLE_SCHEMA = {
   ],
 } as const;
 
-/**
- * DynamoDB client settings from a function's environment: region, credentials and the endpoint override the AWS SDK
- * documents for one service (`AWS_ENDPOINT_URL_DYNAMODB`, or `AWS_ENDPOINT_URL`), which the local stack points at
- * dynalite. The functions get an explicit environment map (the local stack runs them in-process), hence this helper
- * rather than the SDK reading `process.env` itself.
- */
-export function dynamoClientOptions(env: NodeJS.ProcessEnv): {
-  region?: string;
-  endpoint?: string;
-  credentials?: { accessKeyId: string; secretAccessKey: string; sessionToken?: string };
-} {
-  const { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey, AWS_SESSION_TOKEN: sessionToken } = env;
-  return {
-    region: env.AWS_REGION || env.AWS_DEFAULT_REGION || (env.AWS_ENDPOINT_URL_DYNAMODB ? "us-east-1" : undefined),
-    endpoint: env.AWS_ENDPOINT_URL_DYNAMODB || env.AWS_ENDPOINT_URL || undefined,
-    credentials: accessKeyId && secretAccessKey ? { accessKeyId, secretAccessKey, ...(sessionToken ? { sessionToken } : {}) } : undefined,
-  };
+/** DynamoDB client settings from a function's environment (`AWS_ENDPOINT_URL_DYNAMODB` points the local stack at dynalite). */
+export function dynamoClientOptions(env: NodeJS.ProcessEnv): AwsClientOptions {
+  return awsClientOptions(env, "DYNAMODB");
 }

@@ -37,6 +37,7 @@ import { MoesifSink } from "./moesif-sink";
 import { SecretSource } from "./secrets";
 import type { BatchOutcome, Sink } from "./sink";
 import { StripeSink } from "./stripe-sink";
+import { awsClientOptions } from "../shared/aws-client-options";
 
 /** What one `deliver` or `sweep` did, per sink. */
 export interface DeliveryReport {
@@ -659,7 +660,7 @@ export function createForwarderFromEnv(env: NodeJS.ProcessEnv, options: CreateFo
   secrets = new SecretSource({
     direct: { moesifApplicationId: config.moesif.applicationId, stripeApiKey: config.stripe.apiKey },
     parameters: { moesifApplicationId: config.moesif.applicationIdParameter, stripeApiKey: config.stripe.apiKeyParameter },
-    reader: options.parameterReader ?? new SsmParameterReader(ssmOptions(env)),
+    reader: options.parameterReader ?? new SsmParameterReader(awsClientOptions(env, "SSM")),
     log,
     clock,
     retryAfterMs: options.secretsRetryAfterMs,
@@ -697,12 +698,3 @@ export function createForwarderFromEnv(env: NodeJS.ProcessEnv, options: CreateFo
   });
 }
 
-/** Where the SDK finds SSM (as ai-chat's): the region, an endpoint override and the credentials Lambda sets. */
-function ssmOptions(env: NodeJS.ProcessEnv) {
-  const { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey, AWS_SESSION_TOKEN: sessionToken } = env;
-  return {
-    region: env.AWS_REGION || env.AWS_DEFAULT_REGION || undefined,
-    endpoint: env.AWS_ENDPOINT_URL_SSM || env.AWS_ENDPOINT_URL || undefined,
-    credentials: accessKeyId && secretAccessKey ? { accessKeyId, secretAccessKey, ...(sessionToken ? { sessionToken } : {}) } : undefined,
-  };
-}
