@@ -9,11 +9,11 @@
 
 import type { StripeBilling } from "../functions/shared/ledger-schema";
 import { parseCurrency, parsePriceTable, PriceError, type ModelPrice } from "../functions/shared/pricing";
+import { QUOTA_PERIODS, type QuotaPeriod } from "../functions/shared/quota-period";
 import { environmentBytes, LAMBDA_ENVIRONMENT_LIMIT_BYTES, plannedEnvironment } from "./function-env";
 
 export const PROJECT = "metered-ai-api";
-export const QUOTA_PERIODS = ["DAY", "WEEK", "MONTH"] as const;
-export type QuotaPeriod = (typeof QUOTA_PERIODS)[number];
+export { QUOTA_PERIODS, type QuotaPeriod };
 /** Retention values CloudWatch Logs accepts. */
 export const LOG_RETENTION_DAYS = [1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];
 

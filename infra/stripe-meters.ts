@@ -21,26 +21,12 @@
  */
 import * as pulumi from "@pulumi/pulumi";
 import * as stripe from "pulumi-stripe";
+import { minorUnitDigits } from "../functions/shared/currency";
 import { STRIPE_METER_EVENT_NAME } from "../functions/shared/ledger-schema";
 
-/**
- * Currencies whose API amounts are in whole units ("Zero-decimal currencies", https://docs.stripe.com/currencies#zero-decimal).
- * ISK is not here: Stripe treats it as zero-decimal but takes its amounts in two-decimal form for backwards
- * compatibility (same page, "Special cases"), so in the API its minor unit is still a hundredth.
- */
-export const ZERO_DECIMAL_CURRENCIES: readonly string[] = ["bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"];
-/** Currencies whose API amounts are in thousandths (https://docs.stripe.com/currencies#three-decimal). */
-export const THREE_DECIMAL_CURRENCIES: readonly string[] = ["bhd", "jod", "kwd", "omr", "tnd"];
+export { minorUnitDigits, THREE_DECIMAL_CURRENCIES, ZERO_DECIMAL_CURRENCIES } from "../functions/shared/currency";
 /** `unit_amount_decimal`: "a decimal value in cents (or local equivalent) with at most 12 decimal places" (Stripe API, prices/create). */
 export const MAX_UNIT_AMOUNT_DECIMAL_PLACES = 12;
-
-/** Digits of the currency's minor unit as Stripe's API counts amounts: 0 (JPY), 3 (KWD) or 2 (everything else). */
-export function minorUnitDigits(currency: string): 0 | 2 | 3 {
-  const code = currency.toLowerCase();
-  if (ZERO_DECIMAL_CURRENCIES.includes(code)) return 0;
-  if (THREE_DECIMAL_CURRENCIES.includes(code)) return 3;
-  return 2;
-}
 
 /**
  * The price of one micro-unit (a millionth of the currency unit) in the currency's minor unit, as Stripe's

@@ -19,6 +19,7 @@ import { isStreamingHandler, LocalResponseStream, PreludeParser, type HttpRespon
 import { authorize } from "../../functions/authorizer/index";
 import { gatewayResponse, KEEPS_STATUS, renderGatewayBody } from "../../infra/gateway-responses";
 import type { APIGatewayAuthorizerResult, APIGatewayProxyEvent, APIGatewayProxyResult, APIGatewayRequestAuthorizerEvent, Context } from "aws-lambda";
+import { quotaPeriodStart } from "../../functions/shared/quota-period";
 import { STREAM_IDLE_TIMEOUT_MS, STREAM_MAX_DURATION_MS, type PlanConfig, type QuotaPeriod } from "../../infra/stack-config";
 
 export type LambdaHandler = (event: APIGatewayProxyEvent, context: Context) => Promise<APIGatewayProxyResult>;
@@ -116,23 +117,7 @@ export class TokenBucket {
   }
 }
 
-/**
- * Start of the quota period holding `now`, in UTC, as API Gateway counts: DAY from midnight, WEEK from Sunday
- * + offset days, MONTH from the 1st + offset days.
- */
-export function quotaPeriodStart(period: QuotaPeriod, offset: number, now: number): string {
-  const date = new Date(now);
-  const day = Date.UTC(date.getUTCFullYear(), date.getUTCMonth(), date.getUTCDate());
-  const DAY = 86_400_000;
-  if (period === "DAY") return new Date(day).toISOString().slice(0, 10);
-  if (period === "WEEK") {
-    const sinceStart = (date.getUTCDay() - offset + 7) % 7;
-    return new Date(day - sinceStart * DAY).toISOString().slice(0, 10);
-  }
-  let start = Date.UTC(date.getUTCFullYear(), date.getUTCMonth(), 1) + offset * DAY;
-  if (start > now) start = Date.UTC(date.getUTCFullYear(), date.getUTCMonth() - 1, 1) + offset * DAY;
-  return new Date(start).toISOString().slice(0, 10);
-}
+export { quotaPeriodStart } from "../../functions/shared/quota-period";
 
 /** What one request looks like to the gateway's own answers. */
 interface Exchange {
