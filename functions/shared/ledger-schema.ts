@@ -96,6 +96,21 @@ export interface LedgerItem {
   /** Absent on plans without prices. */
   cost_micros?: number;
   currency?: string;
+  /** `prepaid` (charged from a balance; never sent to Stripe meters: the customer paid up front) or `postpaid`. */
+  billing_mode?: "prepaid" | "postpaid";
+  /** Prepaid: the amount held before the upstream call. */
+  reserved_micros?: number;
+  /** Prepaid: what was taken from the balance (the cost, or less when the balance could not cover an overrun). */
+  charged_micros?: number;
+  /** Prepaid: cost the balance could not cover (it never goes negative); 0 normally. */
+  shortfall_micros?: number;
+  /** Prepaid: the balance right after this request's charge. */
+  balance_after_micros?: number;
+  /**
+   * Prepaid: `settled` when the charge was made before this item was written; `pending` when the settlement could
+   * not be confirmed (store timeout): the stale-hold sweep settles the hold from this item's `cost_micros` later.
+   */
+  settlement?: "settled" | "pending";
   upstream_status?: number;
   upstream_ms?: number;
   streamed: boolean;
