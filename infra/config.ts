@@ -46,6 +46,8 @@ export const PLAIN_KEYS = [
   "stripeBilling",
   "ledgerDeletionProtection",
   "ledgerTimeoutMs",
+  "customersTimeoutMs",
+  "customerCacheTtlMs",
   "forwarderReservedConcurrency",
 ] as const;
 /** Structured keys (YAML maps). */

@@ -4,20 +4,35 @@
  * loads this.)
  */
 import type { ModelPrice } from "../functions/shared/pricing";
-import type { CustomerConfig, PlanConfig, StackConfig } from "./stack-config";
+import type { QuotaPeriod } from "../functions/shared/quota-period";
+import type { BillingMode, CustomerConfig, PlanConfig, StackConfig } from "./stack-config";
 
 /** One API Gateway route served by the function. */
 export interface RouteSpec {
   /** Resource path without the stage, e.g. `/v1/chat/completions`. */
   path: string;
   method: "GET" | "POST";
+  /**
+   * true: the REQUEST authorizer finds the caller's API key and API Gateway checks it against the usage plans.
+   * false: no authorizer and no key (authorization NONE): only for Stripe's webhook, whose requests carry Stripe's
+   * signature instead, which the function verifies against the raw body.
+   */
+  apiKeyRequired: boolean;
 }
 
-/** The function's routes: the seed's `/ai-chat` and the OpenAI SDK paths below `<invoke URL>/v1`. */
+/** Where Stripe posts the credit purchases it has been paid for (the second Stripe webhook endpoint). */
+export const STRIPE_WEBHOOK_PATH = "/stripe/webhook";
+
+/**
+ * The function's routes: the seed's `/ai-chat`, the OpenAI SDK paths below `<invoke URL>/v1`, the caller's own
+ * standing (`GET /v1/usage`) and Stripe's webhook.
+ */
 export const ROUTES: readonly RouteSpec[] = [
-  { path: "/ai-chat", method: "POST" },
-  { path: "/v1/chat/completions", method: "POST" },
-  { path: "/v1/models", method: "GET" },
+  { path: "/ai-chat", method: "POST", apiKeyRequired: true },
+  { path: "/v1/chat/completions", method: "POST", apiKeyRequired: true },
+  { path: "/v1/models", method: "GET", apiKeyRequired: true },
+  { path: "/v1/usage", method: "GET", apiKeyRequired: true },
+  { path: STRIPE_WEBHOOK_PATH, method: "POST", apiKeyRequired: false },
 ];
 
 /** The plans file the program writes next to the bundled `index.js` (the function resolves it against /var/task). */
@@ -26,16 +41,23 @@ export const PLANS_FILE = "plans.json";
 /** Lambda's limit on the total size of a function's environment variables. */
 export const LAMBDA_ENVIRONMENT_LIMIT_BYTES = 4096;
 
-/** API Gateway API key ids are 10 characters (e.g. `9n1exu7mz8`): the size of CUSTOMERS is known before the keys exist. */
-export const API_KEY_ID_LENGTH = 10;
-
-/** What the function knows about a plan: the models it may call and, when it bills, its prices (micro-units). */
+/**
+ * What the function knows about a plan (one entry of `plans.json` / `PLANS`): the models it may call; when it bills,
+ * its prices (micro-units); how it is paid for; the output cap; and the quota whose period `GET /v1/usage` reports.
+ */
 export interface FunctionPlan {
   models?: string[];
   pricing?: { currency: string; prices: Record<string, ModelPrice> };
+  billing: BillingMode;
+  /** Only when the stack config sets one: the function applies its own default (4096) to prepaid plans. */
+  maxOutputTokens?: number;
+  quota?: { limit: number; period: QuotaPeriod; offset: number };
 }
 
-/** The function's CUSTOMERS variable: API key id → customer. */
+/**
+ * API key id → customer, in the shape of the function's legacy `CUSTOMERS` variable (which it still reads when no
+ * customers table is set). Not used on AWS: customers live in the customers table there. Kept for the local stack.
+ */
 export function customersByKeyId(
   keys: Array<{ keyId: string; customerId: string; customer: CustomerConfig }>,
 ): Record<string, { customerId: string; plan: string; stripeCustomerId?: string }> {
@@ -54,11 +76,14 @@ export function customersByKeyId(
 export function functionPlans(plans: Record<string, PlanConfig>): Record<string, FunctionPlan> {
   return Object.fromEntries(
     Object.entries(plans).map(([name, plan]) => {
-      const entry: FunctionPlan = {};
+      const entry: Partial<FunctionPlan> = {};
       const models = plan.models ?? (plan.prices ? Object.keys(plan.prices) : undefined);
       if (models) entry.models = models;
       if (plan.prices) entry.pricing = { currency: plan.currency ?? "usd", prices: plan.prices };
-      return [name, entry];
+      entry.billing = plan.billing;
+      if (plan.maxOutputTokens !== undefined) entry.maxOutputTokens = plan.maxOutputTokens;
+      if (plan.quota) entry.quota = { ...plan.quota };
+      return [name, entry as FunctionPlan];
     }),
   );
 }
@@ -83,6 +108,20 @@ export const SECRET_PARAMETERS = [
   { envVar: "MOESIF_APPLICATION_ID_PARAMETER", slug: "moesif-application-id", description: "metered-ai-api: Moesif Collector Application Id" },
 ] as const;
 
+/**
+ * The SSM SecureString holding the credits webhook's signing secret (`whsec_…`), which the component creates from
+ * the Stripe endpoint it creates (no stack config value): its name reaches the function as
+ * STRIPE_WEBHOOK_SECRET_PARAMETER, its version is part of SECRETS_VERSION.
+ */
+export const STRIPE_WEBHOOK_SECRET_PARAMETER = {
+  envVar: "STRIPE_WEBHOOK_SECRET_PARAMETER",
+  slug: "stripe-webhook-secret",
+  description: "metered-ai-api: signing secret of the Stripe credits webhook",
+} as const;
+
+/** Every SSM parameter the function reads, in SECRETS_VERSION's order. */
+export const FUNCTION_SECRET_PARAMETERS = [...SECRET_PARAMETERS, STRIPE_WEBHOOK_SECRET_PARAMETER] as const;
+
 /** The longest name Pulumi's auto-naming gives a parameter (logical name, a dash, 7 random characters). */
 export function plannedParameterName(slug: string): string {
   return `metered-ai-api-param-${slug}-xxxxxxx`;
@@ -94,6 +133,23 @@ export const LEDGER_COMPONENT_NAME = "usage-ledger";
 /** The ledger table's name as Pulumi auto-names it (logical name, a dash, 7 random characters): LEDGER_TABLE's size. */
 export function plannedLedgerTableName(): string {
   return `${LEDGER_COMPONENT_NAME}-table-xxxxxxx`;
+}
+
+/** Logical name of the customers table component (`infra/customers-table.ts`); its table is `<this>-table`. */
+export const CUSTOMERS_COMPONENT_NAME = "customers";
+
+/** The customers table's name as Pulumi auto-names it: CUSTOMERS_TABLE's size. */
+export function plannedCustomersTableName(): string {
+  return `${CUSTOMERS_COMPONENT_NAME}-table-xxxxxxx`;
+}
+
+/**
+ * How old a prepaid reservation must be before the forwarder's sweep treats it as left behind by a crash and settles
+ * it from the ledger (or releases it): the longest a function invocation can live, plus a minute for the ledger item
+ * it writes at the very end to land. A hold younger than that may belong to a request still running.
+ */
+export function holdStaleAfterMs(config: Pick<StackConfig, "lambdaTimeoutSeconds">): number {
+  return config.lambdaTimeoutSeconds * 1000 + 60_000;
 }
 
 /**
@@ -113,24 +169,29 @@ export const FORWARDER_SECRET_PARAMETERS = [
 ] as const;
 
 /**
- * The usage forwarder's environment on AWS besides the names only the deployment knows (the table and the SSM
- * parameters holding the Moesif application id and, with `stripeBilling: meters`, the Stripe key), which the ledger
- * component adds. No secret is in it.
+ * The usage forwarder's environment on AWS besides the names only the deployment knows (the ledger and customers
+ * tables, the SSM parameters holding the Moesif application id and, with `stripeBilling: meters`, the Stripe key),
+ * which the ledger component adds. No secret is in it. HOLD_STALE_AFTER_MS and CUSTOMERS_TIMEOUT_MS drive its sweep
+ * of reservations left behind by a crash.
  */
 export function forwarderEnvironment(config: StackConfig): Record<string, string> {
   return {
     MOESIF_BASE_URI: config.moesifBaseUri,
     STRIPE_BILLING: config.stripeBilling,
     FORWARDER_SWEEP_GRACE_MS: String(FORWARDER_SWEEP_GRACE_MS),
+    HOLD_STALE_AFTER_MS: String(holdStaleAfterMs(config)),
+    CUSTOMERS_TIMEOUT_MS: String(config.customersTimeoutMs),
     LOG_LEVEL: "info",
   };
 }
 
 /**
- * The function's environment on AWS, except CUSTOMERS (keyed by the API key ids API Gateway assigns) and LEDGER_TABLE
- * (the ledger table's generated name, which the component adds). No secret is in it: the upstream key and the Moesif application id are SSM parameters, named (by the component, which creates
- * them) in UPSTREAM_API_KEY_PARAMETER / MOESIF_APPLICATION_ID_PARAMETER and read at the first
- * request; anyone with `lambda:GetFunctionConfiguration` sees only their names.
+ * The function's environment on AWS, except the generated names the component adds: LEDGER_TABLE, CUSTOMERS_TABLE and
+ * the SSM parameters'. No secret is in it: the upstream key, the Moesif application id and the Stripe webhook's
+ * signing secret are SSM parameters, named (by the component, which creates them) in UPSTREAM_API_KEY_PARAMETER /
+ * MOESIF_APPLICATION_ID_PARAMETER / STRIPE_WEBHOOK_SECRET_PARAMETER and read at the first request that needs them;
+ * anyone with `lambda:GetFunctionConfiguration` sees only their names. No customer is in it either (they are items of
+ * the customers table), so its size does not grow with the number of customers.
  */
 export function functionEnvironment(config: StackConfig, stack: string): Record<string, string> {
   return {
@@ -144,26 +205,25 @@ export function functionEnvironment(config: StackConfig, stack: string): Record<
     METERING_TIMEOUT_MS: String(config.meteringTimeoutMs),
     LEDGER_TIMEOUT_MS: String(config.ledgerTimeoutMs),
     STRIPE_BILLING: config.stripeBilling,
+    CUSTOMERS_TIMEOUT_MS: String(config.customersTimeoutMs),
+    CUSTOMER_CACHE_TTL_MS: String(config.customerCacheTtlMs),
     PLANS_FILE,
   };
 }
 
-/** The CUSTOMERS variable's value. */
-export function customersVariable(keyIds: Record<string, string>, customers: Record<string, CustomerConfig>): string {
-  return JSON.stringify(customersByKeyId(Object.entries(customers).map(([customerId, customer]) => ({ keyId: keyIds[customerId], customerId, customer }))));
-}
-
-/** The environment the stack will deploy, with placeholder key ids of API Gateway's length. */
+/**
+ * The environment the stack will deploy, with every generated name at its longest. It depends on the stack config's
+ * settings and URLs only, never on the customers.
+ */
 export function plannedEnvironment(config: StackConfig, stack: string): Record<string, string> {
-  const keyIds = Object.fromEntries(Object.keys(config.customers).map((id, i) => [id, String(i).padStart(API_KEY_ID_LENGTH, "k")]));
-  // SECRETS_VERSION: the two parameters' versions, e.g. "12.3"; room for five digits each.
-  const parameters = Object.fromEntries(SECRET_PARAMETERS.map(({ envVar, slug }) => [envVar, plannedParameterName(slug)]));
+  const parameters = Object.fromEntries(FUNCTION_SECRET_PARAMETERS.map(({ envVar, slug }) => [envVar, plannedParameterName(slug)]));
   return {
     ...functionEnvironment(config, stack),
     ...parameters,
     LEDGER_TABLE: plannedLedgerTableName(),
-    CUSTOMERS: customersVariable(keyIds, config.customers),
-    SECRETS_VERSION: "99999.99999",
+    CUSTOMERS_TABLE: plannedCustomersTableName(),
+    // The parameters' versions, e.g. "12.3.1"; room for five digits each.
+    SECRETS_VERSION: FUNCTION_SECRET_PARAMETERS.map(() => "99999").join("."),
   };
 }
 

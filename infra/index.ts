@@ -5,7 +5,9 @@ import path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
 import { bundleFunction } from "./bundle";
 import { loadConfig } from "./config";
+import { CustomersTable } from "./customers-table";
 import {
+  CUSTOMERS_COMPONENT_NAME,
   FORWARDER_SECRET_PARAMETERS,
   forwarderEnvironment,
   functionEnvironment,
@@ -28,13 +30,17 @@ const root = path.resolve(__dirname, "..");
 const buildDir = path.join(root, ".build", "stacks", sanitizeStackName(stack));
 const archive = (dir: string) => new pulumi.asset.AssetArchive({ ".": new pulumi.asset.FileArchive(dir) });
 
-// The plans (with prices) ship as a file beside index.js: as a variable they would eat into Lambda's 4 KB
-// environment, which CUSTOMERS still needs.
+// The plans (with prices) ship as a file beside index.js: as a variable they would eat into Lambda's 4 KB environment.
 const chat = bundleFunction(path.join(root, "functions", "ai-chat", "index.ts"), path.join(buildDir, "ai-chat"), {
   files: { [PLANS_FILE]: JSON.stringify(functionPlans(config.plans)) },
 });
 const authorizer = bundleFunction(path.join(root, "functions", "authorizer", "index.ts"), path.join(buildDir, "authorizer"), { tokenizerRanks: false });
 const forwarder = bundleFunction(path.join(root, "functions", "usage-forwarder", "index.ts"), path.join(buildDir, "usage-forwarder"), { tokenizerRanks: false });
+
+// The customers table: who each API key belongs to (key items, written below by the API component) and each
+// customer's account (balance, reservations, usage counters), which only the functions and the `credits` command write.
+const customers = new CustomersTable(CUSTOMERS_COMPONENT_NAME, { deletionProtection: config.ledgerDeletionProtection });
+const customersTable = { tableName: customers.tableName, tableArn: customers.tableArn };
 
 // The ledger first: the chat function is told its table and may only PutItem there.
 const forwarderSecrets: Record<string, pulumi.Output<string> | undefined> = {
@@ -50,6 +56,8 @@ const ledger = new UsageLedger(LEDGER_COMPONENT_NAME, {
   architecture: config.lambdaArchitecture,
   logRetentionDays: config.logRetentionDays,
   reservedConcurrency: config.forwarderReservedConcurrency,
+  // Its sweep settles the reservations a crash left behind.
+  customers: customersTable,
 });
 
 const secretValues = { UPSTREAM_API_KEY_PARAMETER: config.upstreamApiKey, MOESIF_APPLICATION_ID_PARAMETER: config.moesifApplicationId };
@@ -70,6 +78,9 @@ const api = new MeteredAiApi("metered-ai-api", {
   stageThrottle: { rateLimit: config.stageThrottleRateLimit, burstLimit: config.stageThrottleBurstLimit },
   manageApiGatewayAccount: config.manageApiGatewayAccount,
   ledger: { tableName: ledger.tableName, tableArn: ledger.tableArn },
+  customersTable,
+  // The second Stripe webhook endpoint: paid credit purchases → the function, which credits the balance.
+  stripeCreditsWebhook: {},
 });
 
 const webhook = new MoesifStripeWebhook("moesif-stripe", { url: config.moesifStripeWebhookUrl! });
@@ -103,6 +114,14 @@ export const ledgerTableName = ledger.tableName;
 export const ledgerTableArn = ledger.tableArn;
 export const forwarderFunctionName = ledger.forwarderFunctionName;
 export const forwarderLogGroupName = ledger.forwarderLogGroupName;
+/** The customers table (DynamoDB): key items (API key id → customer, plan) and accounts (prepaid balances, usage). */
+export const customersTableName = customers.tableName;
+export const customersTableArn = customers.tableArn;
+/** Where Stripe posts paid credit purchases (the second webhook endpoint), and that endpoint's id. */
+export const stripeCreditsWebhookUrl = api.stripeCreditsWebhookUrl!;
+export const stripeCreditsWebhookEndpointId = api.stripeCreditsWebhookEndpointId!;
+/** The SSM parameter holding that endpoint's signing secret (name only). */
+export const stripeCreditsWebhookSecretParameter = api.parameterNames.apply((names) => names.STRIPE_WEBHOOK_SECRET_PARAMETER);
 /** Stream batches the forwarder gave up on (their items stay in the ledger's backlog); alarm on its depth. */
 export const forwarderDeadLetterQueueUrl = ledger.deadLetterQueueUrl;
 /** With stripeBilling: meters, the Stripe meter, product and currency → metered price a subscription item uses. */

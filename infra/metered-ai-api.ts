@@ -1,9 +1,11 @@
 import { createHash } from "node:crypto";
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
-import { customersVariable, ROUTES, sanitizeStackName } from "./function-env";
+import { chatCustomersStatements, keyItemArgs } from "./customers-table";
+import { ROUTES, sanitizeStackName, STRIPE_WEBHOOK_PATH, STRIPE_WEBHOOK_SECRET_PARAMETER } from "./function-env";
 import { GATEWAY_RESPONSES, gatewayResponseParameters, gatewayResponseTemplate, KEEPS_STATUS } from "./gateway-responses";
 import { type CustomerConfig, type PlanConfig } from "./stack-config";
+import { StripeCreditsWebhook } from "./stripe-credits-webhook";
 
 export { ROUTES, type RouteSpec } from "./function-env";
 
@@ -68,10 +70,10 @@ export interface MeteredAiApiArgs {
   stageName?: string;
   /** Usage plans by name: throttle, quota and allowed models. */
   plans: Record<string, PlanConfig>;
-  /** Customers by id; each gets an API key on its plan. */
+  /** Customers by id; each gets an API key on its plan (and, with `customersTable`, its key item there). */
   customers: Record<string, CustomerConfig>;
   /**
-   * Function environment besides CUSTOMERS (which the component writes from the keys it creates). Plain strings
+   * Function environment besides the generated names the component adds (tables, SSM parameters). Plain strings
    * only: secrets go in `secretParameters`, so the environment never holds one.
    */
   environment: Record<string, string>;
@@ -82,6 +84,16 @@ export interface MeteredAiApiArgs {
    * nothing else with it. Absent: no ledger, the function meters through the direct Moesif send only.
    */
   ledger?: { tableName: pulumi.Input<string>; tableArn: pulumi.Input<string> };
+  /**
+   * The customers table (`CUSTOMERS_TABLE`): the component writes each customer's key item there, and the function
+   * may read key and account items, update account items and query the Stripe customer index (`chatCustomersStatements`).
+   */
+  customersTable?: { tableName: pulumi.Input<string>; tableArn: pulumi.Input<string> };
+  /**
+   * Creates the Stripe webhook endpoint for credit purchases at `<stage>/stripe/webhook` and gives the function its
+   * signing secret as an SSM parameter (STRIPE_WEBHOOK_SECRET_PARAMETER). Needs the Stripe provider's key.
+   */
+  stripeCreditsWebhook?: { events?: readonly string[] };
   /** @default 512 */
   memoryMb?: number;
   /** Function timeout, also the (streamed) integration's. @default 300 */
@@ -103,9 +115,9 @@ export interface MeteredAiApiArgs {
 
 /**
  * The metered API: the ai-chat Lambda (secrets from SSM), a REQUEST authorizer that accepts the key as
- * `x-api-key` or `Authorization: Bearer`, a REGIONAL REST API whose every method requires an API key, OpenAI-shaped
- * gateway responses, a stage with JSON access logs and a throttle ceiling, one usage plan per plan and one API key
- * per customer.
+ * `x-api-key` or `Authorization: Bearer`, a REGIONAL REST API whose every method but Stripe's webhook requires an API
+ * key, OpenAI-shaped gateway responses, a stage with JSON access logs and a throttle ceiling, one usage plan per plan,
+ * one API key per customer with its key item in the customers table, and the Stripe webhook endpoint for credits.
  */
 export class MeteredAiApi extends pulumi.ComponentResource {
   /** Stage base URL, e.g. `https://abc.execute-api.us-east-1.amazonaws.com/beta`. */
@@ -123,6 +135,9 @@ export class MeteredAiApi extends pulumi.ComponentResource {
   public readonly parameterNames: pulumi.Output<Record<string, string>>;
   /** Plan name → usage plan id. */
   public readonly usagePlanIds: pulumi.Output<Record<string, string>>;
+  /** With `stripeCreditsWebhook`: the URL Stripe posts credit purchases to, and the endpoint's id. */
+  public readonly stripeCreditsWebhookUrl?: pulumi.Output<string>;
+  public readonly stripeCreditsWebhookEndpointId?: pulumi.Output<string>;
 
   constructor(name: string, args: MeteredAiApiArgs, opts?: pulumi.ComponentResourceOptions) {
     super("metered-ai-api:index:MeteredAiApi", name, {}, opts);
@@ -135,7 +150,7 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     // backends with a stack of the same name cannot collide.
     const label = `${name}-${sanitizeStackName(pulumi.getStack())}`;
 
-    // Keys first: the function's CUSTOMERS map is keyed by the ids API Gateway assigns them.
+    // One API key per customer; which customer and plan it belongs to is the key's item in the customers table.
     const apiKeys = Object.entries(args.customers).map(([customerId, customer]) => ({
       customerId,
       customer,
@@ -145,8 +160,58 @@ export class MeteredAiApi extends pulumi.ComponentResource {
         parent,
       ),
     }));
+    if (args.customersTable) {
+      const { tableName } = args.customersTable;
+      // Exactly keyItem(apiKeyId, customerId, customer): see infra/customers-table.ts for how the provider writes,
+      // reads back and updates it.
+      for (const { customerId, customer, key } of apiKeys) new aws.dynamodb.TableItem(`${name}-customer-${customerId}`, keyItemArgs(tableName, key.id, customerId, customer), parent);
+    }
 
-    const parameters = (args.secretParameters ?? []).map(
+    // Everything a deployment snapshots is tracked here with the exact args its resource is built from; the
+    // deployment trigger hashes them, so any edit to a method, integration, resource, authorizer, gateway response or
+    // API setting redeploys, without a hand-maintained list.
+    const snapshot: Record<string, pulumi.Input<unknown>> = {};
+    const tracked = <T>(logicalName: string, resourceArgs: T): T => {
+      snapshot[logicalName] = resourceArgs as pulumi.Input<unknown>;
+      return resourceArgs;
+    };
+
+    // The REST API comes before the function: the credits webhook's URL is built from its id, and that webhook's
+    // signing secret is one of the function's parameters (the stage, which depends on the function, cannot be used).
+    const apiName = `${name}-api`;
+    const api = new aws.apigateway.RestApi(
+      apiName,
+      tracked(apiName, {
+        name: label,
+        endpointConfiguration: { types: "REGIONAL" },
+        // The key comes from the authorizer's usageIdentifierKey, so it may arrive as `x-api-key` or as
+        // `Authorization: Bearer` ("AUTHORIZER: You have a Lambda authorizer return the API key as part of the
+        // authorization response", API Gateway developer guide, api-gateway-api-key-source).
+        apiKeySource: "AUTHORIZER",
+        // Every body reaches the function base64-encoded and byte-exact (so invalid UTF-8 is seen and refused, not
+        // replaced). Answers are unaffected: a proxy result with isBase64Encoded false is sent as the text it is
+        // (the developer guide's lambda-proxy-binary-media example with binary media types "*/*" returns
+        // "<h1>This is text</h1>" without isBase64Encoded).
+        binaryMediaTypes: ["*/*"],
+      }),
+      parent,
+    );
+
+    let creditsWebhook: StripeCreditsWebhook | undefined;
+    if (args.stripeCreditsWebhook) {
+      const region = aws.getRegionOutput({}, { parent: this });
+      const partition = aws.getPartitionOutput({}, { parent: this });
+      creditsWebhook = new StripeCreditsWebhook(
+        `${name}-stripe-credits`,
+        { restApiId: api.id, region: region.region, dnsSuffix: partition.dnsSuffix, stageName, path: STRIPE_WEBHOOK_PATH, events: args.stripeCreditsWebhook.events },
+        parent,
+      );
+    }
+    const secretParameters: SecretParameterArgs[] = [
+      ...(args.secretParameters ?? []),
+      ...(creditsWebhook ? [{ ...STRIPE_WEBHOOK_SECRET_PARAMETER, value: creditsWebhook.signingSecret }] : []),
+    ];
+    const parameters = secretParameters.map(
       (p) =>
         // No `name`: auto-named, so stacks of one name in one account and region never collide.
         new aws.ssm.Parameter(`${name}-param-${p.slug}`, { type: aws.ssm.ParameterType.SecureString, value: p.value, description: p.description }, parent),
@@ -161,21 +226,21 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       {
         role: role.id,
         policy: pulumi
-          .all([logGroup.arn, pulumi.all(parameters.map((p) => p.arn)), args.ledger?.tableArn])
-          .apply(([logArn, parameterArns, ledgerTableArn]) => functionPolicy(logArn, parameterArns, { ledgerTableArn })),
+          .all([logGroup.arn, pulumi.all(parameters.map((p) => p.arn)), args.ledger?.tableArn, args.customersTable?.tableArn])
+          .apply(([logArn, parameterArns, ledgerTableArn, customersTableArn]) => functionPolicy(logArn, parameterArns, { ledgerTableArn, customersTableArn })),
       },
       parent,
     );
     // SECRETS_VERSION changes whenever a parameter's value does (SSM bumps its version), so a rotated secret reaches
     // every container: the configuration update replaces the warm ones, which cache the secrets for their life.
-    const secretParameters = args.secretParameters ?? [];
+    // No customer is in it: the function looks keys up in the customers table, so its size does not grow with them.
     const environment = pulumi
-      .all([pulumi.all(apiKeys.map(({ key }) => key.id)), pulumi.all(parameters.map((p) => p.version)), pulumi.all(parameters.map((p) => p.name)), args.ledger?.tableName])
-      .apply(([ids, versions, names, ledgerTable]) => ({
+      .all([pulumi.all(parameters.map((p) => p.version)), pulumi.all(parameters.map((p) => p.name)), args.ledger?.tableName, args.customersTable?.tableName])
+      .apply(([versions, names, ledgerTable, customersTable]) => ({
         ...args.environment,
         ...(ledgerTable ? { LEDGER_TABLE: ledgerTable } : {}),
+        ...(customersTable ? { CUSTOMERS_TABLE: customersTable } : {}),
         ...Object.fromEntries(secretParameters.map((p, i) => [p.envVar, names[i]])),
-        CUSTOMERS: customersVariable(Object.fromEntries(apiKeys.map(({ customerId }, i) => [customerId, ids[i]])), args.customers),
         ...(parameters.length > 0 ? { SECRETS_VERSION: secretsVersion(versions) } : {}),
       }));
     const fn = new aws.lambda.Function(
@@ -218,34 +283,6 @@ export class MeteredAiApi extends pulumi.ComponentResource {
         loggingConfig: { logFormat: "JSON", systemLogLevel: "WARN", applicationLogLevel: "WARN", logGroup: authorizerLogGroup.name },
       },
       { parent: this, dependsOn: [authorizerPolicy, authorizerLogGroup] },
-    );
-
-    // Everything a deployment snapshots is tracked here with the exact args its resource is built from; the
-    // deployment trigger hashes them, so any edit to a method, integration, resource, authorizer, gateway response or
-    // API setting redeploys, without a hand-maintained list.
-    const snapshot: Record<string, pulumi.Input<unknown>> = {};
-    const tracked = <T>(logicalName: string, resourceArgs: T): T => {
-      snapshot[logicalName] = resourceArgs as pulumi.Input<unknown>;
-      return resourceArgs;
-    };
-
-    const apiName = `${name}-api`;
-    const api = new aws.apigateway.RestApi(
-      apiName,
-      tracked(apiName, {
-        name: label,
-        endpointConfiguration: { types: "REGIONAL" },
-        // The key comes from the authorizer's usageIdentifierKey, so it may arrive as `x-api-key` or as
-        // `Authorization: Bearer` ("AUTHORIZER: You have a Lambda authorizer return the API key as part of the
-        // authorization response", API Gateway developer guide, api-gateway-api-key-source).
-        apiKeySource: "AUTHORIZER",
-        // Every body reaches the function base64-encoded and byte-exact (so invalid UTF-8 is seen and refused, not
-        // replaced). Answers are unaffected: a proxy result with isBase64Encoded false is sent as the text it is
-        // (the developer guide's lambda-proxy-binary-media example with binary media types "*/*" returns
-        // "<h1>This is text</h1>" without isBase64Encoded).
-        binaryMediaTypes: ["*/*"],
-      }),
-      parent,
     );
 
     const authorizerName = `${name}-authorizer-key`;
@@ -298,15 +335,28 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       const methodName = `${name}-method-${slug}`;
       const method = new aws.apigateway.Method(
         methodName,
-        tracked(methodName, {
-          restApi: api.id,
-          resourceId,
-          httpMethod: route.method,
-          authorization: "CUSTOM",
-          authorizerId: authorizer.id,
-          // The authorizer finds the key; API Gateway still checks it against the usage plans (throttle, quota).
-          apiKeyRequired: true,
-        }),
+        tracked(
+          methodName,
+          route.apiKeyRequired
+            ? {
+                restApi: api.id,
+                resourceId,
+                httpMethod: route.method,
+                authorization: "CUSTOM",
+                authorizerId: authorizer.id,
+                // The authorizer finds the key; API Gateway still checks it against the usage plans (throttle, quota).
+                apiKeyRequired: true,
+              }
+            : {
+                // Stripe's webhook: Stripe sends no API key; the function verifies Stripe's signature on the raw body
+                // instead, and answers 400 to anything unsigned. Only the stage-wide throttle applies.
+                restApi: api.id,
+                resourceId,
+                httpMethod: route.method,
+                authorization: "NONE",
+                apiKeyRequired: false,
+              },
+        ),
         parent,
       );
       const integrationName = `${name}-integration-${slug}`;
@@ -453,7 +503,9 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     // Mocks (and some providers) do not mark ApiKey.value secret; never rely on that.
     this.apiKeyValues = pulumi.secret(recordOf(apiKeys.map(({ customerId, key }) => [customerId, key.value])));
     this.usagePlanIds = recordOf(usagePlans.map(({ planName, usagePlan }) => [planName, usagePlan.id]));
-    this.parameterNames = recordOf((args.secretParameters ?? []).map((p, i) => [p.envVar, parameters[i].name]));
+    this.parameterNames = recordOf(secretParameters.map((p, i) => [p.envVar, parameters[i].name]));
+    this.stripeCreditsWebhookUrl = creditsWebhook?.url;
+    this.stripeCreditsWebhookEndpointId = creditsWebhook?.endpointId;
     this.registerOutputs({
       parameterNames: this.parameterNames,
       invokeUrl: this.invokeUrl,
@@ -465,6 +517,8 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       apiKeyIds: this.apiKeyIds,
       apiKeyValues: this.apiKeyValues,
       usagePlanIds: this.usagePlanIds,
+      stripeCreditsWebhookUrl: this.stripeCreditsWebhookUrl,
+      stripeCreditsWebhookEndpointId: this.stripeCreditsWebhookEndpointId,
     });
   }
 }
@@ -495,16 +549,19 @@ export function apiGatewayAssumeRolePolicy(): string {
 }
 
 /**
- * A function's permissions: write to its own log group, read exactly the given SSM parameters and, with a ledger,
- * put items into the ledger table (nothing else there: no read, no update, no delete, and not its indexes). No
- * kms:Decrypt: SecureStrings use the AWS managed key, which "grants Decrypt permission to all IAM principals in the
- * AWS account" (Systems Manager user guide, ps-restrict-decryption), so ssm:GetParameters is the whole grant; the
- * table uses DynamoDB's default encryption (an AWS owned key), which needs no grant either.
+ * A function's permissions: write to its own log group, read exactly the given SSM parameters, with a ledger put
+ * items into the ledger table (nothing else there: no read, no update, no delete, and not its indexes), and with a
+ * customers table what `chatCustomersStatements` lists (key and account items read, account items updated, the
+ * Stripe customer index queried). No kms:Decrypt: SecureStrings use the AWS managed key, which "grants Decrypt
+ * permission to all IAM principals in the AWS account" (Systems Manager user guide, ps-restrict-decryption), so
+ * ssm:GetParameters is the whole grant; the tables use DynamoDB's default encryption (an AWS owned key), which needs
+ * no grant either.
  */
-export function functionPolicy(logGroupArn: string, parameterArns: string[], options: { ledgerTableArn?: string } = {}): string {
+export function functionPolicy(logGroupArn: string, parameterArns: string[], options: { ledgerTableArn?: string; customersTableArn?: string } = {}): string {
   const statements: object[] = [{ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroupArn}:*` }];
   if (parameterArns.length > 0) statements.push({ Effect: "Allow", Action: ["ssm:GetParameters", "ssm:GetParameter"], Resource: [...parameterArns] });
   if (options.ledgerTableArn) statements.push({ Effect: "Allow", Action: ["dynamodb:PutItem"], Resource: options.ledgerTableArn });
+  if (options.customersTableArn) statements.push(...chatCustomersStatements(options.customersTableArn));
   return JSON.stringify({ Version: "2012-10-17", Statement: statements });
 }
 

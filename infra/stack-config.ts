@@ -7,6 +7,7 @@
  * 29 s) is checked here, so `pulumi preview` fails with a message naming the key instead.
  */
 
+import type { CustomerStatus } from "../functions/shared/customer-schema";
 import type { StripeBilling } from "../functions/shared/ledger-schema";
 import { parseCurrency, parsePriceTable, PriceError, type ModelPrice } from "../functions/shared/pricing";
 import { QUOTA_PERIODS, type QuotaPeriod } from "../functions/shared/quota-period";
@@ -48,7 +49,14 @@ export const MAX_REQUEST_BYTES_LIMIT = 4 * 1024 * 1024;
  */
 export const REQUIRED_CONFIG_KEYS = ["upstreamApiKey", "moesifApplicationId", "moesifStripeWebhookUrl", "plans"] as const;
 
-const PLAN_FIELDS = ["rateLimit", "burstLimit", "quota", "models", "prices", "currency"];
+const PLAN_FIELDS = ["rateLimit", "burstLimit", "quota", "models", "prices", "currency", "billing", "maxOutputTokens"];
+const CUSTOMER_FIELDS = ["plan", "stripeCustomerId", "status"];
+/** How a plan is paid for. `postpaid`: usage is billed afterwards (Moesif or Stripe meters). `prepaid`: from a balance of credits bought up front. */
+export const BILLING_MODES = ["postpaid", "prepaid"] as const;
+export type BillingMode = (typeof BILLING_MODES)[number];
+export const CUSTOMER_STATUSES: readonly CustomerStatus[] = ["active", "suspended"];
+/** Highest `maxOutputTokens` a plan may set: above any model's output limit today, low enough to keep a reservation meaningful. */
+export const MAX_OUTPUT_TOKENS_LIMIT = 1_000_000;
 const QUOTA_FIELDS = ["limit", "period", "offset"];
 const PRICE_SHAPE_HINT =
   "prices are per model, per 1,000,000 tokens, as providers publish them: prices: {gpt-4o-mini: {input: 0.15, cachedInput: 0.075, output: 0.60}} (and currency: usd on the plan)";
@@ -66,12 +74,24 @@ export interface PlanConfig {
   currency?: string;
   /** Model → price in micro-units per 1,000,000 tokens. Present: the plan bills, and only priced models may be called. */
   prices?: Record<string, ModelPrice>;
+  /**
+   * `postpaid` (the default): served, then billed. `prepaid`: each request first reserves the most it can cost from
+   * the customer's balance and is refused (429 insufficient_quota) when the balance cannot cover it. Prepaid needs prices.
+   */
+  billing: BillingMode;
+  /**
+   * Most output tokens one choice may produce (the function caps the request's max_tokens to it, and sends it when the
+   * caller sent none). Absent: the function's default (4096) for prepaid plans, no cap for postpaid ones.
+   */
+  maxOutputTokens?: number;
 }
 
 export interface CustomerConfig {
   plan: string;
-  /** Stripe customer id (`cus_…`): Moesif bills the company with this id. */
+  /** Stripe customer id (`cus_…`): Moesif bills the company with this id; the Stripe webhook credits its payments to this customer. */
   stripeCustomerId?: string;
+  /** `suspended` keeps the key (and the customer's history) but answers 403; absent means `active`. */
+  status?: CustomerStatus;
 }
 
 export interface StackConfig {
@@ -110,6 +130,10 @@ export interface StackConfig {
   ledgerDeletionProtection: boolean;
   /** Most time the ledger write may add to a request (then the direct Moesif send is the fallback). */
   ledgerTimeoutMs: number;
+  /** Most time one customers-table call (key lookup, reservation, settlement, usage counters) may take. */
+  customersTimeoutMs: number;
+  /** How long the function caches an API key's customer item: how long a change to a customer takes to apply. */
+  customerCacheTtlMs: number;
   /**
    * Concurrency reserved for (and capping) the usage forwarder; -1 (the default) leaves it unreserved. Unreserved by
    * default because reserving any fails `pulumi up` on accounts whose concurrency quota is still 10 or 50 ("decreases
@@ -187,8 +211,10 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
   const upstreamIdleTimeoutMs = integer(values, "upstreamIdleTimeoutMs", 60_000, 1_000, 900_000);
   const meteringTimeoutMs = integer(values, "meteringTimeoutMs", 1000, 1, 10_000);
   const ledgerTimeoutMs = integer(values, "ledgerTimeoutMs", 1000, 1, 10_000);
+  const customersTimeoutMs = integer(values, "customersTimeoutMs", 1000, 1, 10_000);
+  const customerCacheTtlMs = integer(values, "customerCacheTtlMs", 30_000, 1, 3_600_000);
   const lambdaTimeoutSeconds = integer(values, "lambdaTimeoutSeconds", 300, 1, 900);
-  checkTimeouts(upstreamTimeoutMs, upstreamIdleTimeoutMs, ledgerTimeoutMs + meteringTimeoutMs, lambdaTimeoutSeconds);
+  checkTimeouts(upstreamTimeoutMs, upstreamIdleTimeoutMs, ledgerTimeoutMs + meteringTimeoutMs + customersTimeoutMs, lambdaTimeoutSeconds);
 
   const stripeBilling = optionalString(values, "stripeBilling") ?? "moesif";
   if (stripeBilling !== "moesif" && stripeBilling !== "meters") {
@@ -225,27 +251,32 @@ export function parseStackConfig(values: Record<string, unknown>, options: Parse
     stripeBilling,
     ledgerDeletionProtection: boolean(values, "ledgerDeletionProtection", true),
     ledgerTimeoutMs,
+    customersTimeoutMs,
+    customerCacheTtlMs,
     forwarderReservedConcurrency,
   };
 
-  // Lambda measures the JSON-serialised variables map (names, values, quotes and the escapes of the quotes inside
-  // CUSTOMERS), so measure exactly that, on the map this stack will deploy; API key ids are the only unknowns and
-  // API Gateway's are always 10 characters.
+  // Lambda measures the JSON-serialised variables map, so measure exactly that, on the map this stack will deploy
+  // (generated names at their longest). Customers are not in it (they live in the customers table), so only the URLs
+  // the stack config sets can make it grow; name the longest of them.
   const environment = plannedEnvironment(config, options.stack ?? "dev");
   const bytes = environmentBytes(environment);
   if (bytes > LAMBDA_ENVIRONMENT_LIMIT_BYTES) {
-    throw new StackConfigError(
-      "customers",
-      `${Object.keys(customers).length} customers make the function's environment ${bytes} bytes (JSON, as Lambda measures it); Lambda allows ${LAMBDA_ENVIRONMENT_LIMIT_BYTES}. Shorten ids or split the stack (a customer store outside the environment is planned)`,
-    );
+    const longest = config.upstreamBaseUrl.length >= config.moesifBaseUri.length ? "upstreamBaseUrl" : "moesifBaseUri";
+    throw new StackConfigError(longest, `makes the function's environment ${bytes} bytes (JSON, as Lambda measures it); Lambda allows ${LAMBDA_ENVIRONMENT_LIMIT_BYTES}. Use a shorter URL`);
   }
   return config;
 }
 
 /**
  * Every deadline must leave the function time to answer and meter before anything cuts it off, or the caller gets a
- * gateway error with nothing metered. The metering bound is the ledger write (ledgerTimeoutMs) plus, when that fails,
- * the direct Moesif send that stands in for it (meteringTimeoutMs): the two run one after the other.
+ * gateway error with nothing metered. The metering bound is what runs after the answer, one after the other: the
+ * customers-table write (customersTimeoutMs: a prepaid settlement or a postpaid customer's usage counters), the
+ * ledger write (ledgerTimeoutMs) and, when that fails, the direct Moesif send that stands in for it
+ * (meteringTimeoutMs). The function keeps back the same sum from its own deadline (functions/ai-chat/core.ts
+ * meteringReserveMs). The customers-table calls before the upstream call (a key lookup the cache misses, a prepaid
+ * reservation) are, like the first request's SSM read, normally milliseconds and left to the margin; should they take
+ * longer, the function shortens the upstream's budget to its remaining time rather than overrun it.
  * - a buffered answer (upstreamTimeoutMs) plus the metering bound plus a margin must fit the function's timeout and
  *   API Gateway's 5-minute idle timeout (a buffered answer sends nothing until it is complete);
  * - the gap allowed between two streamed chunks (upstreamIdleTimeoutMs) must be shorter than that idle timeout;
@@ -257,7 +288,7 @@ function checkTimeouts(upstreamTimeoutMs: number, upstreamIdleTimeoutMs: number,
     if (needed > limit) {
       throw new StackConfigError(
         "upstreamTimeoutMs",
-        `${upstreamTimeoutMs} + ledgerTimeoutMs + meteringTimeoutMs ${meteringBoundMs} + ${TIMEOUT_MARGIN_MS} ms margin = ${needed} ms exceeds ${what} (${limit} ms); lower upstreamTimeoutMs`,
+        `${upstreamTimeoutMs} + customersTimeoutMs + ledgerTimeoutMs + meteringTimeoutMs ${meteringBoundMs} + ${TIMEOUT_MARGIN_MS} ms margin = ${needed} ms exceeds ${what} (${limit} ms); lower upstreamTimeoutMs`,
       );
     }
   };
@@ -267,18 +298,20 @@ function checkTimeouts(upstreamTimeoutMs: number, upstreamIdleTimeoutMs: number,
     throw new StackConfigError("upstreamIdleTimeoutMs", `${upstreamIdleTimeoutMs} ms + ${TIMEOUT_MARGIN_MS} ms margin exceeds API Gateway's 5-minute idle timeout for a stream`);
   }
   if (upstreamIdleTimeoutMs + meteringBoundMs + TIMEOUT_MARGIN_MS > lambdaTimeoutSeconds * 1000) {
-    throw new StackConfigError("upstreamIdleTimeoutMs", `${upstreamIdleTimeoutMs} ms + ledgerTimeoutMs + meteringTimeoutMs + margin exceeds lambdaTimeoutSeconds (${lambdaTimeoutSeconds * 1000} ms)`);
+    throw new StackConfigError("upstreamIdleTimeoutMs", `${upstreamIdleTimeoutMs} ms + customersTimeoutMs + ledgerTimeoutMs + meteringTimeoutMs + margin exceeds lambdaTimeoutSeconds (${lambdaTimeoutSeconds * 1000} ms)`);
   }
 }
 
 /**
  * With `stripeBilling: meters` a meter event is attributed to a Stripe customer by its `stripe_customer_id`; a billed
  * request of a customer without one could never reach an invoice (the ledger would keep it as a Stripe failure
- * forever), so every customer on a plan with prices needs one before anything is deployed.
+ * forever), so every customer on a postpaid plan with prices needs one before anything is deployed. Prepaid plans
+ * owe Stripe's meters nothing (their customers paid up front).
  */
 function requireStripeCustomers(plans: Record<string, PlanConfig>, customers: Record<string, CustomerConfig>): void {
   for (const [id, customer] of Object.entries(customers)) {
-    if (plans[customer.plan]?.prices && !customer.stripeCustomerId) {
+    const plan = plans[customer.plan];
+    if (plan?.prices && plan.billing === "postpaid" && !customer.stripeCustomerId) {
       throw new StackConfigError(
         `customers.${id}.stripeCustomerId`,
         `is required with stripeBilling: meters, because plan "${customer.plan}" bills: Stripe attributes each meter event to a customer by this id (cus_...)`,
@@ -287,9 +320,12 @@ function requireStripeCustomers(plans: Record<string, PlanConfig>, customers: Re
   }
 }
 
-/** The currencies the stack's billing plans charge in (lower case, sorted): one Stripe price each. */
+/**
+ * The currencies the stack's postpaid billing plans charge in (lower case, sorted): one Stripe metered price each.
+ * Prepaid plans are left out: their usage is paid from credits, never reported to a Stripe meter.
+ */
 export function billingCurrencies(plans: Record<string, PlanConfig>): string[] {
-  return [...new Set(Object.values(plans).flatMap((plan) => (plan.prices ? [plan.currency ?? "usd"] : [])))].sort();
+  return [...new Set(Object.values(plans).flatMap((plan) => (plan.prices && plan.billing === "postpaid" ? [plan.currency ?? "usd"] : [])))].sort();
 }
 
 function parsePlans(raw: unknown): Record<string, PlanConfig> {
@@ -308,6 +344,7 @@ function parsePlans(raw: unknown): Record<string, PlanConfig> {
     const parsed: PlanConfig = {
       rateLimit: positiveNumber(plan.rateLimit, `${key}.rateLimit`),
       burstLimit: positiveInteger(plan.burstLimit, `${key}.burstLimit`),
+      billing: "postpaid",
     };
     if (plan.quota !== undefined) parsed.quota = parseQuota(plan.quota, `${key}.quota`);
     if (plan.models !== undefined) {
@@ -320,6 +357,23 @@ function parsePlans(raw: unknown): Record<string, PlanConfig> {
       Object.assign(parsed, parsePricing(plan, key, parsed.models));
     } else if (plan.currency !== undefined) {
       throw new StackConfigError(`${key}.currency`, `applies to prices, and this plan has none; ${PRICE_SHAPE_HINT}`);
+    }
+    if (plan.billing !== undefined) {
+      if (typeof plan.billing !== "string" || !(BILLING_MODES as readonly string[]).includes(plan.billing)) {
+        throw new StackConfigError(`${key}.billing`, `must be "postpaid" or "prepaid" (got ${JSON.stringify(plan.billing)})`);
+      }
+      parsed.billing = plan.billing as BillingMode;
+    }
+    // A prepaid request reserves its most expensive outcome before it runs: without prices there is nothing to reserve.
+    if (parsed.billing === "prepaid" && !parsed.prices) {
+      throw new StackConfigError(`${key}.billing`, `prepaid needs prices (credits are spent at the plan's prices); ${PRICE_SHAPE_HINT}`);
+    }
+    if (plan.maxOutputTokens !== undefined) {
+      const cap = plan.maxOutputTokens;
+      if (typeof cap !== "number" || !Number.isInteger(cap) || cap < 1 || cap > MAX_OUTPUT_TOKENS_LIMIT) {
+        throw new StackConfigError(`${key}.maxOutputTokens`, `must be an integer from 1 to ${MAX_OUTPUT_TOKENS_LIMIT} (got ${JSON.stringify(cap)})`);
+      }
+      parsed.maxOutputTokens = cap;
     }
     plans[name] = parsed;
   }
@@ -376,14 +430,24 @@ function parseCustomers(raw: unknown, plans: Record<string, PlanConfig>): Record
     const key = `customers.${id}`;
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(id)) throw new StackConfigError(key, "customer ids use letters, digits, '-' and '_' only");
     if (isReservedName(id)) throw new StackConfigError(key, `"${id}" is reserved; choose another customer id`);
-    if (!isRecord(customer)) throw new StackConfigError(key, "must be an object {plan, stripeCustomerId}");
+    if (!isRecord(customer)) throw new StackConfigError(key, "must be an object {plan, stripeCustomerId, status}");
+    for (const field of Object.keys(customer)) {
+      if (!CUSTOMER_FIELDS.includes(field)) throw new StackConfigError(`${key}.${field}`, `is not a customer field; use ${CUSTOMER_FIELDS.join(", ")}`);
+    }
     if (typeof customer.plan !== "string" || !Object.prototype.hasOwnProperty.call(plans, customer.plan)) {
       throw new StackConfigError(`${key}.plan`, `unknown plan ${JSON.stringify(customer.plan)}; plans are: ${Object.keys(plans).join(", ")}`);
     }
     if (customer.stripeCustomerId !== undefined && (typeof customer.stripeCustomerId !== "string" || customer.stripeCustomerId === "")) {
       throw new StackConfigError(`${key}.stripeCustomerId`, "must be a Stripe customer id such as cus_123");
     }
-    customers[id] = { plan: customer.plan, ...(customer.stripeCustomerId ? { stripeCustomerId: customer.stripeCustomerId as string } : {}) };
+    if (customer.status !== undefined && !(CUSTOMER_STATUSES as readonly unknown[]).includes(customer.status)) {
+      throw new StackConfigError(`${key}.status`, `must be "active" or "suspended" (got ${JSON.stringify(customer.status)})`);
+    }
+    customers[id] = {
+      plan: customer.plan,
+      ...(customer.stripeCustomerId ? { stripeCustomerId: customer.stripeCustomerId as string } : {}),
+      ...(customer.status !== undefined ? { status: customer.status as CustomerStatus } : {}),
+    };
   }
   return customers;
 }

@@ -15,6 +15,7 @@
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import { LEDGER_TABLE_SCHEMA, UNDELIVERED_INDEX } from "../functions/shared/ledger-schema";
+import { forwarderCustomersStatements } from "./customers-table";
 import { sanitizeStackName } from "./function-env";
 import { lambdaAssumeRolePolicy, secretsVersion, type SecretParameterArgs } from "./metered-ai-api";
 
@@ -67,6 +68,12 @@ export interface UsageLedgerArgs {
   environment: Record<string, string>;
   /** SSM SecureString parameters created for the forwarder (the Moesif application id, the Stripe key), which only it may read. */
   secretParameters: SecretParameterArgs[];
+  /**
+   * The customers table (`CUSTOMERS_TABLE`): the forwarder's sweep settles or releases prepaid reservations left
+   * behind by a crash, from the ledger item of their transaction (`forwarderCustomersStatements`, and GetItem on the
+   * ledger table).
+   */
+  customers?: { tableName: pulumi.Input<string>; tableArn: pulumi.Input<string> };
   /** DynamoDB deletion protection on the table. @default true */
   deletionProtection?: boolean;
   /** @default "arm64" */
@@ -139,19 +146,20 @@ export class UsageLedger extends pulumi.ComponentResource {
       {
         role: role.id,
         policy: pulumi
-          .all([logGroup.arn, table.arn, table.streamArn, deadLetterQueue.arn, pulumi.all(parameters.map((p) => p.arn))])
-          .apply(([logGroupArn, tableArn, streamArn, deadLetterQueueArn, parameterArns]) =>
-            forwarderPolicy({ logGroupArn, tableArn, streamArn, deadLetterQueueArn, parameterArns }),
+          .all([logGroup.arn, table.arn, table.streamArn, deadLetterQueue.arn, pulumi.all(parameters.map((p) => p.arn)), args.customers?.tableArn])
+          .apply(([logGroupArn, tableArn, streamArn, deadLetterQueueArn, parameterArns, customersTableArn]) =>
+            forwarderPolicy({ logGroupArn, tableArn, streamArn, deadLetterQueueArn, parameterArns, customersTableArn }),
           ),
       },
       parent,
     );
 
     const environment = pulumi
-      .all([table.name, pulumi.all(parameters.map((p) => p.name)), pulumi.all(parameters.map((p) => p.version))])
-      .apply(([tableName, names, versions]) => ({
+      .all([table.name, pulumi.all(parameters.map((p) => p.name)), pulumi.all(parameters.map((p) => p.version)), args.customers?.tableName])
+      .apply(([tableName, names, versions, customersTable]) => ({
         ...args.environment,
         LEDGER_TABLE: tableName,
+        ...(customersTable ? { CUSTOMERS_TABLE: customersTable } : {}),
         ...Object.fromEntries(args.secretParameters.map((p, i) => [p.envVar, names[i]])),
         // As for ai-chat: a changed secret changes the configuration, so no warm container keeps the old one.
         ...(parameters.length > 0 ? { SECRETS_VERSION: secretsVersion(versions) } : {}),
@@ -237,13 +245,15 @@ export interface ForwarderPolicyArgs {
   streamArn: string;
   deadLetterQueueArn: string;
   parameterArns: string[];
+  /** With prepaid reservations to sweep: the customers table. */
+  customersTableArn?: string;
 }
 
 /**
  * The forwarder's permissions, each on its own resource and nothing else:
  * - its log group;
  * - Query on the `undelivered` index only (the sweep's backlog) and UpdateItem on the table (the delivered/failed
- *   marks): no PutItem, DeleteItem, Scan or GetItem;
+ *   marks): no PutItem, DeleteItem or Scan;
  * - the four stream actions the DynamoDB developer guide's policy for a Lambda function reading a stream lists
  *   (DescribeStream, GetRecords, GetShardIterator, ListStreams: iam-policy-example-lamda-process-dynamodb-streams),
  *   on this table's stream. DescribeStream, GetRecords and GetShardIterator take a `stream` resource; ListStreams has
@@ -253,7 +263,9 @@ export interface ForwarderPolicyArgs {
  *   (serverless/serverless lib/plugins/aws/package/compile/events/stream.js: the four actions on the stream ARN):
  *   a mapping given the stream's ARN works without ListStreams ever being authorized;
  * - SendMessage on the dead-letter queue (the mapping's on-failure destination uses the function's role);
- * - GetParameter(s) on its own SSM parameters (AWS managed key: no kms:Decrypt needed, see `functionPolicy`).
+ * - GetParameter(s) on its own SSM parameters (AWS managed key: no kms:Decrypt needed, see `functionPolicy`);
+ * - with a customers table: GetItem on the ledger table (a stale reservation is settled at its transaction's billed
+ *   cost, or released when there is no ledger item) and `forwarderCustomersStatements` on the customers table.
  */
 export function forwarderPolicy(args: ForwarderPolicyArgs): string {
   const statements: object[] = [
@@ -264,5 +276,8 @@ export function forwarderPolicy(args: ForwarderPolicyArgs): string {
     { Effect: "Allow", Action: ["sqs:SendMessage"], Resource: args.deadLetterQueueArn },
   ];
   if (args.parameterArns.length > 0) statements.push({ Effect: "Allow", Action: ["ssm:GetParameters", "ssm:GetParameter"], Resource: [...args.parameterArns] });
+  if (args.customersTableArn) {
+    statements.push({ Effect: "Allow", Action: ["dynamodb:GetItem"], Resource: args.tableArn }, ...forwarderCustomersStatements(args.customersTableArn));
+  }
   return JSON.stringify({ Version: "2012-10-17", Statement: statements });
 }

@@ -1,10 +1,13 @@
 /**
  * `npm start [-- --stack <name>]`: the whole metered API on this machine, no cloud account needed.
- * Prints the URLs, each customer's key and plan, a curl line and an OpenAI SDK snippet.
+ * Prints the URLs, each customer's key and plan, the Stripe webhook and its signing secret, prepaid balances, a curl
+ * line and an OpenAI SDK snippet.
  */
 import path from "node:path";
+import type { CustomerAccount } from "../functions/shared/customer-port";
+import { formatMicros } from "../functions/shared/pricing";
 import type { PlanConfig } from "../infra/stack-config";
-import { LocalStackError, startLocalStack, type LocalStack } from "./local/stack";
+import { LOCAL_STRIPE_WEBHOOK_SECRET, LocalStackError, startLocalStack, type LocalStack } from "./local/stack";
 
 function argValue(flag: string): string | undefined {
   const index = process.argv.indexOf(flag);
@@ -33,7 +36,31 @@ function sinkLines(stack: LocalStack): string[] {
   return [`  Moesif sink       ${moesif}`, `  Stripe sink       ${stripe}`];
 }
 
-function banner(stack: LocalStack, stackName: string): string {
+/**
+ * The webhook's signing secret as the banner shows it: the local default in full (it is in the source; a test signs
+ * with it), one from STRIPE_WEBHOOK_SECRET (what `stripe listen` printed) only by its end.
+ */
+function secretLine(secret: string): string {
+  if (secret === LOCAL_STRIPE_WEBHOOK_SECRET) return `${secret} (the local default; set STRIPE_WEBHOOK_SECRET to the one stripe listen prints)`;
+  return `whsec_…${secret.slice(-4)} (from STRIPE_WEBHOOK_SECRET)`;
+}
+
+/** One line per customer on a prepaid plan: balance and reservations, or why they could not be read. */
+function balanceLines(stack: LocalStack, accounts: CustomerAccount[] | Error): string[] {
+  const { config } = stack;
+  const prepaid = Object.entries(config.customers).filter(([, c]) => config.plans[c.plan].billing === "prepaid");
+  if (prepaid.length === 0) return ["  prepaid balances  none (no customer is on a prepaid plan)"];
+  if (accounts instanceof Error) return [`  prepaid balances  unreadable: ${accounts.message}`];
+  return prepaid.map(([id, c], i) => {
+    const account = accounts.find((a) => a.customer.customerId === id)?.balance;
+    const currency = account?.currency ?? config.plans[c.plan].currency ?? "";
+    const balance = formatMicros(account?.balanceMicros ?? 0);
+    const reserved = account?.reservedMicros ? `, ${formatMicros(account.reservedMicros)} reserved` : "";
+    return `  ${i === 0 ? "prepaid balances" : "                "}  ${id.padEnd(12)} ${balance} ${currency}${reserved}`;
+  });
+}
+
+function banner(stack: LocalStack, stackName: string, accounts: CustomerAccount[] | Error): string {
   const { config, baseUrl, apiKeys } = stack;
   const [firstCustomer] = Object.keys(config.customers);
   const key = firstCustomer ? apiKeys[firstCustomer] : "<key>";
@@ -47,11 +74,17 @@ function banner(stack: LocalStack, stackName: string): string {
     `    POST ${baseUrl}/ai-chat`,
     `    POST ${baseUrl}/v1/chat/completions`,
     `    GET  ${baseUrl}/v1/models`,
+    `    GET  ${baseUrl}/v1/usage      (the caller's plan, balance and this period's usage)`,
+    `  Stripe webhook    POST ${stack.stripeWebhook.url}  (no API key: Stripe's signature; stripe listen --forward-to it)`,
+    `    signing secret  ${secretLine(stack.stripeWebhook.secret)}`,
     `  upstream          ${stack.upstream ? `${stack.upstreamUrl} (built-in model server)` : stack.upstreamUrl}`,
     `  usage ledger      ${stack.ledger.endpoint} (dynalite, table ${stack.ledger.table}, ${shortPath(path.join(stack.dataDir, "ledger"))}; npm run usage)`,
     `  forwarder         every ${stack.forwarderIntervalMs} ms, ledger -> ${stack.stripeBilling === "meters" ? "Moesif + Stripe meter events" : "Moesif"}`,
     ...sinkLines(stack),
     "  reconcile         npm run reconcile  (ledger totals vs what each sink acknowledged; -- --json)",
+    `  customers table   ${stack.customers.table} (same dynalite: keys, balances, usage counters)`,
+    ...balanceLines(stack, accounts),
+    "  top up            npm run credits -- add <customer> <amount>  (npm run credits lists balances; -- --json)",
     "",
     `  customers (keys kept in ${shortPath(path.join(stack.dataDir, "api-keys.json"))}):`,
     ...Object.entries(config.customers).map(([id, c]) => {
@@ -90,7 +123,8 @@ async function main(): Promise<void> {
     projectDir: argValue("--project-dir"),
     dataDir: argValue("--data-dir") ?? process.env.LOCAL_DATA_DIR,
   });
-  process.stdout.write(banner(stack, stackName) + "\n");
+  const accounts = await stack.customers.store.listAccounts().catch((err: unknown) => (err instanceof Error ? err : new Error(String(err))));
+  process.stdout.write(banner(stack, stackName, accounts) + "\n");
   let stopping = false;
   const shutdown = async (signal: string) => {
     if (stopping) return;

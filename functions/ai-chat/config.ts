@@ -6,13 +6,28 @@
  */
 import fs from "node:fs";
 import path from "node:path";
+import type { CustomerStatus } from "../shared/customer-schema";
 import type { StripeBilling } from "../shared/ledger-schema";
 import { parsePlanPricing, PriceError, type PlanPricing } from "../shared/pricing";
+import { QUOTA_PERIODS, type QuotaPeriod } from "../shared/quota-period";
 
 export interface Customer {
   customerId: string;
   plan: string;
   stripeCustomerId?: string;
+  /** `suspended` answers 403. @default "active" */
+  status?: CustomerStatus;
+}
+
+/** `postpaid`: billed afterwards from the meter. `prepaid`: each request is paid from a balance bought up front. */
+export type BillingMode = "postpaid" | "prepaid";
+
+/** A plan's request quota, as API Gateway's usage plan counts it; also the period `GET /v1/usage` reports. */
+export interface PlanQuota {
+  limit: number;
+  period: QuotaPeriod;
+  /** Days after the period's natural start (API Gateway's `offset`). @default 0 */
+  offset: number;
 }
 
 export interface Plan {
@@ -23,12 +38,37 @@ export interface Plan {
    * without pricing is served and metered in tokens only, with no cost.
    */
   pricing?: PlanPricing;
+  /** @default "postpaid" */
+  billing?: BillingMode;
+  /**
+   * Most output tokens per choice a request may ask for (`max_completion_tokens` / `max_tokens` are capped at it,
+   * and sent as it when the caller sent neither). @default 4096 on prepaid plans; no cap on postpaid ones
+   */
+  maxOutputTokens?: number;
+  quota?: PlanQuota;
+}
+
+/** The output cap of prepaid plans that do not set `maxOutputTokens`. */
+export const DEFAULT_MAX_OUTPUT_TOKENS = 4096;
+/** The largest `maxOutputTokens` accepted (as the stack config does). */
+export const MAX_OUTPUT_TOKENS_LIMIT = 1_000_000;
+
+/** A plan's billing mode (postpaid unless it says prepaid). */
+export function billingOf(plan: Plan | undefined): BillingMode {
+  return plan?.billing === "prepaid" ? "prepaid" : "postpaid";
+}
+
+/** The output-token cap of a plan: its `maxOutputTokens`, else 4096 on a prepaid plan, else none. */
+export function outputCapOf(plan: Plan | undefined): number | undefined {
+  if (plan?.maxOutputTokens !== undefined) return plan.maxOutputTokens;
+  return billingOf(plan) === "prepaid" ? DEFAULT_MAX_OUTPUT_TOKENS : undefined;
 }
 
 /** SSM parameter names (SecureString) that hold secrets; set, they win over the direct variables. */
 export interface SecretParameters {
   upstreamApiKey?: string;
   moesifApplicationId?: string;
+  stripeWebhookSecret?: string;
 }
 
 export interface FunctionConfig {
@@ -44,8 +84,15 @@ export interface FunctionConfig {
   maxRequestBytes: number;
   /** `request_payload` wraps `/ai-chat` answers as the seed tutorial does. */
   responseEnvelope: "none" | "request_payload";
-  /** API Gateway key id → customer. */
+  /** API Gateway key id → customer, from `CUSTOMERS` (read only when there is no customers table). */
   customers: Record<string, Customer>;
+  /**
+   * The customers table (`CUSTOMERS_TABLE`): key lookups (cached `cacheTtlMs`, `CUSTOMER_CACHE_TTL_MS`), prepaid
+   * balances and usage counters. Each call is bounded by `timeoutMs` (`CUSTOMERS_TIMEOUT_MS`).
+   */
+  customerStore: { table?: string; timeoutMs: number; cacheTtlMs: number };
+  /** Signing secret of the Stripe credits webhook given directly (`STRIPE_WEBHOOK_SECRET`; the local stack). */
+  stripeWebhookSecret?: string;
   plans: Record<string, Plan>;
   moesif: { applicationId?: string; baseUri: string; timeoutMs: number; logBodies: boolean };
   /**
@@ -95,12 +142,18 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
     }
   };
 
-  const customers = json<Record<string, Customer>>("CUSTOMERS", checkCustomers) ?? {};
+  const customersTable = env.CUSTOMERS_TABLE?.trim() || undefined;
+  // The table replaces the variable; with both set, the table is the one truth (a stale CUSTOMERS is ignored).
+  const customers = (customersTable ? undefined : json<Record<string, Customer>>("CUSTOMERS", checkCustomers)) ?? {};
   const plans = readPlans(env, problems);
   for (const [keyId, customer] of Object.entries(customers)) {
     if (Object.keys(plans).length > 0 && !plans[customer.plan]) {
       problems.push(`CUSTOMERS: key ${keyId} (customer ${customer.customerId}) is on plan "${customer.plan}", which PLANS does not define`);
     }
+  }
+  const prepaid = Object.keys(plans).filter((name) => billingOf(plans[name]) === "prepaid");
+  if (prepaid.length > 0 && !customersTable) {
+    problems.push(`plan ${prepaid.join(", ")} is prepaid, which needs CUSTOMERS_TABLE (the balances live in the customers table)`);
   }
 
   const envelope = env.RESPONSE_ENVELOPE ?? "none";
@@ -119,12 +172,15 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
     secretParameters: {
       upstreamApiKey: env.UPSTREAM_API_KEY_PARAMETER?.trim() || undefined,
       moesifApplicationId: env.MOESIF_APPLICATION_ID_PARAMETER?.trim() || undefined,
+      stripeWebhookSecret: env.STRIPE_WEBHOOK_SECRET_PARAMETER?.trim() || undefined,
     },
     upstreamTimeoutMs: positiveInt("UPSTREAM_TIMEOUT_MS", 120_000),
     upstreamIdleTimeoutMs: positiveInt("UPSTREAM_IDLE_TIMEOUT_MS", 60_000),
     maxRequestBytes: positiveInt("MAX_REQUEST_BYTES", 1024 * 1024),
     responseEnvelope: envelope === "request_payload" ? "request_payload" : "none",
     customers,
+    customerStore: { table: customersTable, timeoutMs: positiveInt("CUSTOMERS_TIMEOUT_MS", 1000), cacheTtlMs: positiveInt("CUSTOMER_CACHE_TTL_MS", 30_000) },
+    stripeWebhookSecret: env.STRIPE_WEBHOOK_SECRET?.trim() || undefined,
     plans,
     moesif: {
       applicationId: env.MOESIF_APPLICATION_ID || undefined,
@@ -158,6 +214,9 @@ function checkCustomers(value: unknown): string | undefined {
     if (typeof customer.plan !== "string" || !customer.plan) return `entry ${keyId} needs a plan`;
     if (customer.stripeCustomerId !== undefined && typeof customer.stripeCustomerId !== "string") {
       return `entry ${keyId}: stripeCustomerId must be a string`;
+    }
+    if (customer.status !== undefined && customer.status !== "active" && customer.status !== "suspended") {
+      return `entry ${keyId}: status must be "active" or "suspended"`;
     }
   }
   return undefined;
@@ -198,14 +257,19 @@ function readPlans(env: NodeJS.ProcessEnv, problems: string[]): Record<string, P
   }
 }
 
-/** Checks and copies the plans: `{ <plan>: { models?: string[], pricing?: {currency, prices} } }`, nothing else. */
+const PLAN_FIELDS = ["models", "pricing", "billing", "maxOutputTokens", "quota"];
+
+/**
+ * Checks and copies the plans: `{ <plan>: { models?: string[], pricing?: {currency, prices}, billing?: "postpaid" |
+ * "prepaid", maxOutputTokens?: integer, quota?: {limit, period, offset?} } }`, nothing else.
+ */
 function parsePlans(value: unknown): Record<string, Plan> {
-  if (!isRecord(value)) throw new PriceError("plans", "must be a JSON object of plan → {models?, pricing?}");
+  if (!isRecord(value)) throw new PriceError("plans", "must be a JSON object of plan → {models?, pricing?, billing?, maxOutputTokens?, quota?}");
   const plans: Record<string, Plan> = Object.create(null) as Record<string, Plan>;
   for (const [name, plan] of Object.entries(value)) {
     if (!isRecord(plan)) throw new PriceError(`plan ${name}`, "must be an object");
-    // A misspelt key ("pricng") must not quietly serve a plan for free.
-    for (const key of Object.keys(plan)) if (key !== "models" && key !== "pricing") throw new PriceError(`plan ${name}`, `unknown field "${key}" (use models, pricing)`);
+    // A misspelt key ("pricng", "biling") must not quietly serve a plan for free.
+    for (const key of Object.keys(plan)) if (!PLAN_FIELDS.includes(key)) throw new PriceError(`plan ${name}`, `unknown field "${key}" (use ${PLAN_FIELDS.join(", ")})`);
     const parsed: Plan = {};
     const models = plan.models;
     if (models !== undefined) {
@@ -213,9 +277,37 @@ function parsePlans(value: unknown): Record<string, Plan> {
       parsed.models = models;
     }
     if (plan.pricing !== undefined) parsed.pricing = parsePlanPricing(plan.pricing, `plan ${name}: pricing`);
+    if (plan.billing !== undefined) {
+      if (plan.billing !== "postpaid" && plan.billing !== "prepaid") throw new PriceError(`plan ${name}: billing`, `must be "postpaid" or "prepaid" (got ${JSON.stringify(plan.billing)})`);
+      parsed.billing = plan.billing;
+    }
+    // A balance is money: a prepaid plan without prices could never charge it.
+    if (parsed.billing === "prepaid" && !parsed.pricing) throw new PriceError(`plan ${name}`, "is prepaid, so it needs pricing (a balance is charged at the plan's prices)");
+    if (plan.maxOutputTokens !== undefined) {
+      const cap = plan.maxOutputTokens;
+      if (typeof cap !== "number" || !Number.isInteger(cap) || cap < 1 || cap > MAX_OUTPUT_TOKENS_LIMIT) {
+        throw new PriceError(`plan ${name}: maxOutputTokens`, `must be an integer from 1 to ${MAX_OUTPUT_TOKENS_LIMIT} (got ${JSON.stringify(cap)})`);
+      }
+      parsed.maxOutputTokens = cap;
+    }
+    if (plan.quota !== undefined) parsed.quota = parseQuota(plan.quota, `plan ${name}: quota`);
     plans[name] = parsed;
   }
   return plans;
+}
+
+/** `{limit, period, offset?}` with API Gateway's ranges (offset: 0 for DAY, 0–6 for WEEK, 0–27 for MONTH). */
+function parseQuota(raw: unknown, path: string): PlanQuota {
+  if (!isRecord(raw)) throw new PriceError(path, "must be {limit, period, offset?}");
+  for (const key of Object.keys(raw)) if (!["limit", "period", "offset"].includes(key)) throw new PriceError(path, `unknown field "${key}" (use limit, period, offset)`);
+  const { limit, period, offset = 0 } = raw;
+  if (typeof limit !== "number" || !Number.isSafeInteger(limit) || limit < 1) throw new PriceError(`${path}.limit`, `must be a positive integer (got ${JSON.stringify(limit)})`);
+  if (typeof period !== "string" || !(QUOTA_PERIODS as readonly string[]).includes(period)) throw new PriceError(`${path}.period`, `must be one of ${QUOTA_PERIODS.join(", ")} (got ${JSON.stringify(period)})`);
+  const maxOffset = period === "DAY" ? 0 : period === "WEEK" ? 6 : 27;
+  if (typeof offset !== "number" || !Number.isInteger(offset) || offset < 0 || offset > maxOffset) {
+    throw new PriceError(`${path}.offset`, `must be an integer from 0 to ${maxOffset} for ${period} (got ${JSON.stringify(offset)})`);
+  }
+  return { limit, period: period as QuotaPeriod, offset };
 }
 
 export function isRecord(value: unknown): value is Record<string, unknown> {

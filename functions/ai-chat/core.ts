@@ -1,5 +1,7 @@
-import type { Customer, FunctionConfig } from "./config";
-import { isRecord } from "./config";
+import type { Customer, FunctionConfig, Plan } from "./config";
+import { billingOf, isRecord, outputCapOf } from "./config";
+import { capOutputTokens, choicesOf, reservationFor, reserveCredit, settleAndCount, usageAnswer, type Hold } from "./account";
+import { StaticCustomerDirectory, type CustomerDirectory } from "./customers";
 import {
   ApiError,
   ConfigurationError,
@@ -16,14 +18,27 @@ import {
 } from "./errors";
 import { relayChatStream } from "./chat-stream";
 import { describeError, type Logger } from "./logger";
-import { transactionIdFor, type UsageMeter } from "./metering";
+import { transactionIdFor, type BillingOutcome, type UsageMeter } from "./metering";
 import { StaticSecrets, type SecretsPort, type ServiceSecrets } from "./secrets";
 import { CollectingResponder, type ProxyResponse, type Responder } from "./responder";
 import type { UpstreamClient, UpstreamRequest } from "./upstream";
-import { NO_USAGE, TokenTally, completionTextBytes, encodingForModel, estimateRequestTokens, estimateUsage, extractUsage, isPlausibleUsage, type TokenUsage } from "./usage";
+import {
+  NO_USAGE,
+  TokenTally,
+  completionTextBytes,
+  encodingForModel,
+  estimateRequestTokens,
+  estimateUsage,
+  extractUsage,
+  isPlausibleUsage,
+  type EstimatedRequest,
+  type TokenUsage,
+} from "./usage";
+import { handleStripeWebhook } from "./stripe-webhook";
 import { modelOf, parseChatCompletionRequest, type ChatCompletionRequest, type RequestFacts } from "./validate";
+import type { CustomerStore } from "../shared/customer-port";
 import { stringifyJson } from "../shared/json";
-import { costOf, priceFor, type Cost, type PlanPricing } from "../shared/pricing";
+import { costOf, priceFor, type Cost, type ModelPrice, type PlanPricing } from "../shared/pricing";
 import { SecretRedactor } from "../shared/secret-redactor";
 
 /** A request in the core's terms: already decoded from whatever transport carried it. */
@@ -55,6 +70,13 @@ export interface CoreDeps {
   clock: () => number;
   /** Where the service's secrets come from; absent means the direct values in `config`. */
   secrets?: SecretsPort;
+  /** Who each API key belongs to; absent means the `CUSTOMERS` variable (`config.customers`). */
+  customers?: CustomerDirectory;
+  /**
+   * The customers table's accounts: prepaid balances (required by prepaid plans), the usage counters behind
+   * `GET /v1/usage`, and the Stripe webhook's credits.
+   */
+  store?: CustomerStore;
 }
 
 /** Routes served by the function; API Gateway only forwards these, the local stack too. */
@@ -62,7 +84,12 @@ export const ROUTES = [
   { method: "POST", route: "/ai-chat" },
   { method: "POST", route: "/v1/chat/completions" },
   { method: "GET", route: "/v1/models" },
+  { method: "GET", route: "/v1/usage" },
+  // No API key: Stripe signs its events instead (the route's authorization is NONE).
+  { method: "POST", route: "/stripe/webhook" },
 ] as const;
+
+const STRIPE_WEBHOOK_ROUTE = "/stripe/webhook";
 
 /**
  * Lambda's limit on a synchronous response: 6 MiB of serialised JSON (`{statusCode, headers, body}`); the runtime
@@ -79,16 +106,24 @@ export const LAMBDA_RESPONSE_LIMIT_BYTES = 6 * 1024 * 1024;
 export const DEADLINE_RESERVE_MS = 2000;
 
 /**
- * The most metering can take after the answer: the ledger write (when there is a ledger) and, if it fails, the
- * direct Moesif send that stands in for it, one after the other (`infra/stack-config.ts` checks the same sum).
+ * The most the work after the answer can take: the settlement or usage count in the customers table (when there is
+ * one), the ledger write (when there is a ledger) and, if it fails, the direct Moesif send that stands in for it,
+ * one after the other (`infra/stack-config.ts` checks the same sum).
  */
 export function meteringReserveMs(config: FunctionConfig): number {
-  return (config.ledger.table ? config.ledger.timeoutMs : 0) + config.moesif.timeoutMs;
+  return (config.customerStore.table ? config.customerStore.timeoutMs : 0) + (config.ledger.table ? config.ledger.timeoutMs : 0) + config.moesif.timeoutMs;
 }
 
 /** What one request contributes to its metering record. Filled in as the request progresses. */
 interface Metering {
   customer?: Customer;
+  plan?: Plan;
+  /** The prepaid reservation, once asked for: settled after the answer, whatever the answer was. */
+  hold?: Hold;
+  /** The request counts towards its customer's period counters (chat and models; not `/v1/usage`). */
+  counted?: boolean;
+  /** Not a customer's request (the Stripe webhook): no usage record, no counters. */
+  unmetered?: boolean;
   model?: string;
   requestBody?: unknown;
   responseBody?: unknown;
@@ -119,9 +154,10 @@ const JSON_HEADERS = { "Content-Type": "application/json" } as const;
 const SSE_HEADERS = { "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache" } as const;
 
 /**
- * Serves one request: identifies the customer, validates, calls the upstream, and meters the outcome. Never throws:
- * every failure becomes an OpenAI-shaped error response, and every request (errors included) produces exactly one
- * usage record, whose status is the status the caller gets.
+ * Serves one request: identifies the customer, validates, reserves a prepaid request's credit, calls the upstream,
+ * settles the credit and meters the outcome. Never throws: every failure becomes an OpenAI-shaped error response,
+ * and every request (errors included; the Stripe webhook excepted) produces exactly one usage record, whose status
+ * is the status the caller gets.
  *
  * Billing rule: a request is billed when, and only when, the caller receives a 2xx answer carrying the completion.
  * When the upstream did the work but the caller gets an error instead — the answer is over Lambda's response limit,
@@ -129,8 +165,11 @@ const SSE_HEADERS = { "Content-Type": "text/event-stream; charset=utf-8", "Cache
  * true`) is billed once its first event reached the caller, for what the upstream sent until the stream ended,
  * failed or the caller left (see `chat-stream.ts`).
  *
- * The answer goes to `responder` (whole, or streamed), and is metered only after its last byte was handed over, so
- * metering never delays it. Without a responder the answer is collected and returned (a stream as its SSE text).
+ * Prepaid: the most the request can cost is held before the upstream call (429 `insufficient_quota` when the
+ * balance does not cover it) and settled at the billed cost (0 when nothing was billed) after the answer.
+ *
+ * The answer goes to `responder` (whole, or streamed), and is settled and metered only after its last byte was
+ * handed over, so neither delays it. Without a responder the answer is collected and returned (a stream as its SSE text).
  */
 export async function handleRequest(request: ProxyRequest, deps: CoreDeps, responder?: Responder): Promise<ProxyResponse> {
   const startedAt = deps.clock();
@@ -171,16 +210,19 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps, respo
     }
   }
   // A request refused before validation (403, 500…) still names its model in the record; one validation saw is not parsed again.
-  if (!metering.inspected && request.method === "POST") metering.model = peekModel(request.body, deps.config.maxRequestBytes);
+  if (!metering.inspected && !metering.unmetered && request.method === "POST") metering.model = peekModel(request.body, deps.config.maxRequestBytes);
   const usage = metering.billed ? metering.usage : NO_USAGE;
   const cost = metering.billed ? metering.cost : undefined;
   const usageEstimated = metering.billed && metering.usageEstimated;
   const finishedAt = deps.clock();
 
+  // The account is settled after the answer (never delaying it) and before the record, which carries the outcome.
+  const billing = metering.unmetered ? undefined : await settleAccount(request, deps, metering, usage, cost, finishedAt);
+
   // Metering must not change the caller's answer: the meter bounds its own time and never rejects, and this catch
-  // is the belt to those braces.
+  // is the belt to those braces. The Stripe webhook is not a customer's request: it has no usage record.
   try {
-    await deps.meter.record({
+    if (!metering.unmetered) await deps.meter.record({
       transactionId: transactionIdFor(request.requestId),
       requestId: request.requestId,
       method: request.method,
@@ -207,6 +249,7 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps, respo
       responseHeaders: response.headers,
       requestBody: metering.requestBody,
       responseBody: metering.responseBody,
+      billing,
     });
   } catch (err) {
     deps.log.error("metering_failed", { request_id: request.requestId, error: describeError(err) });
@@ -226,6 +269,10 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps, respo
     billed: metering.billed,
     cost_micros: cost?.micros,
     currency: cost?.currency,
+    billing_mode: billing?.mode,
+    charged_micros: billing?.chargedMicros,
+    balance_after_micros: billing?.balanceAfterMicros,
+    settlement: billing?.settlement,
     upstream_status: metering.upstreamStatus,
     upstream_ms: metering.upstreamMs,
     streamed: metering.streamed,
@@ -274,20 +321,73 @@ async function route(request: ProxyRequest, deps: CoreDeps, metering: Metering, 
     throw new ConfigurationError("The service is misconfigured and cannot serve requests; its operator can see why in the function's logs.");
   }
 
+  // Stripe's events carry no API key and no customer: the webhook is routed before either is looked for.
+  if (known.route === STRIPE_WEBHOOK_ROUTE) {
+    metering.unmetered = true;
+    const secrets = await resolveSecrets(deps);
+    return handleStripeWebhook(request.body, request.headers, { store: deps.store, plans: config.plans, secret: secrets.stripeWebhookSecret, log: deps.log, clock: deps.clock });
+  }
+
   // Usage that cannot be billed is not served.
-  const customer = request.apiKeyId ? config.customers[request.apiKeyId] : undefined;
+  const customer = request.apiKeyId ? await (deps.customers ?? new StaticCustomerDirectory(config.customers)).lookup(request.apiKeyId) : undefined;
   if (!customer) throw new ForbiddenError("This API key is not assigned to a customer.");
   metering.customer = customer;
+  if (customer.status === "suspended") throw new ForbiddenError("This API key's customer is suspended; ask the service's operator.", "customer_suspended");
+  const plans = Object.keys(config.plans).length > 0 ? config.plans : undefined;
+  if (plans && !Object.prototype.hasOwnProperty.call(plans, customer.plan)) {
+    // The table names a plan this deployment does not know (a stack config edited without `pulumi up`, or a typo).
+    deps.log.error("customer_plan_unknown", { customer_id: customer.customerId, plan: customer.plan, api_key_id: request.apiKeyId });
+    throw new ForbiddenError("This API key's customer is on a plan this service does not offer; ask the service's operator.", "plan_unknown");
+  }
+  metering.plan = plans?.[customer.plan];
 
-  const secrets = await (deps.secrets ?? new StaticSecrets(directSecrets(config))).resolve();
+  if (known.route === "/v1/usage") return usageReport(customer, deps, metering);
+  metering.counted = true;
+
+  const secrets = await resolveSecrets(deps);
   if (!secrets.upstreamApiKey) {
     deps.log.error("configuration_invalid", { problems: ["no upstream API key: set UPSTREAM_API_KEY_PARAMETER or UPSTREAM_API_KEY (or Authorization=Bearer …)"] });
     throw new ConfigurationError("The service has no upstream API key configured.");
   }
   const call: UpstreamCall = { deps, metering, redactor: redactorFor(secrets), deadline, responder, requestId: request.requestId };
 
-  if (known.route === "/v1/models") return listModels(customer, call);
+  if (known.route === "/v1/models") return listModels(call);
   return chatCompletion(request, customer, call, known.route === "/ai-chat");
+}
+
+function resolveSecrets(deps: CoreDeps): Promise<ServiceSecrets> {
+  return (deps.secrets ?? new StaticSecrets(directSecrets(deps.config))).resolve();
+}
+
+/** `GET /v1/usage`: the caller's own plan, balance and counters for the current period. */
+async function usageReport(customer: Customer, deps: CoreDeps, metering: Metering): Promise<ProxyResponse> {
+  if (!deps.store) throw new NotFoundError("Usage is not available on this deployment (it has no customers table).", "usage_unavailable");
+  const body = await usageAnswer(deps.store, customer, metering.plan, deps.clock(), deps.log);
+  metering.responseBody = body;
+  return { statusCode: 200, headers: { ...JSON_HEADERS }, body: JSON.stringify(body) };
+}
+
+/** Settles the prepaid hold or counts the request, after the answer (see `settleAndCount`). Never throws. */
+async function settleAccount(request: ProxyRequest, deps: CoreDeps, metering: Metering, usage: TokenUsage, cost: Cost | undefined, now: number): Promise<BillingOutcome | undefined> {
+  try {
+    return await settleAndCount({
+      store: deps.store,
+      customer: metering.customer,
+      plan: metering.plan,
+      hold: metering.hold,
+      counted: metering.counted === true,
+      billed: metering.billed,
+      usage,
+      cost,
+      now,
+      log: deps.log,
+      requestId: request.requestId,
+    });
+  } catch (err) {
+    // Unreachable by design (settleAndCount catches the store's failures); a bug here must not fail the request.
+    deps.log.error("settlement_failed", { request_id: request.requestId, error: describeError(err) });
+    return undefined;
+  }
 }
 
 /** What a request needs to call the upstream. */
@@ -321,11 +421,20 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   }
   metering.requestBody = forwarded;
 
-  const plan = deps.config.plans[customer.plan];
+  const plan = metering.plan;
   if (plan?.models && !plan.models.includes(chat.model)) throw new ModelNotFoundError(chat.model);
   const price = priceFor(plan?.pricing, chat.model);
   // A plan that bills per model never serves a model at a wrong or zero price.
   if (plan?.pricing && !price) throw new ModelNotPricedError(chat.model);
+
+  // The plan's output cap goes upstream, so the upstream cannot produce more than a prepaid request reserved.
+  const capped = capOutputTokens(forwarded, outputCapOf(plan));
+  if (capped.changed) {
+    forwarded = capped.request;
+    body = stringifyJson(forwarded);
+    metering.requestBody = forwarded;
+  }
+  if (billingOf(plan) === "prepaid" && price) await reserve(request, customer, plan!, price, { ...forwarded, messages: chat.messages }, chat.model, capped.maxOutputTokens!, call);
 
   if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price ? plan?.pricing : undefined);
 
@@ -351,6 +460,33 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
     return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body: text };
   }
   return upstreamFailure(upstream, call);
+}
+
+/**
+ * Holds the most this prepaid request can cost before the upstream is called (see `account.ts`). The hold is on
+ * `metering` from the moment it is asked for, so the request settles it whatever happens next.
+ */
+async function reserve(
+  request: ProxyRequest,
+  customer: Customer,
+  plan: Plan,
+  price: ModelPrice,
+  chat: EstimatedRequest,
+  model: string,
+  maxOutputTokens: number,
+  { deps, metering }: UpstreamCall,
+): Promise<void> {
+  const promptTokens = estimateRequestTokens(chat, model);
+  const choices = choicesOf(chat);
+  const hold: Hold = {
+    customerId: customer.customerId,
+    currency: plan.pricing!.currency,
+    transactionId: transactionIdFor(request.requestId),
+    micros: reservationFor(promptTokens, choices, maxOutputTokens, price),
+    state: "requested",
+  };
+  metering.hold = hold;
+  await reserveCredit({ store: deps.store, hold, now: deps.clock(), log: deps.log, requestId: request.requestId, choices, maxOutputTokens });
 }
 
 /**
@@ -448,9 +584,9 @@ async function streamChatCompletion(
   return { statusCode: 200, headers, body: "" };
 }
 
-async function listModels(customer: Customer, call: UpstreamCall): Promise<ProxyResponse> {
-  const { deps, metering } = call;
-  const allowed = deps.config.plans[customer.plan]?.models;
+async function listModels(call: UpstreamCall): Promise<ProxyResponse> {
+  const { metering } = call;
+  const allowed = metering.plan?.models;
   if (allowed) {
     const body = { object: "list", data: allowed.map((id) => ({ id, object: "model", created: 0, owned_by: "metered-ai-api" })) };
     metering.responseBody = body;
@@ -538,14 +674,14 @@ function retryAfter(value: string | undefined): string | undefined {
 }
 
 function directSecrets(config: FunctionConfig): ServiceSecrets {
-  return { upstreamApiKey: config.upstreamApiKey, moesifApplicationId: config.moesif.applicationId };
+  return { upstreamApiKey: config.upstreamApiKey, moesifApplicationId: config.moesif.applicationId, stripeWebhookSecret: config.stripeWebhookSecret };
 }
 
 let cachedRedactor: { key: string; redactor: SecretRedactor } | undefined;
 
 /** The redactor for the current secrets (built once per set of values). */
 function redactorFor(secrets: ServiceSecrets): SecretRedactor {
-  const values = [secrets.upstreamApiKey, secrets.moesifApplicationId].filter((v): v is string => !!v);
+  const values = [secrets.upstreamApiKey, secrets.moesifApplicationId, secrets.stripeWebhookSecret].filter((v): v is string => !!v);
   const key = values.join("\u0000");
   if (cachedRedactor?.key !== key) cachedRedactor = { key, redactor: new SecretRedactor(values) };
   return cachedRedactor.redactor;

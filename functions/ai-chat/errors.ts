@@ -9,6 +9,7 @@ export type OpenAiErrorType =
   | "permission_error"
   | "not_found_error"
   | "rate_limit_error"
+  | "insufficient_quota"
   | "api_error"
   | "server_error";
 
@@ -50,8 +51,8 @@ export class UnsupportedMediaTypeError extends ApiError {
 }
 
 export class ForbiddenError extends ApiError {
-  constructor(message: string) {
-    super(403, message, "permission_error", "forbidden");
+  constructor(message: string, code = "forbidden") {
+    super(403, message, "permission_error", code);
   }
 }
 
@@ -137,6 +138,29 @@ export class StreamFailedError extends ApiError {
 export class RateLimitedError extends ApiError {
   constructor(message: string, retryAfter?: string) {
     super(429, message, "rate_limit_error", "rate_limit_exceeded", null, retryAfter ? { "Retry-After": retryAfter } : {});
+  }
+}
+
+/**
+ * A prepaid customer's balance does not cover the most this request can cost. OpenAI's own shape for an exhausted
+ * quota (type and code `insufficient_quota`, 429), with `x-should-retry: false`: the OpenAI SDKs obey that header
+ * before their default of retrying every 429 (openai-node 6.x `client.js` `shouldRetry`; openai-python
+ * `_base_client.py` `_should_retry`), so a customer at zero gets one fast error, not several delayed ones.
+ */
+export class InsufficientQuotaError extends ApiError {
+  constructor(message: string) {
+    super(429, message, "insufficient_quota", "insufficient_quota", null, { "x-should-retry": "false" });
+  }
+}
+
+/**
+ * A store the request cannot be served without did not answer (the customers table: `customer_store_unavailable`
+ * for the key lookup, `credit_store_unavailable` for a prepaid reservation). Fails closed: nothing is served that
+ * could not be attributed or paid for. The SDKs retry a 503, which is right for a passing outage.
+ */
+export class ServiceUnavailableError extends ApiError {
+  constructor(message: string, code: "customer_store_unavailable" | "credit_store_unavailable") {
+    super(503, message, "server_error", code);
   }
 }
 

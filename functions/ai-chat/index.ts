@@ -7,6 +7,7 @@
 import type { APIGatewayProxyEvent, Context } from "aws-lambda";
 import { loadFunctionConfig, type FunctionConfig } from "./config";
 import { handleRequest, type CoreDeps, type ProxyRequest } from "./core";
+import { CachedCustomerDirectory, type CustomerDirectory } from "./customers";
 import { toErrorResponse } from "./errors";
 import { streamifyResponse, type LambdaResponseStream, type StreamingHandler } from "./lambda-stream";
 import { createLedgerWriter, LedgerMeter } from "./ledger";
@@ -17,22 +18,23 @@ import { LambdaResponder } from "./responder";
 import { DeferredMeter, ParameterStoreSecrets, SsmParameterReader, StaticSecrets, type SecretsPort } from "./secrets";
 import { AxiosUpstreamClient } from "./upstream";
 import { awsClientOptions } from "../shared/aws-client-options";
+import type { CustomerStore } from "../shared/customer-port";
 
 /**
  * Builds the production ports from the environment. `write` redirects log lines (tests, the local stack).
  *
- * Secrets named by `UPSTREAM_API_KEY_PARAMETER` / `MOESIF_APPLICATION_ID_PARAMETER` are read from SSM by the core on
- * the first request (see `secrets.ts`); the logger, the upstream client and the meter read them from the secrets
+ * Secrets named by `UPSTREAM_API_KEY_PARAMETER` / `MOESIF_APPLICATION_ID_PARAMETER` /
+ * `STRIPE_WEBHOOK_SECRET_PARAMETER` are read from SSM by the core on the first request (see `secrets.ts`); the logger, the upstream client and the meter read them from the secrets
  * port once known, so nothing here waits for the network.
  */
 export function createDeps(env: NodeJS.ProcessEnv = process.env, options: { write?: (line: string) => void } = {}): CoreDeps {
   const config = loadFunctionConfig(env);
-  const direct = { upstreamApiKey: config.upstreamApiKey, moesifApplicationId: config.moesif.applicationId };
+  const direct = { upstreamApiKey: config.upstreamApiKey, moesifApplicationId: config.moesif.applicationId, stripeWebhookSecret: config.stripeWebhookSecret };
   const parameters = config.secretParameters;
-  const usesParameters = !!(parameters.upstreamApiKey || parameters.moesifApplicationId);
+  const usesParameters = !!(parameters.upstreamApiKey || parameters.moesifApplicationId || parameters.stripeWebhookSecret);
   // The logger exists before the secrets port (which logs), so it asks for the secrets through this indirection.
   let secrets: SecretsPort | undefined;
-  const log = createLogger({ level: env.LOG_LEVEL, secrets: () => [direct.upstreamApiKey, direct.moesifApplicationId, ...Object.values(secrets?.current() ?? {})], write: options.write });
+  const log = createLogger({ level: env.LOG_LEVEL, secrets: () => [...Object.values(direct), ...Object.values(secrets?.current() ?? {})], write: options.write });
   secrets = usesParameters
     ? new ParameterStoreSecrets({ direct, parameters, log, reader: new SsmParameterReader(awsClientOptions(env, "SSM")) })
     : new StaticSecrets(direct);
@@ -45,7 +47,27 @@ export function createDeps(env: NodeJS.ProcessEnv = process.env, options: { writ
   else if (direct.moesifApplicationId) moesifMeter = moesif(direct.moesifApplicationId);
   const meter = config.ledger.table ? ledgerMeter(env, config, config.ledger.table, moesifMeter, log) : moesifMeter;
   if (!meter) log.warn("metering_disabled", { reason: "neither LEDGER_TABLE nor MOESIF_APPLICATION_ID_PARAMETER nor MOESIF_APPLICATION_ID is set; usage is only logged" });
-  return { config, upstream, meter: meter ?? NO_METER, log, clock: Date.now, secrets: port };
+  const accounts = config.customerStore.table ? customerStore(env, config, log) : undefined;
+  return { config, upstream, meter: meter ?? NO_METER, log, clock: Date.now, secrets: port, ...accounts };
+}
+
+/**
+ * With `CUSTOMERS_TABLE`, customers come from the table (cached, see `customers.ts`) and prepaid balances and usage
+ * counters live there. The store module (and with it the DynamoDB SDK) is required here, not imported at the top,
+ * so a function without the table never loads it; it is made once per container, before the first request.
+ */
+function customerStore(env: NodeJS.ProcessEnv, config: FunctionConfig, log: Logger): { store: CustomerStore; customers: CustomerDirectory } | undefined {
+  try {
+    const { createCustomerStoreFromEnv } = require("../shared/customer-store") as typeof import("../shared/customer-store");
+    const store = createCustomerStoreFromEnv(env, { timeoutMs: config.customerStore.timeoutMs });
+    return { store, customers: new CachedCustomerDirectory({ store, ttlMs: config.customerStore.cacheTtlMs, log }) };
+  } catch (err) {
+    // Only a broken deployment gets here (the SDK missing from the runtime). Nothing can be attributed without the
+    // table, so every request answers 500 and says why in the log.
+    log.error("customer_store_unavailable", { table: config.customerStore.table, error: describeError(err) });
+    config.problems.push(`the customers table (CUSTOMERS_TABLE) cannot be used: ${describeError(err).message}`);
+    return undefined;
+  }
 }
 
 /**

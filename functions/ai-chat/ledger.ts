@@ -44,6 +44,12 @@ function wholeNumber(value: unknown): number | undefined {
   return Number.isSafeInteger(rounded) ? rounded : undefined;
 }
 
+/** A non-negative whole amount of micro-units, or undefined. */
+function micros(value: unknown): number | undefined {
+  const whole = wholeNumber(value);
+  return whole !== undefined && whole >= 0 ? whole : undefined;
+}
+
 /** The item and the Moesif event it carries (with what `prepareEvent` truncated, for the caller to log). */
 function buildLedgerItem(record: UsageRecord, options: LedgerItemOptions): { item: LedgerItem; prepared: PreparedEvent } {
   // One Moesif event is both the source of the item's numbers and the event the forwarder sends: the ledger and
@@ -87,9 +93,21 @@ function buildLedgerItem(record: UsageRecord, options: LedgerItemOptions): { ite
     moesif_state: "pending",
     moesif_attempts: 0,
   };
+  const billing = record.billing;
+  if (billing) {
+    item.billing_mode = billing.mode;
+    if (billing.mode === "prepaid") {
+      item.reserved_micros = micros(billing.reservedMicros);
+      item.charged_micros = micros(billing.chargedMicros);
+      item.shortfall_micros = micros(billing.shortfallMicros);
+      item.balance_after_micros = micros(billing.balanceAfterMicros);
+      item.settlement = billing.settlement;
+    }
+  }
   // Stripe gets a meter event only when it bills directly, and only for a charge: a billed request that costs
-  // something. Never both routes, so a customer is never billed twice.
-  if (options.stripeBilling === "meters" && item.billed && (costMicros ?? 0) > 0) {
+  // something, on a postpaid plan (a prepaid customer paid up front; the charge came out of the balance). Never
+  // both routes, so a customer is never billed twice.
+  if (options.stripeBilling === "meters" && billing?.mode !== "prepaid" && item.billed && (costMicros ?? 0) > 0) {
     item.stripe_attempts = 0;
     if (stripeCustomerId) item.stripe_state = "pending";
     else {
@@ -112,8 +130,10 @@ function buildLedgerItem(record: UsageRecord, options: LedgerItemOptions): { ite
  * The ledger item for one usage record (pure). Its numbers are the Moesif event's (`meteredUsage`, a cost only
  * when it is a safe non-negative integer, `billed` as `toMoesifEvent` decides) and `moesif_event` is that event as
  * `prepareEvent` serialises it, so the forwarder sends exactly what the direct send would have. Sink states: Moesif
- * `pending`; Stripe `pending` only with `stripeBilling: "meters"` for a billed request with a cost (`failed`, with
- * `stripe_error`, when the customer has no Stripe id); `undelivered` (the backlog shard) and `due_at` (= `created_at`,
+ * `pending`; Stripe `pending` only with `stripeBilling: "meters"` for a billed postpaid request with a cost (`failed`,
+ * with `stripe_error`, when the customer has no Stripe id; never for a prepaid one, charged from its balance);
+ * the prepaid settlement (`billing_mode`, `reserved_micros`, `charged_micros`, `shortfall_micros`,
+ * `balance_after_micros`, `settlement`) from `record.billing`; `undelivered` (the backlog shard) and `due_at` (= `created_at`,
  * the backlog's sort key) set while any sink is owed. No key, no secret
  * and, unless `logBodies`, no prompt or completion text: the item holds nothing the Moesif event does not.
  */

@@ -4,6 +4,28 @@ import type { Cost } from "../shared/pricing";
 import type { TokenUsage } from "./usage";
 
 /**
+ * How a request was paid for, once it is over. Postpaid: billed later from the meter (Moesif's billing meter or
+ * Stripe meter events). Prepaid: charged from the customer's balance when the request settled, so no later
+ * billing may charge it again. Money in integer micro-units of the plan's currency.
+ */
+export interface BillingOutcome {
+  mode: "prepaid" | "postpaid";
+  /** Prepaid: held before the upstream call. */
+  reservedMicros?: number;
+  /** Prepaid: taken from the balance at settlement (absent while the settlement is pending). */
+  chargedMicros?: number;
+  /** Prepaid: cost above the hold the balance could not cover (it never goes negative). */
+  shortfallMicros?: number;
+  /** Prepaid: the balance right after this request's settlement. */
+  balanceAfterMicros?: number;
+  /**
+   * Prepaid: `settled` once the store confirmed the charge; `pending` when it could not (the stale-hold sweep then
+   * settles the hold from the ledger item's cost).
+   */
+  settlement?: "settled" | "pending";
+}
+
+/**
  * One metered request, in the proxy's own terms. The usage meter port turns it into whatever its backend wants
  * (a Moesif event today; a durable ledger row in a later issue).
  */
@@ -51,6 +73,8 @@ export interface UsageRecord {
   requestBody?: unknown;
   /** The parsed body returned to the caller (upstream answer or OpenAI-shaped error). */
   responseBody?: unknown;
+  /** How the request was paid for; absent when the customer (or its plan) is unknown. */
+  billing?: BillingOutcome;
 }
 
 /** Narrow port for metering. Implementations must never reject and must bound their own time. */

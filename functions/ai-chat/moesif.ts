@@ -63,6 +63,15 @@ export interface MoesifMetadata {
   stream_error: string | null;
   /** The caller disconnected mid-stream; the tokens received until then are billed (estimated). */
   client_disconnected: boolean;
+  /**
+   * `prepaid` (already charged from the customer's balance: a billing meter must not charge it again) or
+   * `postpaid`; null when the customer is unknown.
+   */
+  billing_mode: "prepaid" | "postpaid" | null;
+  /** Prepaid: micro-units taken from the balance for this request (null while its settlement is pending). */
+  charged_micros: number | null;
+  /** Prepaid: the balance right after this request's charge. */
+  balance_after_micros: number | null;
 }
 
 /** Moesif's collector event (https://www.moesif.com/docs/api#create-an-event). */
@@ -163,8 +172,16 @@ export function toMoesifEvent(record: UsageRecord, logBodies: boolean): MoesifEv
       streamed: record.streamed === true,
       stream_error: typeof record.streamError === "string" ? clip(record.streamError, MAX_FIELD_CHARS) : null,
       client_disconnected: record.clientDisconnected === true,
+      billing_mode: record.billing?.mode ?? null,
+      charged_micros: safeMicros(record.billing?.chargedMicros),
+      balance_after_micros: safeMicros(record.billing?.balanceAfterMicros),
     },
   };
+}
+
+/** A non-negative safe integer amount, or null: what a Moesif metric may sum. */
+function safeMicros(value: number | undefined): number | null {
+  return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 ? value : null;
 }
 
 /**

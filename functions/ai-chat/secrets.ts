@@ -16,7 +16,12 @@ import type { UsageMeter, UsageRecord } from "./metering";
 export interface ServiceSecrets {
   upstreamApiKey?: string;
   moesifApplicationId?: string;
+  /** Signing secret of the Stripe webhook endpoint that credits prepaid balances (`whsec_…`). */
+  stripeWebhookSecret?: string;
 }
+
+/** Every secret the service knows of: the logger, the redactors and the parameter reader go through this list. */
+export const SECRET_NAMES = ["upstreamApiKey", "moesifApplicationId", "stripeWebhookSecret"] as const satisfies ReadonlyArray<keyof ServiceSecrets>;
 
 /** Narrow port: the core resolves secrets before it calls the upstream; clients read the resolved values. */
 export interface SecretsPort {
@@ -66,10 +71,9 @@ export class ParameterStoreSecrets implements SecretsPort {
   current(): ServiceSecrets {
     if (this.resolved) return this.resolved;
     const { direct, parameters } = this.options;
-    return {
-      upstreamApiKey: parameters.upstreamApiKey ? undefined : direct.upstreamApiKey,
-      moesifApplicationId: parameters.moesifApplicationId ? undefined : direct.moesifApplicationId,
-    };
+    const known: ServiceSecrets = {};
+    for (const name of SECRET_NAMES) known[name] = parameters[name] ? undefined : direct[name];
+    return known;
   }
 
   async resolve(): Promise<ServiceSecrets> {
@@ -84,7 +88,7 @@ export class ParameterStoreSecrets implements SecretsPort {
 
   private async load(): Promise<ServiceSecrets> {
     const { parameters, reader, log } = this.options;
-    const names = [parameters.upstreamApiKey, parameters.moesifApplicationId].filter((n): n is string => !!n);
+    const names = SECRET_NAMES.map((name) => parameters[name]).filter((n): n is string => !!n);
     let values: Record<string, string>;
     try {
       values = await reader.read([...new Set(names)]);
@@ -95,10 +99,12 @@ export class ParameterStoreSecrets implements SecretsPort {
       throw unavailable();
     }
     const current = this.current();
-    this.resolved = {
-      upstreamApiKey: parameters.upstreamApiKey ? values[parameters.upstreamApiKey] : current.upstreamApiKey,
-      moesifApplicationId: parameters.moesifApplicationId ? values[parameters.moesifApplicationId] : current.moesifApplicationId,
-    };
+    const resolved: ServiceSecrets = {};
+    for (const name of SECRET_NAMES) {
+      const parameter = parameters[name];
+      resolved[name] = parameter ? values[parameter] : current[name];
+    }
+    this.resolved = resolved;
     log.info("secrets_loaded", { parameters: names });
     return this.resolved;
   }

@@ -93,6 +93,7 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, conten
   });
   checkMessageFields(messages as Array<Record<string, unknown>>);
   checkKnownFieldTypes(body);
+  checkChoiceCount(body);
   checkStreamOptions(body);
   return { request: body as ChatCompletionRequest, text };
 }
@@ -123,7 +124,7 @@ const isToolChoice: FieldCheck = (v) => typeof v === "string" || isRecord(v);
 const FIELD_TYPES: Record<string, [FieldCheck, string]> = {
   temperature: [isNumber, "a number"],
   top_p: [isNumber, "a number"],
-  n: [isPositiveInteger, "an integer of at least 1"],
+  n: [isPositiveInteger, "an integer from 1 to 128"],
   max_tokens: [isPositiveInteger, "an integer of at least 1"],
   max_completion_tokens: [isPositiveInteger, "an integer of at least 1"],
   presence_penalty: [isNumber, "a number"],
@@ -150,6 +151,17 @@ function checkKnownFieldTypes(body: Record<string, unknown>): void {
     if (value === undefined || value === null) continue;
     if (!check(value)) throw new BadRequestError(`\`${field}\` must be ${expected}.`, field, "invalid_type");
   }
+}
+
+/**
+ * Most choices one request may ask for: OpenAI's own bound on `n` (API reference, create chat completion: "minimum
+ * 1, maximum 128"). A prepaid request reserves `n` times its maximum output, so the bound also bounds a reservation.
+ */
+export const MAX_CHOICES = 128;
+
+function checkChoiceCount(body: Record<string, unknown>): void {
+  const n = body.n;
+  if (typeof n === "number" && n > MAX_CHOICES) throw new BadRequestError(`\`n\` must be an integer from 1 to ${MAX_CHOICES}.`, "n", "invalid_value");
 }
 
 /**

@@ -12,7 +12,7 @@
  * (the item then stays due early: one wasted read) but never hide a sink that is owed now.
  */
 import { DynamoDBClient } from "@aws-sdk/client-dynamodb";
-import { DynamoDBDocumentClient, QueryCommand, ScanCommand, UpdateCommand, type QueryCommandOutput } from "@aws-sdk/lib-dynamodb";
+import { DynamoDBDocumentClient, GetCommand, QueryCommand, ScanCommand, UpdateCommand, type QueryCommandOutput } from "@aws-sdk/lib-dynamodb";
 import {
   dynamoClientOptions,
   LEDGER_KEY,
@@ -539,6 +539,15 @@ export class LedgerStore {
     } catch (err) {
       if (!isConditionFailure(err)) throw err;
     }
+  }
+
+  /**
+   * One item by its transaction id, strongly consistent (the stale-hold sweep's question: was this request billed,
+   * and at what cost?); undefined when there is none. Returned as read: check what you compute with.
+   */
+  async getItem(transactionId: string, options: WriteOptions = {}): Promise<LedgerItem | undefined> {
+    const output = await this.doc.send(new GetCommand({ TableName: this.table, Key: { [LEDGER_KEY]: transactionId }, ConsistentRead: true }), { abortSignal: options.signal });
+    return output.Item as LedgerItem | undefined;
   }
 
   /** Every item of the table, page by page (reports and reconciliation; not for the request path). */

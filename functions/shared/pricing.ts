@@ -133,6 +133,18 @@ export function costOf(usage: PricedUsage, price: ModelPrice): Micros {
   return Number(micros);
 }
 
+/**
+ * The most `promptTokens` in and `completionTokens` out can cost at this price, whatever share of them turns out
+ * cached or reasoning: each side at the higher of its two prices (a cached-input price above the input price, or a
+ * reasoning price above the output price, is odd but configurable). Rounded up once, as `costOf`; so `costOf` of any
+ * usage within these counts is never more than this. What a prepaid request reserves before the upstream call.
+ */
+export function maxCostOf(promptTokens: number, completionTokens: number, price: ModelPrice): Micros {
+  const input = Math.max(price.input, price.cachedInput ?? price.input);
+  const output = Math.max(price.output, price.reasoning ?? price.output);
+  return costOf({ prompt_tokens: promptTokens, completion_tokens: completionTokens }, { input, output });
+}
+
 /** Formats micro-units as a decimal amount, e.g. 1234567 → "1.234567". Exact (no floating point). */
 export function formatMicros(micros: Micros): string {
   const sign = micros < 0 ? "-" : "";

@@ -4,7 +4,9 @@
  * It does what API Gateway does before and after the function runs: matches the route, runs the API key authorizer
  * (the same module the Lambda authorizer runs: `x-api-key`, else `Authorization: Bearer`), checks the key it returns,
  * applies the key's usage plan (token-bucket throttle, DAY/WEEK/MONTH quota), builds the payload-1.0 proxy event,
- * calls the same handler module Lambda runs and maps its result back. Every answer of its own is the matching entry
+ * calls the same handler module Lambda runs and maps its result back. A route without an API key (`apiKeyRequired:
+ * false`, the Stripe webhook) skips the authorizer, the key and its usage plan, as a method with authorization NONE
+ * and `apiKeyRequired: false` does; only the stage's throttle applies to it. Every answer of its own is the matching entry
  * of `infra/gateway-responses.ts` (OpenAI's error shape), as the deployed API's gateway responses are.
  *
  * The deployed routes are STREAM integrations (`responseTransferMode: STREAM`): a handler tagged by
@@ -40,9 +42,16 @@ export interface QuotaCounter {
   takeQuota(keyId: string, periodStart: string, limit: number): boolean;
 }
 
+/** A route as the gateway serves it: `apiKeyRequired: false` serves it to anyone (default: a key is required). */
+export interface GatewayRoute {
+  path: string;
+  method: string;
+  apiKeyRequired?: boolean;
+}
+
 export interface GatewayOptions {
   stage: string;
-  routes: ReadonlyArray<{ path: string; method: string }>;
+  routes: ReadonlyArray<GatewayRoute>;
   keys: GatewayKey[];
   /**
    * The function. A handler tagged by `streamifyResponse` is invoked as `handler(event, responseStream, context)`
@@ -180,6 +189,15 @@ export class GatewayEmulator extends LoopbackServer {
     if (!route) return sendGatewayResponse(exchange, "MISSING_AUTHENTICATION_TOKEN");
 
     const event = this.buildEvent(req, url, route.path, method, body, exchange.requestId, started);
+    const stage = this.options.stageThrottle;
+    if (stage) this.stageBucket ??= new TokenBucket(stage.rateLimit, stage.burstLimit, started);
+
+    // Authorization NONE and apiKeyRequired false: API Gateway runs no authorizer and identifies no key, so no usage
+    // plan throttles or counts the call; the stage's method throttle (`*/*`) still applies.
+    if (route.apiKeyRequired === false) {
+      if (this.stageBucket && !this.stageBucket.take(started)) return sendGatewayResponse(exchange, "THROTTLED");
+      return this.invoke(exchange, event, started);
+    }
 
     // apiKeySource AUTHORIZER: the authorizer finds the key; API Gateway then checks it exists, is enabled and is in
     // a usage plan of the stage (INVALID_API_KEY otherwise), and only then throttles and counts the quota.
@@ -195,8 +213,6 @@ export class GatewayEmulator extends LoopbackServer {
     const key = keyValue ? this.byValue.get(keyValue) : undefined;
     if (!key || key.enabled === false) return sendGatewayResponse(exchange, "INVALID_API_KEY");
 
-    const stage = this.options.stageThrottle;
-    if (stage) this.stageBucket ??= new TokenBucket(stage.rateLimit, stage.burstLimit, started);
     if (this.stageBucket && !this.stageBucket.take(started)) return sendGatewayResponse(exchange, "THROTTLED");
     let bucket = this.buckets.get(key.id);
     if (!bucket) this.buckets.set(key.id, (bucket = new TokenBucket(key.plan.rateLimit, key.plan.burstLimit, started)));
@@ -209,6 +225,11 @@ export class GatewayEmulator extends LoopbackServer {
     event.requestContext.identity.apiKey = keyValue!;
     event.requestContext.identity.apiKeyId = key.id;
     event.requestContext.authorizer = { principalId: decision.principalId };
+    return this.invoke(exchange, event, started);
+  }
+
+  /** Calls the function with `event` as Lambda's invoke would and sends its answer (or the gateway's). */
+  private async invoke(exchange: Exchange, event: APIGatewayProxyEvent, started: number): Promise<void> {
     // Lambda receives the event as JSON: serialize it as the invoke does (which also gives its size).
     const payload = JSON.stringify(event);
     if (Buffer.byteLength(payload) > MAX_INVOKE_PAYLOAD_BYTES) return sendGatewayResponse(exchange, "REQUEST_TOO_LARGE");

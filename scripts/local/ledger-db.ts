@@ -1,6 +1,8 @@
 /**
- * The local usage ledger: the same DynamoDB API the deployed functions use, served by `dynalite` (LevelDB files
- * under `<dataDir>/ledger/`), with the table the Pulumi program creates (`LEDGER_TABLE_SCHEMA`).
+ * The local DynamoDB: the same API the deployed functions use, served by `dynalite` (LevelDB files under
+ * `<dataDir>/ledger/`), with the two tables the Pulumi program creates: the usage ledger (`LEDGER_TABLE_SCHEMA`) and
+ * the customers table (`CUSTOMERS_TABLE_SCHEMA`: API keys, prepaid balances, usage counters). One dynalite serves
+ * both, so one process (and one LevelDB lock) owns all of a data dir's DynamoDB state.
  *
  * `LedgerDb.start(dataDir, { publish: true })` runs it for `npm start` and writes `<dataDir>/ledger.json` (`{ endpoint, pid }`) while it runs, so
  * scripts (`npm run usage`, `npm run reconcile`) reach the running one with `openLocalLedger`. LevelDB lets one
@@ -15,7 +17,8 @@ import fs from "node:fs";
 import path from "node:path";
 import { Worker } from "node:worker_threads";
 import { CreateTableCommand, DescribeTableCommand, DynamoDBClient, ListTablesCommand } from "@aws-sdk/client-dynamodb";
-import { PutCommand, ScanCommand, UpdateCommand, type DynamoDBDocumentClient, type ScanCommandOutput } from "@aws-sdk/lib-dynamodb";
+import { DeleteCommand, PutCommand, ScanCommand, type DynamoDBDocumentClient, type ScanCommandOutput } from "@aws-sdk/lib-dynamodb";
+import { CUSTOMERS_KEY, CUSTOMERS_TABLE_SCHEMA, KEY_ITEM_PREFIX, LOCAL_CUSTOMERS_TABLE, STRIPE_CUSTOMER_INDEX, STRIPE_CUSTOMER_KEY, type KeyItem } from "../../functions/shared/customer-schema";
 import { LEDGER_KEY, LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE, UNDELIVERED_INDEX, UNDELIVERED_KEY, UNDELIVERED_SORT } from "../../functions/shared/ledger-schema";
 import { createLedgerDocumentClient, LedgerStore } from "../../functions/shared/ledger-store";
 
@@ -39,6 +42,11 @@ export interface LedgerLock {
 /** The environment the functions need to reach a local ledger (LEDGER_TABLE, the endpoint, local credentials). */
 export function ledgerEnv(endpoint: string, table = LOCAL_LEDGER_TABLE): NodeJS.ProcessEnv {
   return { LEDGER_TABLE: table, AWS_ENDPOINT_URL_DYNAMODB: endpoint, ...LOCAL_AWS_ENV };
+}
+
+/** The environment `createCustomerStoreFromEnv` needs to reach the local customers table (same dynalite). */
+export function customersEnv(endpoint: string, table = LOCAL_CUSTOMERS_TABLE): NodeJS.ProcessEnv {
+  return { CUSTOMERS_TABLE: table, AWS_ENDPOINT_URL_DYNAMODB: endpoint, ...LOCAL_AWS_ENV };
 }
 
 export const ledgerDir = (dataDir: string) => path.join(dataDir, "ledger");
@@ -68,7 +76,7 @@ parentPort.on("message", (message) => {
 });
 `;
 
-/** A running dynalite (in a worker thread) with the ledger table. */
+/** A running dynalite (in a worker thread) with the ledger and customers tables. */
 export class LedgerDb {
   private stopping?: Promise<void>;
 
@@ -84,13 +92,22 @@ export class LedgerDb {
     readonly repaired?: IndexRepair,
   ) {}
 
+  /** The customers table's name (`customers`). */
+  readonly customersTable = LOCAL_CUSTOMERS_TABLE;
+
   /** LEDGER_TABLE, AWS_ENDPOINT_URL_DYNAMODB and the local credentials, for the functions' environments. */
   get env(): NodeJS.ProcessEnv {
     return ledgerEnv(this.endpoint, this.table);
   }
 
+  /** CUSTOMERS_TABLE, AWS_ENDPOINT_URL_DYNAMODB and the local credentials. */
+  get customersEnv(): NodeJS.ProcessEnv {
+    return customersEnv(this.endpoint, this.customersTable);
+  }
+
   /**
-   * Starts dynalite on `<dataDir>/ledger` and creates the table when it is absent. `publish` (what `npm start` does)
+   * Starts dynalite on `<dataDir>/ledger` and creates each table that is absent (a data dir from before the
+   * customers table gets it on its next start). `publish` (what `npm start` does)
    * writes `<dataDir>/ledger.json` and refuses to start when another live process already serves this ledger.
    * A LevelDB still locked by a short-lived script (a private `openLocalLedger`) is waited for, up to `lockWaitMs`.
    */
@@ -131,7 +148,8 @@ export class LedgerDb {
     let exitHook: (() => void) | undefined;
     let repaired: IndexRepair | undefined;
     try {
-      await ensureTable(endpoint, LOCAL_LEDGER_TABLE);
+      await ensureTable(endpoint, LOCAL_LEDGER_TABLE, LEDGER_TABLE_SCHEMA);
+      await ensureTable(endpoint, LOCAL_CUSTOMERS_TABLE, CUSTOMERS_TABLE_SCHEMA);
       if (unclean) repaired = await repairIndex(endpoint, LOCAL_LEDGER_TABLE);
       if (options.publish) {
         writeLockFile(lockFile, { endpoint, pid: process.pid });
@@ -244,7 +262,14 @@ async function answers(endpoint: string): Promise<boolean> {
   }
 }
 
-async function ensureTable(endpoint: string, table: string): Promise<void> {
+/** A table in CreateTable's terms, as the schema modules declare them. */
+interface TableSchema {
+  attributeDefinitions: ReadonlyArray<{ AttributeName: string; AttributeType: string }>;
+  keySchema: ReadonlyArray<{ AttributeName: string; KeyType: string }>;
+  globalSecondaryIndexes: ReadonlyArray<{ IndexName: string; KeySchema: ReadonlyArray<{ AttributeName: string; KeyType: string }>; Projection: { ProjectionType: string } }>;
+}
+
+async function ensureTable(endpoint: string, table: string, schema: TableSchema): Promise<void> {
   const dynamo = client(endpoint, 10_000);
   try {
     let status: string | undefined;
@@ -258,12 +283,12 @@ async function ensureTable(endpoint: string, table: string): Promise<void> {
         new CreateTableCommand({
           TableName: table,
           BillingMode: "PAY_PER_REQUEST",
-          AttributeDefinitions: LEDGER_TABLE_SCHEMA.attributeDefinitions.map((a) => ({ ...a })),
-          KeySchema: LEDGER_TABLE_SCHEMA.keySchema.map((k) => ({ ...k })),
-          GlobalSecondaryIndexes: LEDGER_TABLE_SCHEMA.globalSecondaryIndexes.map((index) => ({
+          AttributeDefinitions: schema.attributeDefinitions.map((a) => ({ ...a }) as { AttributeName: string; AttributeType: "S" | "N" | "B" }),
+          KeySchema: schema.keySchema.map((k) => ({ ...k }) as { AttributeName: string; KeyType: "HASH" | "RANGE" }),
+          GlobalSecondaryIndexes: schema.globalSecondaryIndexes.map((index) => ({
             IndexName: index.IndexName,
-            KeySchema: index.KeySchema.map((k) => ({ ...k })),
-            Projection: { ...index.Projection },
+            KeySchema: index.KeySchema.map((k) => ({ ...k }) as { AttributeName: string; KeyType: "HASH" | "RANGE" }),
+            Projection: { ...index.Projection } as { ProjectionType: "ALL" | "KEYS_ONLY" | "INCLUDE" },
           })),
         }),
       );
@@ -276,7 +301,7 @@ async function ensureTable(endpoint: string, table: string): Promise<void> {
       status = (await dynamo.send(new DescribeTableCommand({ TableName: table }))).Table?.TableStatus;
       if (status === "ACTIVE") break;
       if (Date.now() > deadline) {
-        throw new LocalLedgerError(`the local ledger table ${table} stays ${status ?? "unknown"}; stop npm start and delete the ledger directory under the data dir to start afresh`);
+        throw new LocalLedgerError(`the local table ${table} stays ${status ?? "unknown"}; stop npm start and delete the ledger directory under the data dir to start afresh`);
       }
       await new Promise((resolve) => setTimeout(resolve, 10));
     }
@@ -350,6 +375,79 @@ export async function repairIndex(endpoint: string, table: string): Promise<Inde
   }
 }
 
+/** What `syncKeyItems` changed in the customers table. */
+export interface KeySync {
+  /** Key items written (every one the stack file names, each time: a changed plan or Stripe id takes effect). */
+  written: number;
+  /** Customer ids whose key items were deleted: gone from the stack file since the last start. */
+  removed: string[];
+  /** `stripe_customer` index entries that matched no key item (a write cut short by `kill -9`), removed. */
+  unindexed: string[];
+}
+
+/**
+ * Makes the customers table's key items exactly `items`, as `pulumi up` makes the deployed table's (one
+ * `aws.dynamodb.TableItem` per customer): writes each, deletes every other `key#…` item (a customer dropped from the
+ * stack file loses its key at once, not at the next cache expiry of a stale item), and removes `stripe_customer`
+ * index entries no key item backs. Account items are never touched: balances outlive a customer's key.
+ *
+ * The index check is the one `repairIndex` does for the ledger: dynalite writes an item and its index entries as
+ * separate LevelDB writes, so a `kill -9` between them can leave an entry naming a Stripe customer its item no longer
+ * has, and the webhook would then credit the wrong account. Putting an item always rewrites its own entry; an entry
+ * with another key is removed by putting the item as the entry has it, then putting (or deleting) the real one, since
+ * dynalite deletes an entry only through its item's writes (node_modules/dynalite/db/index.js `getIndexActions`).
+ */
+export async function syncKeyItems(endpoint: string, items: KeyItem[], table = LOCAL_CUSTOMERS_TABLE): Promise<KeySync> {
+  const doc = createLedgerDocumentClient(customersEnv(endpoint, table), { timeoutMs: 30_000 });
+  const sync: KeySync = { written: 0, removed: [], unindexed: [] };
+  const scanAll = async (indexName?: string) => {
+    const out: Array<Record<string, unknown>> = [];
+    let start: Record<string, unknown> | undefined;
+    do {
+      const page: ScanCommandOutput = await doc.send(
+        new ScanCommand({
+          TableName: table,
+          ...(indexName ? { IndexName: indexName } : {}),
+          FilterExpression: "begins_with(#pk, :prefix)",
+          ExpressionAttributeNames: { "#pk": CUSTOMERS_KEY },
+          ExpressionAttributeValues: { ":prefix": KEY_ITEM_PREFIX },
+          ExclusiveStartKey: start,
+        }),
+      );
+      out.push(...(page.Items ?? []));
+      start = page.LastEvaluatedKey;
+    } while (start);
+    return out;
+  };
+  const put = (item: Record<string, unknown>) => doc.send(new PutCommand({ TableName: table, Item: item }));
+  const remove = (pk: string) => doc.send(new DeleteCommand({ TableName: table, Key: { [CUSTOMERS_KEY]: pk } }));
+  try {
+    const wanted = new Map(items.map((item) => [item.pk, item]));
+    for (const item of items) {
+      await put({ ...item });
+      sync.written += 1;
+    }
+    for (const existing of await scanAll()) {
+      const pk = existing[CUSTOMERS_KEY] as string;
+      if (wanted.has(pk)) continue;
+      await remove(pk);
+      sync.removed.push(typeof existing.customer_id === "string" ? existing.customer_id : pk);
+    }
+    for (const entry of await scanAll(STRIPE_CUSTOMER_INDEX)) {
+      const pk = entry[CUSTOMERS_KEY] as string;
+      const item = wanted.get(pk);
+      if (item && item.stripe_customer_id === entry[STRIPE_CUSTOMER_KEY]) continue;
+      await put(entry);
+      if (item) await put({ ...item });
+      else await remove(pk);
+      sync.unindexed.push(pk);
+    }
+    return sync;
+  } finally {
+    doc.destroy();
+  }
+}
+
 interface LevelLike {
   open(): Promise<void>;
   close(): Promise<void>;
@@ -390,6 +488,10 @@ async function waitForLevelDb(dir: string, waitMs: number): Promise<void> {
 export interface LocalLedger {
   endpoint: string;
   table: string;
+  /** The customers table, served by the same dynalite. */
+  customersTable: string;
+  /** CUSTOMERS_TABLE, the endpoint and the local credentials (for `createCustomerStoreFromEnv`). */
+  customersEnv: NodeJS.ProcessEnv;
   /** Whether this is the running `npm start`'s ledger (true) or a private dynalite (false). */
   shared: boolean;
   doc: DynamoDBDocumentClient;
@@ -404,14 +506,14 @@ export interface LocalLedger {
  * answers, else a private dynalite on the same files (stopped by `close()`). Throws `LocalLedgerError` when the data
  * dir has no ledger yet (unless `create`), or its LevelDB is locked by a process that serves no endpoint.
  */
-export async function openLocalLedger(dataDir: string, options: { create?: boolean; lockWaitMs?: number } = {}): Promise<LocalLedger> {
+export async function openLocalLedger(dataDir: string, options: { create?: boolean; lockWaitMs?: number; missingHint?: string } = {}): Promise<LocalLedger> {
   let endpoint: string;
   let db: LedgerDb | undefined;
   const running = await liveLedger(dataDir);
   if (running) endpoint = running.endpoint;
   else {
     if (!options.create && !fs.existsSync(ledgerDir(dataDir))) {
-      throw new LocalLedgerError(`no ledger yet: ${ledgerDir(dataDir)} does not exist (run npm start and send a request)`);
+      throw new LocalLedgerError(`no ledger yet: ${ledgerDir(dataDir)} does not exist (${options.missingHint ?? "run npm start and send a request"})`);
     }
     db = await LedgerDb.start(dataDir, { lockWaitMs: options.lockWaitMs ?? 10_000 });
     endpoint = db.endpoint;
@@ -424,6 +526,8 @@ export async function openLocalLedger(dataDir: string, options: { create?: boole
   return {
     endpoint,
     table: LOCAL_LEDGER_TABLE,
+    customersTable: LOCAL_CUSTOMERS_TABLE,
+    customersEnv: customersEnv(endpoint),
     shared: db === undefined,
     doc,
     store: new LedgerStore(doc, LOCAL_LEDGER_TABLE),

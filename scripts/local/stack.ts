@@ -1,12 +1,15 @@
 /**
- * The local stack: gateway emulator + the real ai-chat handler + a built-in model server + the usage ledger
- * (dynalite) + the usage forwarder's sweep + a Moesif-compatible collector and a Stripe-compatible meter event
- * endpoint, both backed by SQLite, configured from the same stack file `pulumi up` reads.
+ * The local stack: gateway emulator + the real ai-chat handler + a built-in model server + the usage ledger and the
+ * customers table (one dynalite) + the usage forwarder's sweep + a Moesif-compatible collector and a Stripe-compatible
+ * meter event endpoint, both backed by SQLite, configured from the same stack file `pulumi up` reads.
  *
  * The request path writes each request's usage to the ledger (as on AWS); the forwarder, run here on an interval
- * instead of the DynamoDB stream and EventBridge schedule, delivers it to both sinks. What lives under the data dir
- * (default `.local/`): `api-keys.json`, `ledger/` (LevelDB) + `ledger.json` while running, `usage.db` (collector
- * events, quota counters), `stripe.db` (meter events).
+ * instead of the DynamoDB stream and EventBridge schedule, delivers it to both sinks and settles reservations a dead
+ * process left behind. The customers table holds the stack file's key items (written at every start, as `pulumi up`
+ * writes the deployed table's) and each customer's account (prepaid balance, open reservations, usage counters),
+ * which outlives restarts and is topped up with `npm run credits` or a signed Stripe event on `/stripe/webhook`.
+ * What lives under the data dir (default `.local/`): `api-keys.json`, `ledger/` (LevelDB: both tables) +
+ * `ledger.json` while running, `usage.db` (collector events, quota counters), `stripe.db` (meter events).
  */
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
@@ -14,13 +17,16 @@ import path from "node:path";
 import YAML from "yaml";
 import { createDeps, createHandler } from "../../functions/ai-chat/index";
 import { streamifyResponse } from "../../functions/ai-chat/lambda-stream";
+import type { CustomerStore } from "../../functions/shared/customer-port";
+import { keyItem } from "../../functions/shared/customer-schema";
+import { createCustomerStoreFromEnv } from "../../functions/shared/customer-store";
 import type { StripeBilling } from "../../functions/shared/ledger-schema";
 import { createLedgerDocumentClient, LedgerStore } from "../../functions/shared/ledger-store";
 import { createForwarderFromEnv, type CreateForwarderOptions, type UsageForwarder } from "../../functions/usage-forwarder/forwarder";
-import { customersByKeyId, functionPlans, ROUTES } from "../../infra/function-env";
+import { functionPlans, holdStaleAfterMs, ROUTES } from "../../infra/function-env";
 import { parseStackConfig, PROJECT, StackConfigError, type StackConfig } from "../../infra/stack-config";
 import { GatewayEmulator, type GatewayKey } from "./gateway";
-import { LedgerDb, LocalLedgerError } from "./ledger-db";
+import { LedgerDb, LocalLedgerError, syncKeyItems, type KeySync } from "./ledger-db";
 import { MoesifCollector } from "./moesif-collector";
 import { SqliteStore } from "./sqlite-store";
 import { LOCAL_STRIPE_API_KEY, StripeServer } from "./stripe-server";
@@ -41,7 +47,9 @@ export interface LocalStackOptions {
   /**
    * Environment: UPSTREAM_BASE_URL, UPSTREAM_API_KEY, MOESIF_APPLICATION_ID, MOESIF_BASE_URI, STRIPE_API_BASE,
    * STRIPE_API_KEY, STRIPE_BILLING (default `meters`), FORWARDER_INTERVAL_MS (default 1000), SINK_TIMEOUT_MS,
-   * FORWARDER_BATCH_SIZE, STRIPE_METER_API, LEDGER_TIMEOUT_MS, LOCAL_SINK_DELAY_MS, FORWARD_MOCK_DIRECTIVES, LOG_LEVEL…
+   * FORWARDER_BATCH_SIZE, STRIPE_METER_API, LEDGER_TIMEOUT_MS, LOCAL_SINK_DELAY_MS, FORWARD_MOCK_DIRECTIVES,
+   * STRIPE_WEBHOOK_SECRET (default `LOCAL_STRIPE_WEBHOOK_SECRET`), CUSTOMERS_TIMEOUT_MS, CUSTOMER_CACHE_TTL_MS,
+   * HOLD_STALE_AFTER_MS, LOG_LEVEL…
    */
   env?: NodeJS.ProcessEnv;
   /** Where the function's log lines go. @default stdout */
@@ -69,6 +77,13 @@ export interface LocalStack {
   dataDir: string;
   /** The usage ledger (dynalite): its endpoint and table, and the store the forwarder uses. */
   ledger: { endpoint: string; table: string; store: LedgerStore };
+  /**
+   * The customers table (same dynalite): its name, a store on it (what the function, the webhook and `npm run
+   * credits` use), and what this start changed among its key items.
+   */
+  customers: { table: string; store: CustomerStore; keys: KeySync };
+  /** `POST <baseUrl>/stripe/webhook` and the signing secret it verifies Stripe's signatures with. */
+  stripeWebhook: { url: string; secret: string };
   /** `meters`: the forwarder sends Stripe meter events; `moesif`: Moesif alone (its billing meter bills). */
   stripeBilling: StripeBilling;
   /** The built-in Stripe-compatible endpoint (absent with STRIPE_API_BASE or STRIPE_BILLING=moesif). */
@@ -90,6 +105,19 @@ const ROOT = path.resolve(__dirname, "..", "..");
 const LOCAL_UPSTREAM_KEY = "local-upstream-key";
 const LOCAL_MOESIF_APP_ID = "local-collector";
 export const DEFAULT_FORWARDER_INTERVAL_MS = 1000;
+
+/**
+ * The webhook signing secret `npm start` verifies `/stripe/webhook` with when STRIPE_WEBHOOK_SECRET is unset. Not a
+ * secret (it is in the source and the banner): it lets a local test sign its own events. To receive Stripe's test
+ * events, set STRIPE_WEBHOOK_SECRET to the one `stripe listen` prints.
+ */
+export const LOCAL_STRIPE_WEBHOOK_SECRET = "whsec_local_metered_ai_api";
+
+/** The local API key id of a customer: fixed, so the key items `npm start` writes are found again on the next start. */
+export function localKeyId(customerId: string): string {
+  return `local-key-${customerId}`;
+}
+
 
 /** A non-negative integer variable of the local stack's environment, or `fallback` when unset. */
 function integerEnv(env: NodeJS.ProcessEnv, name: string, fallback: number, min: number): number {
@@ -223,6 +251,9 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       throw err;
     }
     started.push(ledgerDb);
+    // Any reservation on the customers table older than this belongs to a process that is gone: LevelDB's lock
+    // (taken above) makes this process dynalite's only server, so no other live process can have made it.
+    const startedAt = Date.now();
     const repaired = ledgerDb.repaired;
     if (repaired && (repaired.restored.length > 0 || repaired.unindexed.length > 0)) {
       // The last run was killed mid-write (kill -9): say what the start-up repair of dynalite's index did.
@@ -267,11 +298,21 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
     }
 
     const keys: GatewayKey[] = Object.entries(config.customers).map(([customerId, customer]) => ({
-      id: `local-key-${customerId}`,
+      id: localKeyId(customerId),
       value: apiKeys[customerId],
       customerId,
       plan: config.plans[customer.plan],
     }));
+    // The key items `pulumi up` writes (one per customer, exactly `keyItem(...)`), with the local key ids; key items
+    // of customers gone from the stack file are deleted. The function reads customers from here, not CUSTOMERS.
+    const keySync = await syncKeyItems(
+      ledgerDb.endpoint,
+      keys.map((k) => keyItem(k.id, k.customerId, config.customers[k.customerId])),
+      ledgerDb.customersTable,
+    );
+    const customerStore = createCustomerStoreFromEnv(ledgerDb.customersEnv, { timeoutMs: 10_000 });
+    const webhookSecret = env.STRIPE_WEBHOOK_SECRET?.trim() || LOCAL_STRIPE_WEBHOOK_SECRET;
+    const staleAfterMs = integerEnv(env, "HOLD_STALE_AFTER_MS", holdStaleAfterMs(config), 1000);
     // The same variables the Pulumi program gives the Lambda, built by the same helpers.
     const functionEnv: NodeJS.ProcessEnv = {
       UPSTREAM_BASE_URL: upstreamUrl,
@@ -285,7 +326,6 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       MOESIF_BASE_URI: moesifBase,
       MOESIF_LOG_BODIES: String(config.logBodies),
       METERING_TIMEOUT_MS: String(config.meteringTimeoutMs),
-      CUSTOMERS: JSON.stringify(customersByKeyId(keys.map((k) => ({ keyId: k.id, customerId: k.customerId, customer: config.customers[k.customerId] })))),
       PLANS: JSON.stringify(functionPlans(config.plans)),
       // The function strips a top-level `mock` field before forwarding to a real upstream; the built-in model server
       // reads it to misbehave on request. (A test pointing UPSTREAM_BASE_URL at its own mock server sets it itself.)
@@ -295,6 +335,12 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       ...ledgerDb.env,
       LEDGER_TIMEOUT_MS: env.LEDGER_TIMEOUT_MS?.trim() || String(config.ledgerTimeoutMs),
       STRIPE_BILLING: stripeBilling,
+      // The customers table (key items, balances, usage counters) on the same dynalite.
+      CUSTOMERS_TABLE: ledgerDb.customersTable,
+      CUSTOMERS_TIMEOUT_MS: env.CUSTOMERS_TIMEOUT_MS?.trim() || String(config.customersTimeoutMs),
+      CUSTOMER_CACHE_TTL_MS: env.CUSTOMER_CACHE_TTL_MS?.trim() || String(config.customerCacheTtlMs),
+      // Given directly (on AWS: STRIPE_WEBHOOK_SECRET_PARAMETER names an SSM SecureString).
+      STRIPE_WEBHOOK_SECRET: webhookSecret,
     };
     const lambda = createHandler(() => createDeps(functionEnv, { write: options.write }));
     // An invocation outlives its answer (the function meters once the answer is out): stop() waits for those in
@@ -337,6 +383,8 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
     // directly and no sweep grace: locally the sweep is the only trigger (dynalite has no streams).
     const forwarderEnv: NodeJS.ProcessEnv = {
       ...ledgerDb.env,
+      CUSTOMERS_TABLE: ledgerDb.customersTable,
+      HOLD_STALE_AFTER_MS: String(staleAfterMs),
       MOESIF_BASE_URI: moesifBase,
       MOESIF_APPLICATION_ID: moesifAppId,
       STRIPE_BILLING: stripeBilling,
@@ -349,7 +397,8 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
     };
     let forwarder: UsageForwarder;
     try {
-      forwarder = createForwarderFromEnv(forwarderEnv, { write: options.write, ...options.forwarder });
+      // orphanHoldsBefore: holds made before this start are settled at the first sweep, not after HOLD_STALE_AFTER_MS.
+      forwarder = createForwarderFromEnv(forwarderEnv, { write: options.write, ...options.forwarder, orphanHoldsBefore: startedAt });
     } catch (err) {
       // ForwarderConfigError: a bad SINK_TIMEOUT_MS, FORWARDER_BATCH_SIZE, STRIPE_METER_API or URL (no secret in it).
       throw new LocalStackError((err as Error).message);
@@ -385,6 +434,8 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       gateway,
       dataDir,
       ledger: { endpoint: ledgerDb.endpoint, table: ledgerDb.table, store: ledgerStore },
+      customers: { table: ledgerDb.customersTable, store: customerStore, keys: keySync },
+      stripeWebhook: { url: `${gateway.baseUrl}/stripe/webhook`, secret: webhookSecret },
       stripeBilling,
       stripe,
       stripeApiBase,

@@ -69,8 +69,10 @@ describe("loadFunctionConfig: plans and prices", () => {
   }
 
   it("reads secret parameter names and the mock-forwarding switch", () => {
-    const config = loadFunctionConfig(testEnv({ UPSTREAM_API_KEY_PARAMETER: "/svc/upstream", MOESIF_APPLICATION_ID_PARAMETER: " /svc/moesif ", FORWARD_MOCK_DIRECTIVES: "true" }));
-    expect(config.secretParameters).to.deep.equal({ upstreamApiKey: "/svc/upstream", moesifApplicationId: "/svc/moesif" });
+    const config = loadFunctionConfig(
+      testEnv({ UPSTREAM_API_KEY_PARAMETER: "/svc/upstream", MOESIF_APPLICATION_ID_PARAMETER: " /svc/moesif ", STRIPE_WEBHOOK_SECRET_PARAMETER: "/svc/whsec", FORWARD_MOCK_DIRECTIVES: "true" }),
+    );
+    expect(config.secretParameters).to.deep.equal({ upstreamApiKey: "/svc/upstream", moesifApplicationId: "/svc/moesif", stripeWebhookSecret: "/svc/whsec" });
     expect(config.forwardMockDirectives).to.equal(true);
     expect(loadFunctionConfig(testEnv()).forwardMockDirectives).to.equal(false);
   });

@@ -198,8 +198,8 @@ describe("ParameterStoreSecrets", () => {
   it("lets a named parameter win over a direct value", async () => {
     const reader: ParameterReader = { read: async () => ({ "/k": "from-ssm" }) };
     const secrets = new ParameterStoreSecrets({ direct: { upstreamApiKey: "direct", moesifApplicationId: "direct-app" }, parameters, reader, log });
-    expect(secrets.current()).to.deep.equal({ upstreamApiKey: undefined, moesifApplicationId: "direct-app" });
-    expect(await secrets.resolve()).to.deep.equal({ upstreamApiKey: "from-ssm", moesifApplicationId: "direct-app" });
+    expect(secrets.current()).to.deep.equal({ upstreamApiKey: undefined, moesifApplicationId: "direct-app", stripeWebhookSecret: undefined });
+    expect(await secrets.resolve()).to.deep.equal({ upstreamApiKey: "from-ssm", moesifApplicationId: "direct-app", stripeWebhookSecret: undefined });
   });
 });
 

@@ -32,6 +32,11 @@ export interface Recorded {
 
 const ACCOUNT = "123456789012";
 const REGION = "us-east-1";
+/** A TableItem's hash key value as the provider computes it (table_item.go attributeValueToString: S and N verbatim). */
+function tableItemKeyValue(item: string, hashKey: string): string {
+  const value = (JSON.parse(item) as Record<string, Record<string, string>>)[hashKey];
+  return value?.S ?? value?.N ?? "";
+}
 
 /** A deterministic string of `length` characters from [a-z0-9] (API Gateway ids) or [A-Za-z0-9] (key values). */
 function derived(seed: string, length: number, alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"): string {
@@ -49,13 +54,21 @@ export function mockApiKeyValue(logicalName: string): string {
   return derived(`key-value:${logicalName}`, 40, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789");
 }
 
-/** A Stripe webhook signing secret of realistic length. */
-export const MOCK_WEBHOOK_SECRET = `whsec_${derived("webhook", 32, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")}`;
+/** A Stripe webhook signing secret of realistic length, one per endpoint (Stripe gives each endpoint its own). */
+export function mockWebhookSecret(logicalName: string): string {
+  return `whsec_${derived(`webhook:${logicalName}`, 32, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")}`;
+}
+/** The Moesif webhook endpoint's signing secret. */
+export const MOCK_WEBHOOK_SECRET = mockWebhookSecret("moesif-stripe-endpoint");
+/** The credits webhook endpoint's signing secret. */
+export const MOCK_CREDITS_WEBHOOK_SECRET = mockWebhookSecret("metered-ai-api-stripe-credits-endpoint");
+
 
 /**
  * Mocks that record every resource (inputs, answered state and the options the SDK sent) and fill in the computed
  * outputs the program reads, the way the AWS provider would: auto-names, ARNs, API Gateway's 10-character key ids,
- * the key value on both the ApiKey and the UsagePlanKey. Unmocked calls throw.
+ * the key value on both the ApiKey and the UsagePlanKey, Stripe ids and per-endpoint signing secrets. The region and
+ * partition invokes answer us-east-1 / aws; other calls throw.
  */
 export function recordingMocks(created: Recorded[], pendingOptions: Map<string, RecordedOptions & { urn: string }> = new Map()): pulumi.runtime.Mocks {
   const keyValues = new Map<string, string>();
@@ -110,7 +123,14 @@ export function recordingMocks(created: Recorded[], pendingOptions: Map<string, 
           id = derived(`id:${args.name}`, 6);
           break;
         case "stripe:index/webhookEndpoint:WebhookEndpoint":
-          state.secret = MOCK_WEBHOOK_SECRET;
+          id = `we_${derived(`stripe:${args.name}`, 24, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")}`;
+          state.secret = mockWebhookSecret(args.name);
+          break;
+        case "aws:dynamodb/tableItem:TableItem":
+          // The provider's id and identity: table name and hash key value joined by a comma (table_item.go
+          // tableItemCreateResourceID, flex.ResourceIdSeparator).
+          state.hashKeyValue = tableItemKeyValue(inputs.item, inputs.hashKey);
+          id = `${inputs.tableName},${state.hashKeyValue}`;
           break;
         case "aws:dynamodb/table:Table":
           state.name = inputs.name ?? autoName();
@@ -161,6 +181,12 @@ export function recordingMocks(created: Recorded[], pendingOptions: Map<string, 
       return { id, state };
     },
     call(args) {
+      switch (args.token) {
+        case "aws:index/getRegion:getRegion":
+          return { id: REGION, region: REGION, name: REGION, endpoint: `ec2.${REGION}.amazonaws.com`, description: "US East (N. Virginia)" };
+        case "aws:index/getPartition:getPartition":
+          return { id: "aws", partition: "aws", dnsSuffix: "amazonaws.com", reverseDnsPrefix: "com.amazonaws" };
+      }
       throw new Error(`unmocked call ${args.token}`);
     },
   };

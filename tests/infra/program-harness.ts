@@ -4,7 +4,7 @@
  */
 import { expect } from "chai";
 import * as pulumi from "@pulumi/pulumi";
-import { mockApiKeyValue, MOCK_WEBHOOK_SECRET, promiseOf, setRecordingMocks, type Recorded } from "../helpers/pulumi-mocks";
+import { mockApiKeyValue, MOCK_CREDITS_WEBHOOK_SECRET, MOCK_WEBHOOK_SECRET, promiseOf, setRecordingMocks, type Recorded } from "../helpers/pulumi-mocks";
 import { registerSecret } from "../helpers/secret-scan";
 
 export const PROJECT = "metered-ai-api";
@@ -15,7 +15,7 @@ export const STRIPE_KEY = `sk_test_${"51Stripe".repeat(12)}`;
 /** A restricted key for meter events only (`stripeMeterApiKey`). */
 export const STRIPE_METER_KEY = `rk_test_${"51Meters".repeat(12)}`;
 export const WEBHOOK_URL = "https://api.moesif.net/example/stripe/webhook";
-registerSecret(UPSTREAM_SECRET, MOESIF_APP_ID, STRIPE_KEY, STRIPE_METER_KEY, MOCK_WEBHOOK_SECRET);
+registerSecret(UPSTREAM_SECRET, MOESIF_APP_ID, STRIPE_KEY, STRIPE_METER_KEY, MOCK_WEBHOOK_SECRET, MOCK_CREDITS_WEBHOOK_SECRET);
 
 export const PLANS = {
   starter: {
@@ -59,9 +59,14 @@ export async function runProgram(config: Record<string, string>, stack = "dev", 
   await promiseOf(program.invokeUrl);
   await promiseOf(program.stripeWebhookEndpointId);
   await promiseOf(program.ledgerTableArn);
+  await promiseOf(program.customersTableArn);
+  await promiseOf(program.stripeCreditsWebhookEndpointId);
   if (program.stripePriceIds) await promiseOf(program.stripePriceIds);
   await waitForRPCs();
-  for (const resource of created) if (resource.type === "aws:apigateway/apiKey:ApiKey") registerSecret(mockApiKeyValue(resource.name));
+  for (const resource of created) {
+    if (resource.type === "aws:apigateway/apiKey:ApiKey") registerSecret(mockApiKeyValue(resource.name));
+    if (resource.type === "stripe:index/webhookEndpoint:WebhookEndpoint") registerSecret(resource.state.secret as string);
+  }
   return { program, created };
 }
 

@@ -1,5 +1,15 @@
 import { expect } from "chai";
-import { environmentBytes, forwarderEnvironment, functionEnvironment, functionPlans, plannedEnvironment, plannedLedgerTableName, sanitizeStackName } from "../../infra/function-env";
+import {
+  environmentBytes,
+  forwarderEnvironment,
+  functionEnvironment,
+  functionPlans,
+  holdStaleAfterMs,
+  plannedCustomersTableName,
+  plannedEnvironment,
+  plannedLedgerTableName,
+  sanitizeStackName,
+} from "../../infra/function-env";
 import { billingCurrencies, MAX_QUOTA_OFFSET, parseStackConfig, StackConfigError, type QuotaPeriod } from "../../infra/stack-config";
 
 const PLAN = { rateLimit: 5, burstLimit: 10 };
@@ -33,7 +43,7 @@ describe("stack config (infra/stack-config.ts)", () => {
     it("defaults the currency to usd and leaves plans without prices unbilled", () => {
       const config = parseStackConfig({ plans: { paid: { ...PLAN, prices: { m: { input: 1, output: 2 } } }, free: PLAN } }, { forDeploy: false });
       expect(config.plans.paid.currency).to.equal("usd");
-      expect(config.plans.free).to.deep.equal(PLAN);
+      expect(config.plans.free).to.deep.equal({ ...PLAN, billing: "postpaid" });
     });
 
     it("refuses the old {inputPer1k, outputPer1k, currency} shape and shows the new one", () => {
@@ -71,10 +81,10 @@ describe("stack config (infra/stack-config.ts)", () => {
         { forDeploy: false },
       );
       expect(functionPlans(config.plans)).to.deep.equal({
-        listed: { models: ["a"], pricing: { currency: "usd", prices: { a: { input: 1_000_000, output: 2_000_000 }, b: { input: 3_000_000, output: 4_000_000 } } } },
-        priced: { models: ["a"], pricing: { currency: "usd", prices: { a: { input: 1_000_000, output: 2_000_000 } } } },
-        open: {},
-        limited: { models: ["x"] },
+        listed: { models: ["a"], pricing: { currency: "usd", prices: { a: { input: 1_000_000, output: 2_000_000 }, b: { input: 3_000_000, output: 4_000_000 } } }, billing: "postpaid" },
+        priced: { models: ["a"], pricing: { currency: "usd", prices: { a: { input: 1_000_000, output: 2_000_000 } } }, billing: "postpaid" },
+        open: { billing: "postpaid" },
+        limited: { models: ["x"], billing: "postpaid" },
       });
     });
   });
@@ -116,17 +126,35 @@ describe("stack config (infra/stack-config.ts)", () => {
       expect([config.upstreamTimeoutMs, config.upstreamIdleTimeoutMs, config.meteringTimeoutMs, config.lambdaTimeoutSeconds]).to.deep.equal([120_000, 60_000, 1_000, 300]);
     });
     it("refuses a buffered deadline that leaves less than the 2 s margin under the function timeout or the 5-minute idle timeout", () => {
-      expect(parse({ upstreamTimeoutMs: 296_000 }).upstreamTimeoutMs).to.equal(296_000);
-      expect(refusal({ upstreamTimeoutMs: 296_001 })).to.match(/upstreamTimeoutMs.*300001 ms exceeds API Gateway's 5-minute idle timeout/);
+      // 295,000 + 1,000 (customers) + 1,000 (ledger) + 1,000 (Moesif) + 2,000 margin = 300,000.
+      expect(parse({ upstreamTimeoutMs: 295_000 }).upstreamTimeoutMs).to.equal(295_000);
+      expect(refusal({ upstreamTimeoutMs: 295_001 })).to.match(/upstreamTimeoutMs.*300001 ms exceeds API Gateway's 5-minute idle timeout/);
       expect(refusal({ lambdaTimeoutSeconds: 20 })).to.match(/upstreamTimeoutMs.*exceeds lambdaTimeoutSeconds \(20000 ms\)/);
-      expect(parse({ lambdaTimeoutSeconds: 29, upstreamTimeoutMs: 25_000, upstreamIdleTimeoutMs: 20_000 }).lambdaTimeoutSeconds).to.equal(29);
+      expect(parse({ lambdaTimeoutSeconds: 29, upstreamTimeoutMs: 24_000, upstreamIdleTimeoutMs: 20_000 }).lambdaTimeoutSeconds).to.equal(29);
     });
     it("counts the ledger write and the direct Moesif send that stands in for it one after the other", () => {
       expect(parse({}).ledgerTimeoutMs).to.equal(1_000);
-      expect(parse({ upstreamTimeoutMs: 290_000, ledgerTimeoutMs: 5_000, meteringTimeoutMs: 3_000 }).ledgerTimeoutMs).to.equal(5_000);
-      expect(refusal({ upstreamTimeoutMs: 290_000, ledgerTimeoutMs: 5_001, meteringTimeoutMs: 3_000 })).to.match(/upstreamTimeoutMs.*ledgerTimeoutMs.*300001 ms exceeds/);
-      expect(refusal({ lambdaTimeoutSeconds: 60, upstreamTimeoutMs: 30_000, upstreamIdleTimeoutMs: 50_000, ledgerTimeoutMs: 7_001 })).to.match(/upstreamIdleTimeoutMs.*ledgerTimeoutMs.*lambdaTimeoutSeconds/);
+      expect(parse({ upstreamTimeoutMs: 290_000, ledgerTimeoutMs: 4_000, meteringTimeoutMs: 3_000 }).ledgerTimeoutMs).to.equal(4_000);
+      expect(refusal({ upstreamTimeoutMs: 290_000, ledgerTimeoutMs: 4_001, meteringTimeoutMs: 3_000 })).to.match(/upstreamTimeoutMs.*ledgerTimeoutMs.*300001 ms exceeds/);
+      expect(refusal({ lambdaTimeoutSeconds: 60, upstreamTimeoutMs: 30_000, upstreamIdleTimeoutMs: 50_000, ledgerTimeoutMs: 6_001 })).to.match(/upstreamIdleTimeoutMs.*ledgerTimeoutMs.*lambdaTimeoutSeconds/);
       expect(refusal({ ledgerTimeoutMs: 0 })).to.match(/ledgerTimeoutMs.*1 to 10000/);
+    });
+    it("counts one customers-table call (the settlement or usage counters after the answer) in the same sum", () => {
+      const config = parse({});
+      expect([config.customersTimeoutMs, config.customerCacheTtlMs]).to.deep.equal([1_000, 30_000]);
+      // 290,000 + 6,000 (customers) + 1,000 (ledger) + 1,000 (Moesif) + 2,000 margin = 300,000.
+      expect(parse({ upstreamTimeoutMs: 290_000, customersTimeoutMs: 6_000 }).customersTimeoutMs).to.equal(6_000);
+      expect(refusal({ upstreamTimeoutMs: 290_000, customersTimeoutMs: 6_001 })).to.match(/"metered-ai-api:upstreamTimeoutMs".*customersTimeoutMs.*300001 ms exceeds API Gateway's 5-minute idle timeout/);
+      expect(refusal({ lambdaTimeoutSeconds: 60, upstreamTimeoutMs: 50_000, customersTimeoutMs: 6_001 })).to.match(/upstreamTimeoutMs.*exceeds lambdaTimeoutSeconds \(60000 ms\)/);
+      expect(refusal({ lambdaTimeoutSeconds: 60, upstreamTimeoutMs: 30_000, upstreamIdleTimeoutMs: 50_000, customersTimeoutMs: 6_001 })).to.match(/upstreamIdleTimeoutMs.*customersTimeoutMs.*lambdaTimeoutSeconds/);
+    });
+    it("refuses customers-table timeouts and cache lifetimes out of range, naming the key", () => {
+      expect(refusal({ customersTimeoutMs: 0 })).to.match(/"metered-ai-api:customersTimeoutMs": must be an integer from 1 to 10000 \(got 0\)/);
+      expect(refusal({ customersTimeoutMs: 10_001 })).to.match(/"metered-ai-api:customersTimeoutMs".*1 to 10000/);
+      expect(refusal({ customersTimeoutMs: "1.5" })).to.match(/"metered-ai-api:customersTimeoutMs"/);
+      expect(refusal({ customerCacheTtlMs: 0 })).to.match(/"metered-ai-api:customerCacheTtlMs": must be an integer from 1 to 3600000/);
+      expect(refusal({ customerCacheTtlMs: 3_600_001 })).to.match(/"metered-ai-api:customerCacheTtlMs"/);
+      expect(parse({ customerCacheTtlMs: "5000", customersTimeoutMs: "250" })).to.include({ customerCacheTtlMs: 5_000, customersTimeoutMs: 250 });
     });
     it("refuses a stream idle gap at or past API Gateway's idle timeout or the function timeout", () => {
       expect(refusal({ upstreamIdleTimeoutMs: 299_000 })).to.match(/upstreamIdleTimeoutMs.*5-minute idle timeout/);
@@ -142,27 +170,31 @@ describe("stack config (infra/stack-config.ts)", () => {
       expect(environmentBytes(variables)).to.equal('{"A":"{\\"k\\":\\"v\\"}","B":"é"}'.length + 1);
     });
 
-    it("refuses customers whose escaped JSON overflows 4096 bytes even when the raw lengths would fit", () => {
-      // Adding raw lengths (the old check: names + CUSTOMERS + PLANS, no quotes, no escapes) undercounts each
-      // customer by the escapes of its 14 quotes. Find a customer count where the two disagree.
-      const customers = (n: number) => Object.fromEntries(Array.from({ length: n }, (_, i) => [`c${String(i).padStart(3, "0")}`, { plan: "starter", stripeCustomerId: "cus_0123456789" }]));
-      const rawSum = (vars: Record<string, string>) => Object.entries(vars).reduce((sum, [k, v]) => sum + k.length + v.length, 0);
-      const planned = (n: number) => plannedEnvironment({ ...parse({}), customers: customers(n) }, "dev");
-      const n = Array.from({ length: 200 }, (_, i) => i + 1).find((count) => environmentBytes(planned(count)) > 4096)!;
-      const vars = planned(n);
-      expect(environmentBytes(vars)).to.be.greaterThan(4096);
-      expect(rawSum(vars), "the raw sum would have let it through").to.be.at.most(4096);
-      expect(refusal({ customers: customers(n) })).to.match(new RegExp(`"metered-ai-api:customers": ${n} customers make the function's environment ${environmentBytes(vars)} bytes`));
-      expect(parse({ customers: customers(n - 1) }).customers).to.have.property("c000");
+    it("does not grow with the number of customers: 1,000 customers plan the same environment as one", () => {
+      const customers = (n: number) => Object.fromEntries(Array.from({ length: n }, (_, i) => [`customer-${String(i).padStart(4, "0")}`, { plan: "starter", stripeCustomerId: `cus_${"X".repeat(14)}${i}` }]));
+      const one = plannedEnvironment(parse({ customers: customers(1) }), "dev");
+      const thousand = plannedEnvironment(parse({ customers: customers(1_000) }), "dev");
+      expect(thousand).to.deep.equal(one);
+      expect(one).to.not.have.property("CUSTOMERS");
+      expect(environmentBytes(one)).to.be.below(4096);
     });
 
-    it("holds no secret: the upstream key and the Moesif application id are parameter names, sized for at preview", () => {
+    it("still refuses an environment over 4096 bytes, naming the URL that makes it so", () => {
+      const long = `https://${"a".repeat(3_400)}.example.com/v1`;
+      expect(refusal({ upstreamBaseUrl: long })).to.match(/"metered-ai-api:upstreamBaseUrl": makes the function's environment \d+ bytes .*Lambda allows 4096/);
+      expect(refusal({ moesifBaseUri: long })).to.match(/"metered-ai-api:moesifBaseUri": makes the function's environment/);
+    });
+
+    it("holds no secret: the upstream key, the Moesif application id and the Stripe webhook secret are parameter names, sized for at preview", () => {
       const vars = functionEnvironment(parse({}), "prod");
-      expect(vars).to.include({ PLANS_FILE: "plans.json" });
-      for (const name of ["UPSTREAM_API_KEY", "MOESIF_APPLICATION_ID", "PLANS"]) expect(vars).to.not.have.property(name);
+      expect(vars).to.include({ PLANS_FILE: "plans.json", CUSTOMERS_TIMEOUT_MS: "1000", CUSTOMER_CACHE_TTL_MS: "30000" });
+      for (const name of ["UPSTREAM_API_KEY", "MOESIF_APPLICATION_ID", "STRIPE_WEBHOOK_SECRET", "PLANS", "CUSTOMERS"]) expect(vars).to.not.have.property(name);
       const planned = plannedEnvironment(parse({}), "prod");
       expect(planned.UPSTREAM_API_KEY_PARAMETER).to.equal("metered-ai-api-param-upstream-api-key-xxxxxxx");
       expect(planned.MOESIF_APPLICATION_ID_PARAMETER).to.equal("metered-ai-api-param-moesif-application-id-xxxxxxx");
+      expect(planned.STRIPE_WEBHOOK_SECRET_PARAMETER).to.equal("metered-ai-api-param-stripe-webhook-secret-xxxxxxx");
+      expect(planned.CUSTOMERS_TABLE).to.equal(plannedCustomersTableName()).and.equal("customers-table-xxxxxxx");
+      expect(planned.SECRETS_VERSION).to.equal("99999.99999.99999");
     });
   });
 
@@ -201,7 +233,77 @@ describe("stack config (infra/stack-config.ts)", () => {
       const config = parse({ ledgerTimeoutMs: 750, stripeBilling: "meters" });
       expect(functionEnvironment(config, "dev")).to.include({ LEDGER_TIMEOUT_MS: "750", STRIPE_BILLING: "meters" });
       expect(plannedEnvironment(config, "dev").LEDGER_TABLE).to.equal(plannedLedgerTableName()).and.equal("usage-ledger-table-xxxxxxx");
-      expect(forwarderEnvironment(config)).to.deep.equal({ MOESIF_BASE_URI: "https://api.moesif.net", STRIPE_BILLING: "meters", FORWARDER_SWEEP_GRACE_MS: "60000", LOG_LEVEL: "info" });
+      expect(forwarderEnvironment(config)).to.deep.equal({
+        MOESIF_BASE_URI: "https://api.moesif.net",
+        STRIPE_BILLING: "meters",
+        FORWARDER_SWEEP_GRACE_MS: "60000",
+        HOLD_STALE_AFTER_MS: "360000",
+        CUSTOMERS_TIMEOUT_MS: "1000",
+        LOG_LEVEL: "info",
+      });
+    });
+  });
+
+  describe("prepaid plans and customer status", () => {
+    const priced = { prices: { "gpt-4o-mini": { input: 0.15, output: 0.6 } } };
+
+    it("defaults every plan to postpaid without an output cap, and accepts prepaid plans with prices and a cap", () => {
+      expect(parse({}).plans.starter).to.deep.equal({ ...PLAN, billing: "postpaid" });
+      const prepaid = parse(withPrices({ ...priced, billing: "prepaid", maxOutputTokens: 2048 })).plans.starter;
+      expect(prepaid).to.include({ billing: "prepaid", maxOutputTokens: 2048, currency: "usd" });
+      expect(parse(withPrices({ ...priced, billing: "prepaid" })).plans.starter.maxOutputTokens).to.equal(undefined);
+      expect(parse(withPrices({ maxOutputTokens: 1_000_000 })).plans.starter.maxOutputTokens).to.equal(1_000_000);
+    });
+
+    it("refuses a prepaid plan without prices, an unknown billing mode and an output cap out of 1..1,000,000", () => {
+      expect(refusal(withPrices({ billing: "prepaid" }))).to.match(/"metered-ai-api:plans\.starter\.billing": prepaid needs prices/);
+      expect(refusal(withPrices({ ...priced, billing: "credits" }))).to.match(/"metered-ai-api:plans\.starter\.billing": must be "postpaid" or "prepaid" \(got "credits"\)/);
+      for (const bad of [0, -1, 1_000_001, 1.5, "4096"]) {
+        expect(refusal(withPrices({ ...priced, billing: "prepaid", maxOutputTokens: bad })), String(bad)).to.match(/"metered-ai-api:plans\.starter\.maxOutputTokens": must be an integer from 1 to 1000000/);
+      }
+    });
+
+    it("gives the function billing always, and the cap and quota when the stack config sets them", () => {
+      const config = parse({
+        plans: {
+          payg: { ...PLAN, ...priced, billing: "prepaid", quota: { limit: 100, period: "WEEK", offset: 2 } },
+          capped: { ...PLAN, maxOutputTokens: 512 },
+          free: PLAN,
+        },
+      });
+      expect(functionPlans(config.plans)).to.deep.equal({
+        payg: {
+          models: ["gpt-4o-mini"],
+          pricing: { currency: "usd", prices: { "gpt-4o-mini": { input: 150_000, output: 600_000 } } },
+          billing: "prepaid",
+          quota: { limit: 100, period: "WEEK", offset: 2 },
+        },
+        capped: { billing: "postpaid", maxOutputTokens: 512 },
+        free: { billing: "postpaid" },
+      });
+    });
+
+    it("keeps a customer's status only when set, and refuses one that is not active or suspended", () => {
+      const customers = { a: { plan: "starter" }, b: { plan: "starter", status: "suspended" }, c: { plan: "starter", status: "active" } };
+      expect(parse({ customers }).customers).to.deep.equal({ a: { plan: "starter" }, b: { plan: "starter", status: "suspended" }, c: { plan: "starter", status: "active" } });
+      expect(refusal({ customers: { a: { plan: "starter", status: "blocked" } } })).to.match(/"metered-ai-api:customers\.a\.status": must be "active" or "suspended" \(got "blocked"\)/);
+    });
+
+    it("refuses a misspelt customer field instead of dropping it (a lost Stripe id would never be credited)", () => {
+      expect(refusal({ customers: { a: { plan: "starter", stripeCustomerID: "cus_1" } } })).to.match(/"metered-ai-api:customers\.a\.stripeCustomerID": is not a customer field/);
+    });
+
+    it("with meters, needs Stripe customer ids and metered prices for postpaid priced plans only: prepaid usage is paid from credits", () => {
+      const plans = { payg: { ...PLAN, ...priced, billing: "prepaid", currency: "eur" }, paid: { ...PLAN, ...priced } };
+      const config = parse({ plans, customers: { a: { plan: "payg" }, b: { plan: "paid", stripeCustomerId: "cus_b" } }, stripeBilling: "meters" });
+      expect(billingCurrencies(config.plans)).to.deep.equal(["usd"]);
+      expect(refusal({ plans, customers: { b: { plan: "paid" } }, stripeBilling: "meters" })).to.match(/customers\.b\.stripeCustomerId.*is required with stripeBilling: meters/);
+    });
+
+    it("treats a hold as stale once the longest invocation plus a minute has passed", () => {
+      expect(holdStaleAfterMs({ lambdaTimeoutSeconds: 300 })).to.equal(360_000);
+      expect(holdStaleAfterMs({ lambdaTimeoutSeconds: 900 })).to.equal(960_000);
+      expect(forwarderEnvironment(parse({ lambdaTimeoutSeconds: 120, upstreamTimeoutMs: 60_000 })).HOLD_STALE_AFTER_MS).to.equal("180000");
     });
   });
 

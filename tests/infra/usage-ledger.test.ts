@@ -73,7 +73,8 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
   let program: Program;
   let created: Recorded[];
   let find: ReturnType<typeof finder>;
-  const table = () => find.one(TABLE);
+  const table = () => find.named(TABLE, "usage-ledger-table");
+  const customersTable = () => find.named(TABLE, "customers-table");
   const forwarder = () => find.named(FUNCTION, "usage-ledger-forwarder");
   const chat = () => find.named(FUNCTION, "metered-ai-api-fn");
   const forwarderVariables = () => forwarder().inputs.environment.variables as Record<string, string>;
@@ -115,7 +116,7 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
     it("is deletion-protected by default and not when ledgerDeletionProtection is false", async () => {
       expect(table().inputs.deletionProtectionEnabled).to.equal(true);
       const { created: unprotected } = await runProgram(withConfig({ [`${PROJECT}:ledgerDeletionProtection`]: "false" }));
-      expect(finder(unprotected).one(TABLE).inputs.deletionProtectionEnabled).to.equal(false);
+      expect(finder(unprotected).named(TABLE, "usage-ledger-table").inputs.deletionProtectionEnabled).to.equal(false);
     });
 
     it("exports its name and ARN, and gives the chat function its name with the ledger timeout and billing route", async () => {
@@ -151,7 +152,7 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
       expect(finder(reserved).named(FUNCTION, "usage-ledger-forwarder").inputs.reservedConcurrentExecutions).to.equal(5);
     });
 
-    it("is told the table, Moesif and its own Moesif parameter, a 60 s sweep grace and no secret value", () => {
+    it("is told both tables, Moesif and its own Moesif parameter, a 60 s sweep grace, when a reservation is stale, and no secret value", () => {
       const vars = forwarderVariables();
       const parameters = find.ofType(PARAMETER).filter((p) => p.name.startsWith("usage-ledger-param-"));
       expect(parameters.map((p) => p.name)).to.deep.equal(["usage-ledger-param-moesif-application-id"]);
@@ -161,8 +162,12 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
         MOESIF_BASE_URI: "https://api.moesif.net",
         STRIPE_BILLING: "moesif",
         FORWARDER_SWEEP_GRACE_MS: String(FORWARDER_SWEEP_GRACE_MS),
+        // The function's 300 s timeout plus a minute: a younger hold may belong to a request still running.
+        HOLD_STALE_AFTER_MS: "360000",
+        CUSTOMERS_TIMEOUT_MS: "1000",
         LOG_LEVEL: "info",
         LEDGER_TABLE: table().state.name,
+        CUSTOMERS_TABLE: customersTable().state.name,
         MOESIF_APPLICATION_ID_PARAMETER: parameters[0].state.name,
         SECRETS_VERSION: "1",
       });
@@ -237,7 +242,7 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
     });
 
     it("lets the chat function only PutItem into the ledger table: no read, update, delete, index or stream", () => {
-      const dynamo = grants(find.named(POLICY, "metered-ai-api-policy").inputs.policy).filter(([action]) => action.startsWith("dynamodb:"));
+      const dynamo = grants(find.named(POLICY, "metered-ai-api-policy").inputs.policy).filter(([action, resource]) => action.startsWith("dynamodb:") && resource.startsWith(table().state.arn));
       expect(dynamo).to.deep.equal([["dynamodb:PutItem", table().state.arn]]);
       expect(grants(find.named(POLICY, "metered-ai-api-authorizer-policy").inputs.policy).filter(([action]) => !action.startsWith("logs:"))).to.deep.equal([]);
     });
@@ -258,6 +263,11 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
         ["sqs:SendMessage", queue().state.arn],
         ["ssm:GetParameters", parameter],
         ["ssm:GetParameter", parameter],
+        // The stale-reservation sweep: the ledger item of a hold's transaction, and the customers table.
+        ["dynamodb:GetItem", t.arn],
+        ["dynamodb:Scan", customersTable().state.arn],
+        ["dynamodb:UpdateItem", customersTable().state.arn],
+        ["dynamodb:GetItem", customersTable().state.arn],
       ]);
       // Not the chat function's parameters: the forwarder has its own copy of the Moesif id and nothing of the upstream's.
       const chatParameters = find.ofType(PARAMETER).filter((p) => p.name.startsWith("metered-ai-api-param-")).map((p) => p.state.arn);
@@ -279,7 +289,7 @@ describe("usage ledger and forwarder (infra/index.ts under mocks)", function () 
       expect(program.stripeProductId).to.equal(undefined);
       expect(program.stripePriceIds).to.equal(undefined);
       expect(forwarderVariables()).to.not.have.property("STRIPE_API_KEY_PARAMETER");
-      expect(find.one("stripe:index/webhookEndpoint:WebhookEndpoint")).to.not.equal(undefined);
+      expect(find.named("stripe:index/webhookEndpoint:WebhookEndpoint", "moesif-stripe-endpoint")).to.not.equal(undefined);
     });
   });
 

@@ -1,5 +1,6 @@
 import { expect } from "chai";
 import type { APIGatewayProxyEvent, APIGatewayProxyResult, Context } from "aws-lambda";
+import { authorize } from "../../functions/authorizer/index";
 import { gatewayResponse, renderGatewayBody } from "../../infra/gateway-responses";
 import { GatewayEmulator, isProxyResult, type GatewayOptions, type LambdaHandler } from "../../scripts/local/gateway";
 import { rawRequest, type RawResponse } from "../helpers/local-project";
@@ -40,6 +41,8 @@ function useGateway(overrides: Partial<GatewayOptions> = {}) {
       routes: [
         { path: "/v1/chat/completions", method: "POST" },
         { path: "/v1/models", method: "GET" },
+        { path: "/v1/usage", method: "GET", apiKeyRequired: true },
+        { path: "/stripe/webhook", method: "POST", apiKeyRequired: false },
       ],
       keys: [
         { id: "key-a", value: KEY, customerId: "a", plan: { rateLimit: 100_000, burstLimit: 100_000 } },
@@ -136,6 +139,61 @@ describe("GatewayEmulator", () => {
       expectGatewayBody(spent, "QUOTA_EXCEEDED", { method: "POST", path: "/beta/v1/chat/completions" });
       expect(spent.headers["x-should-retry"]).to.equal("false");
       expect(gw.quotaCalls).to.deep.equal(["key-q", "key-q"]);
+    });
+  });
+
+  describe("a route without an API key (authorization NONE, apiKeyRequired false)", () => {
+    let authorizerCalls = 0;
+    const gw = useGateway({
+      authorizer: (event) => {
+        authorizerCalls += 1;
+        return authorize(event);
+      },
+    });
+    beforeEach(() => (authorizerCalls = 0));
+
+    it("serves POST /stripe/webhook with no key: no authorizer, no key in the event, no usage plan quota", async () => {
+      const body = Buffer.from('{"id":"evt_1","type":"checkout.session.completed"}');
+      const response = await gw.send("/stripe/webhook", { headers: { "content-type": "application/json", "stripe-signature": "t=1,v1=abc" }, body });
+      expect(response.status, response.body).to.equal(200);
+      const [event] = gw.events;
+      expect(event.resource).to.equal("/stripe/webhook");
+      expect(event.headers["stripe-signature"]).to.equal("t=1,v1=abc");
+      expect(Buffer.from(event.body!, "base64").equals(body)).to.equal(true);
+      expect(event.requestContext.identity.apiKey).to.equal(null);
+      expect(event.requestContext.identity.apiKeyId).to.equal(null);
+      expect(event.requestContext.authorizer).to.equal(undefined);
+      expect(authorizerCalls).to.equal(0);
+      expect(gw.quotaCalls).to.deep.equal([]);
+    });
+
+    it("ignores a key sent to the no-key route: neither checked nor counted against its quota", async () => {
+      for (const headers of [{ "x-api-key": "u".repeat(40) }, { "x-api-key": OTHER_KEY }, { "x-api-key": OTHER_KEY }]) {
+        expect((await gw.send("/stripe/webhook", { headers })).status).to.equal(200);
+      }
+      expect(gw.events.map((e) => e.requestContext.identity.apiKeyId)).to.deep.equal([null, null, null]);
+      expect(authorizerCalls).to.equal(0);
+      expect(gw.quotaCalls).to.deep.equal([]);
+    });
+
+    it("still requires a key on GET /v1/usage, and only POST is routed on the webhook", async () => {
+      expectGatewayBody(await gw.send("/v1/usage", { method: "GET", body: Buffer.alloc(0) }), "ACCESS_DENIED", { method: "GET", path: "/beta/v1/usage" });
+      expectGatewayBody(await gw.send("/v1/usage", { method: "GET", headers: { "x-api-key": "u".repeat(40) }, body: Buffer.alloc(0) }), "INVALID_API_KEY", { method: "GET", path: "/beta/v1/usage" });
+      expectGatewayBody(await gw.send("/stripe/webhook", { method: "GET", body: Buffer.alloc(0) }), "MISSING_AUTHENTICATION_TOKEN", { method: "GET", path: "/beta/stripe/webhook" });
+      expect(gw.events).to.have.length(0);
+      const ok = await gw.send("/v1/usage", { method: "GET", headers: { "x-api-key": KEY }, body: Buffer.alloc(0) });
+      expect(ok.status).to.equal(200);
+      expect(gw.events[0].requestContext.identity.apiKeyId).to.equal("key-a");
+    });
+  });
+
+  describe("a no-key route under the stage's throttle", () => {
+    const gw = useGateway({ stageThrottle: { rateLimit: 1, burstLimit: 1 } });
+
+    it("throttles the webhook with every other caller: the stage's bucket is shared", async () => {
+      expect((await gw.send("/stripe/webhook", {})).status).to.equal(200);
+      expectGatewayBody(await gw.send("/stripe/webhook", {}), "THROTTLED", { method: "POST", path: "/beta/stripe/webhook" });
+      expectGatewayBody(await gw.send("/v1/chat/completions", { headers: { "x-api-key": KEY } }), "THROTTLED", { method: "POST", path: "/beta/v1/chat/completions" });
     });
   });
 

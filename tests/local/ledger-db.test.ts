@@ -5,9 +5,10 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { DescribeTableCommand, DynamoDBClient } from "@aws-sdk/client-dynamodb";
-import { GetCommand, PutCommand, ScanCommand, UpdateCommand } from "@aws-sdk/lib-dynamodb";
+import { GetCommand, PutCommand, QueryCommand, ScanCommand, UpdateCommand } from "@aws-sdk/lib-dynamodb";
+import { CUSTOMERS_TABLE_SCHEMA, keyItem, LOCAL_CUSTOMERS_TABLE, STRIPE_CUSTOMER_INDEX } from "../../functions/shared/customer-schema";
 import { dynamoClientOptions, LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE, UNDELIVERED_INDEX } from "../../functions/shared/ledger-schema";
-import { LedgerDb, ledgerDir, ledgerLockFile, LocalLedgerError, openLocalLedger, readLockFile } from "../../scripts/local/ledger-db";
+import { LedgerDb, ledgerDir, ledgerLockFile, LocalLedgerError, openLocalLedger, readLockFile, syncKeyItems } from "../../scripts/local/ledger-db";
 
 /** A port nothing listens on (bound, then released). */
 async function closedPort(): Promise<number> {
@@ -45,6 +46,85 @@ describe("local usage ledger (dynalite under <dataDir>/ledger)", function () {
       expect(index?.Projection?.ProjectionType).to.equal("ALL");
     } finally {
       dynamo.destroy();
+      await db.stop();
+    }
+  });
+
+  it("creates the customers table beside it, as the Pulumi program declares it: the pk key and the stripe_customer index", async () => {
+    const db = await LedgerDb.start(dataDir);
+    const dynamo = new DynamoDBClient(dynamoClientOptions(db.env));
+    try {
+      const { Table } = await dynamo.send(new DescribeTableCommand({ TableName: LOCAL_CUSTOMERS_TABLE }));
+      expect(Table?.TableStatus).to.equal("ACTIVE");
+      expect(Table?.KeySchema).to.deep.equal(CUSTOMERS_TABLE_SCHEMA.keySchema);
+      const index = Table?.GlobalSecondaryIndexes?.find((i) => i.IndexName === STRIPE_CUSTOMER_INDEX);
+      expect(index?.KeySchema).to.deep.equal(CUSTOMERS_TABLE_SCHEMA.globalSecondaryIndexes[0].KeySchema);
+      expect(index?.Projection?.ProjectionType).to.equal("ALL");
+      expect(db.customersEnv).to.include({ CUSTOMERS_TABLE: LOCAL_CUSTOMERS_TABLE, AWS_ENDPOINT_URL_DYNAMODB: db.endpoint });
+    } finally {
+      dynamo.destroy();
+      await db.stop();
+    }
+  });
+
+  it("makes the key items exactly the stack's: writes each, deletes the others, never touches an account", async () => {
+    const ledger = await openLocalLedger(dataDir, { create: true });
+    const table = ledger.customersTable;
+    const get = async (pk: string) => (await ledger.doc.send(new GetCommand({ TableName: table, Key: { pk } }))).Item;
+    const byStripe = async (id: string) =>
+      (await ledger.doc.send(new QueryCommand({ TableName: table, IndexName: STRIPE_CUSTOMER_INDEX, KeyConditionExpression: "stripe_customer_id = :s", ExpressionAttributeValues: { ":s": id } }))).Items?.map((i) => i.pk);
+    try {
+      const account = { pk: "account#b", customer_id: "b", currency: "usd", balance_micros: 5_000_000, reserved_micros: 0, holds: {}, credits: {} };
+      await ledger.doc.send(new PutCommand({ TableName: table, Item: account }));
+      const first = await syncKeyItems(ledger.endpoint, [keyItem("key-a", "a", { plan: "starter", stripeCustomerId: "cus_a" }), keyItem("key-b", "b", { plan: "pro", stripeCustomerId: "cus_b" })]);
+      expect(first).to.deep.equal({ written: 2, removed: [], unindexed: [] });
+      expect(await get("key#key-b")).to.deep.equal({ pk: "key#key-b", api_key_id: "key-b", customer_id: "b", plan: "pro", stripe_customer_id: "cus_b", status: "active" });
+
+      // b leaves the stack file; a moves plan, Stripe customer and status.
+      const second = await syncKeyItems(ledger.endpoint, [keyItem("key-a", "a", { plan: "pro", stripeCustomerId: "cus_a2", status: "suspended" })]);
+      expect(second).to.deep.equal({ written: 1, removed: ["b"], unindexed: [] });
+      expect(await get("key#key-b")).to.equal(undefined);
+      expect(await get("key#key-a")).to.deep.equal(keyItem("key-a", "a", { plan: "pro", stripeCustomerId: "cus_a2", status: "suspended" }));
+      expect(await get("account#b"), "a balance outlives its customer's key").to.deep.equal(account);
+      expect(await byStripe("cus_b")).to.deep.equal([]);
+      expect(await byStripe("cus_a")).to.deep.equal([]);
+      expect(await byStripe("cus_a2")).to.deep.equal(["key#key-a"]);
+    } finally {
+      await ledger.close();
+    }
+  });
+
+  it("removes a stripe_customer index entry a kill -9 left without its key item, so the webhook cannot find a removed customer", async () => {
+    const items = [keyItem("key-a", "a", { plan: "p", stripeCustomerId: "cus_a" }), keyItem("key-b", "b", { plan: "p", stripeCustomerId: "cus_b" })];
+    await (await openLocalLedger(dataDir, { create: true })).close();
+    let db = await LedgerDb.start(dataDir);
+    await syncKeyItems(db.endpoint, items);
+    await db.stop();
+
+    // Break it as a kill -9 between dynalite's index write and its item write does: b's item gone, its entry kept.
+    const levelPath = require.resolve("level", { paths: [path.dirname(require.resolve("dynalite/package.json"))] });
+    const { Level } = require(levelPath) as { Level: new (dir: string, options: object) => { iterator(): AsyncIterable<[string, Record<string, { S?: string }>]>; del(k: string): Promise<void>; close(): Promise<void> } };
+    const level = new Level(ledgerDir(dataDir), { valueEncoding: "json" });
+    const doomed: string[] = [];
+    for await (const [key, value] of level.iterator()) if (key.startsWith(`item-${LOCAL_CUSTOMERS_TABLE}`) && value.pk?.S === "key#key-b") doomed.push(key);
+    expect(doomed).to.have.length(1);
+    await level.del(doomed[0]);
+    await level.close();
+
+    db = await LedgerDb.start(dataDir);
+    const ledger = await openLocalLedger(dataDir);
+    const byStripe = async (id: string) =>
+      (await ledger.doc.send(new QueryCommand({ TableName: ledger.customersTable, IndexName: STRIPE_CUSTOMER_INDEX, KeyConditionExpression: "stripe_customer_id = :s", ExpressionAttributeValues: { ":s": id } }))).Items?.map((i) => i.pk);
+    try {
+      expect(await byStripe("cus_b"), "the broken state: an entry without its item").to.deep.equal(["key#key-b"]);
+      const sync = await syncKeyItems(db.endpoint, [items[0]]);
+      expect(sync).to.deep.equal({ written: 1, removed: [], unindexed: ["key#key-b"] });
+      expect(await byStripe("cus_b")).to.deep.equal([]);
+      expect(await byStripe("cus_a")).to.deep.equal(["key#key-a"]);
+      const all = await ledger.doc.send(new ScanCommand({ TableName: ledger.customersTable }));
+      expect(all.Items?.map((i) => i.pk)).to.deep.equal(["key#key-a"]);
+    } finally {
+      await ledger.close();
       await db.stop();
     }
   });
