@@ -1,11 +1,11 @@
 /**
- * What the function is told about routes, customers, plans and its settings: pure helpers shared by the Pulumi
+ * What the function is told about routes, plans and its settings: pure helpers shared by the Pulumi
  * program and the local stack, so both configure the function identically. (No Pulumi imports: the local stack
  * loads this.)
  */
 import type { ModelPrice } from "../functions/shared/pricing";
 import type { QuotaPeriod } from "../functions/shared/quota-period";
-import type { BillingMode, CustomerConfig, PlanConfig, StackConfig } from "./stack-config";
+import type { BillingMode, PlanConfig, StackConfig } from "./stack-config";
 
 /** One API Gateway route served by the function. */
 export interface RouteSpec {
@@ -52,21 +52,6 @@ export interface FunctionPlan {
   /** Only when the stack config sets one: the function applies its own default (4096) to prepaid plans. */
   maxOutputTokens?: number;
   quota?: { limit: number; period: QuotaPeriod; offset: number };
-}
-
-/**
- * API key id → customer, in the shape of the function's legacy `CUSTOMERS` variable (which it still reads when no
- * customers table is set). Not used on AWS: customers live in the customers table there. Kept for the local stack.
- */
-export function customersByKeyId(
-  keys: Array<{ keyId: string; customerId: string; customer: CustomerConfig }>,
-): Record<string, { customerId: string; plan: string; stripeCustomerId?: string }> {
-  return Object.fromEntries(
-    keys.map(({ keyId, customerId, customer }) => [
-      keyId,
-      { customerId, plan: customer.plan, ...(customer.stripeCustomerId ? { stripeCustomerId: customer.stripeCustomerId } : {}) },
-    ]),
-  );
 }
 
 /**

@@ -160,12 +160,12 @@ export class MeteredAiApi extends pulumi.ComponentResource {
         parent,
       ),
     }));
-    if (args.customersTable) {
-      const { tableName } = args.customersTable;
-      // Exactly keyItem(apiKeyId, customerId, customer): see infra/customers-table.ts for how the provider writes,
-      // reads back and updates it.
-      for (const { customerId, customer, key } of apiKeys) new aws.dynamodb.TableItem(`${name}-customer-${customerId}`, keyItemArgs(tableName, key.id, customerId, customer), parent);
-    }
+    // Exactly keyItem(apiKeyId, customerId, customer): see infra/customers-table.ts for how the provider writes, reads
+    // back and updates it.
+    const customersTable = args.customersTable;
+    const keyItems = customersTable
+      ? apiKeys.map(({ customerId, customer, key }) => new aws.dynamodb.TableItem(`${name}-customer-${customerId}`, keyItemArgs(customersTable.tableName, key.id, customerId, customer), parent))
+      : [];
 
     // Everything a deployment snapshots is tracked here with the exact args its resource is built from; the
     // deployment trigger hashes them, so any edit to a method, integration, resource, authorizer, gateway response or
@@ -258,7 +258,9 @@ export class MeteredAiApi extends pulumi.ComponentResource {
         environment: { variables: environment },
         loggingConfig: { logFormat: "Text", logGroup: logGroup.name },
       },
-      { parent: this, dependsOn: [rolePolicy, logGroup, ...parameters] },
+      // After the key items: a function that looks customers up in the table (the first deployment, or the upgrade
+      // from the CUSTOMERS variable) never serves before every key of the stack config is there.
+      { parent: this, dependsOn: [rolePolicy, logGroup, ...parameters, ...keyItems] },
     );
 
     // --- the API key authorizer ---

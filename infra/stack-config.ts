@@ -126,7 +126,7 @@ export interface StackConfig {
    * sends Stripe Billing Meter events; `pulumi up` creates the meter and a metered price per currency). Never both.
    */
   stripeBilling: StripeBilling;
-  /** DynamoDB deletion protection on the usage ledger (the billing record): on, a destroy or a replacement fails. */
+  /** DynamoDB deletion protection on the usage ledger (the billing record) and the customers table (prepaid balances): on, a destroy or a replacement fails. */
   ledgerDeletionProtection: boolean;
   /** Most time the ledger write may add to a request (then the direct Moesif send is the fallback). */
   ledgerTimeoutMs: number;

@@ -203,7 +203,7 @@ async function openTarget(args: Flags): Promise<Target> {
     const arn = typeof outputs.customersTableArn === "string" ? outputs.customersTableArn : undefined;
     const region = process.env.AWS_REGION || process.env.AWS_DEFAULT_REGION || arn?.split(":")[3];
     const store = createCustomerStoreFromEnv({ ...process.env, CUSTOMERS_TABLE: table, ...(region ? { AWS_REGION: region } : {}) }, { timeoutMs });
-    return { store, plans, where: `table ${table}${region ? ` (${region})` : ""}`, close: async () => undefined };
+    return { store, plans, where: `table ${table}${region ? ` (${region})` : ""}`, close: async () => store.destroy() };
   }
   const stackName = process.env.STACK?.trim() || "dev";
   const plans = plansOf(path.join(projectDir, `Pulumi.${stackName}.yaml`));
@@ -216,7 +216,15 @@ async function openTarget(args: Flags): Promise<Target> {
     throw err;
   }
   const store = createCustomerStoreFromEnv(ledger.customersEnv, { timeoutMs });
-  return { store, plans, where: `the local customers table (${ledger.shared ? "running npm start" : "private dynalite"} on ${path.join(dataDir, "ledger")})`, close: () => ledger.close() };
+  return {
+    store,
+    plans,
+    where: `the local customers table (${ledger.shared ? "running npm start" : "private dynalite"} on ${path.join(dataDir, "ledger")})`,
+    close: async () => {
+      store.destroy();
+      await ledger.close();
+    },
+  };
 }
 
 interface Flags {

@@ -42,6 +42,15 @@ export interface ForwarderConfig {
   sinkTimeoutMs: number;
   /** `LOG_LEVEL`. @default info */
   logLevel?: string;
+  /** `CUSTOMERS_TABLE`: when set, the scheduled sweep also settles stale prepaid holds on it. */
+  customersTable?: string;
+  /** `CUSTOMERS_TIMEOUT_MS`: bound on one customers-table call. @default 1000 */
+  customersTimeoutMs: number;
+  /**
+   * `HOLD_STALE_AFTER_MS`: a hold older than this belongs to a request that can no longer be running (infra sets
+   * the function's timeout + 60 s). @default 360000
+   */
+  holdStaleAfterMs: number;
 }
 
 export class ForwarderConfigError extends Error {
@@ -99,6 +108,9 @@ export function loadForwarderConfig(env: NodeJS.ProcessEnv): ForwarderConfig {
     batchSize: integer("FORWARDER_BATCH_SIZE", 100, 1, 100),
     sinkTimeoutMs: integer("SINK_TIMEOUT_MS", 10_000, 1),
     logLevel: env.LOG_LEVEL || undefined,
+    customersTable: env.CUSTOMERS_TABLE?.trim() || undefined,
+    customersTimeoutMs: integer("CUSTOMERS_TIMEOUT_MS", 1000, 1),
+    holdStaleAfterMs: integer("HOLD_STALE_AFTER_MS", 360_000, 0),
   };
   // Problems name variables and the values of non-secret ones only.
   if (problems.length > 0) throw new ForwarderConfigError(`The usage forwarder is misconfigured: ${problems.join("; ")}`);

@@ -25,6 +25,10 @@
  *
  * Nothing here throws for a sink, a DynamoDB failure or an item's data: each is logged and leaves the item pending
  * (or failed, with the reason).
+ *
+ * With a customers table (`holds`), each sweep (never a stream delivery) also settles the prepaid holds a crash left
+ * behind (`settleStaleHolds`), alongside the backlog and by the same deadline; its failures are logged and never
+ * affect the ledger's delivery.
  */
 import { setMaxListeners } from "node:events";
 import { SecretRedactor } from "../shared/secret-redactor";
@@ -38,6 +42,9 @@ import { SecretSource } from "./secrets";
 import type { BatchOutcome, Sink } from "./sink";
 import { StripeSink } from "./stripe-sink";
 import { awsClientOptions } from "../shared/aws-client-options";
+import type { CustomerStore } from "../shared/customer-port";
+import { createCustomerStoreFromEnv } from "../shared/customer-store";
+import { settleStaleHolds, type StaleHoldsReport } from "../shared/stale-holds";
 
 /** What one `deliver` or `sweep` did, per sink. */
 export interface DeliveryReport {
@@ -49,6 +56,8 @@ export interface DeliveryReport {
   failed: Record<SinkName, number>;
   /** Items the sink still owes after this run (sink down or backing off, out of time, or a mark that failed). */
   pending: Record<SinkName, number>;
+  /** Stale prepaid holds this sweep settled, released or could not settle (only when the sweep looks at holds). */
+  holds?: StaleHoldsReport;
 }
 
 export interface RunOptions {
@@ -74,6 +83,20 @@ export interface LedgerBackoffOptions {
   initialMs?: number;
   /** @default 300000 */
   maxMs?: number;
+}
+
+/** The stale-hold part of a sweep (prepaid reservations a crash left behind). */
+export interface HoldSweepOptions {
+  store: Pick<CustomerStore, "staleHolds" | "settle">;
+  /** The ledger read that says whether a hold's request was billed, and at what cost. */
+  ledger: { getItem(transactionId: string, options?: { signal?: AbortSignal }): Promise<LedgerItem | undefined> };
+  /** A hold older than this belongs to a request that can no longer be running (`HOLD_STALE_AFTER_MS`). */
+  staleAfterMs: number;
+  /**
+   * Holds made before this time (ms since the epoch) are stale whatever their age: the local stack passes its start,
+   * since a hold made before it belongs to a process that is gone (LevelDB's lock makes the stack the only writer).
+   */
+  orphansBefore?: number;
 }
 
 export interface UsageForwarderOptions {
@@ -111,6 +134,8 @@ export interface UsageForwarderOptions {
   maxUnmarked?: number;
   /** Replaces secrets in the reasons written to items; logs are redacted by the logger itself. */
   redact?: (text: string) => string;
+  /** Settle stale prepaid holds in each sweep. @default none */
+  holds?: HoldSweepOptions;
 }
 
 /** A run's deadline, and the signal that aborts the ledger calls still running at it. */
@@ -248,8 +273,51 @@ export class UsageForwarder {
    * since marks are conditional and the sinks de-duplicate.) Never throws.
    */
   sweep(options: RunOptions = {}): Promise<DeliveryReport> {
-    this.running ??= this.runSweep(options).finally(() => (this.running = undefined));
+    this.running ??= this.sweepAll(options).finally(() => (this.running = undefined));
     return this.running;
+  }
+
+  /** The backlog and, with a customers table, the stale holds: side by side, neither able to fail the other. */
+  private async sweepAll(options: RunOptions): Promise<DeliveryReport> {
+    const deadline = options.deadline ?? this.clock() + (this.options.sweepTimeoutMs ?? 30_000);
+    const [report, holds] = await Promise.all([this.runSweep({ ...options, deadline }), this.sweepHolds(deadline)]);
+    if (holds) report.holds = holds;
+    return report;
+  }
+
+  /**
+   * Settles the holds made before `max(orphansBefore, now - staleAfterMs)`. Never rejects and always settles by the
+   * deadline: a failure is logged (and counted in `failed` when it concerns one hold); holds not reached are left
+   * for the next sweep.
+   */
+  private async sweepHolds(deadline: number): Promise<StaleHoldsReport | undefined> {
+    const holds = this.options.holds;
+    if (!holds) return undefined;
+    const log = this.options.log;
+    const { run, end } = this.startRun(deadline);
+    const now = this.clock();
+    const olderThan = Math.max(holds.orphansBefore ?? Number.NEGATIVE_INFINITY, now - holds.staleAfterMs);
+    try {
+      const report = await this.ledger(run, () =>
+        settleStaleHolds({
+          store: holds.store,
+          ledger: { getItem: (id) => this.ledger(run, (signal) => holds.ledger.getItem(id, { signal })) },
+          olderThan,
+          now,
+          log,
+          // Leave time to finish the holds already started (each bounded by the store's own timeout).
+          deadline: run.deadline - MIN_SEND_MS,
+          clock: this.clock,
+        }),
+      );
+      if (report.settled + report.released + report.failed > 0) log.info("stale_holds_sweep", { ...report, older_than: new Date(olderThan).toISOString() });
+      return report;
+    } catch (err) {
+      log.error("stale_holds_sweep_failed", { error: describeError(err) });
+      return { settled: 0, released: 0, failed: 0 };
+    } finally {
+      end();
+    }
   }
 
   private startRun(deadline: number | undefined): { run: Run; end: () => void } {
@@ -641,13 +709,19 @@ export interface CreateForwarderOptions {
   sweepTimeoutMs?: number;
   /** The sweep's pause after ledger failures. @default 1 s doubling to 5 min */
   ledgerBackoff?: LedgerBackoffOptions;
+  /**
+   * With `CUSTOMERS_TABLE`: holds made before this time (ms since the epoch) are stale whatever their age. The local
+   * stack passes its start time, so a reservation left by a killed predecessor is settled at the first sweep.
+   */
+  orphanHoldsBefore?: number;
 }
 
 /**
  * Builds the forwarder from a function's environment (the contract in the README: `LEDGER_TABLE`,
  * `MOESIF_BASE_URI`, `MOESIF_APPLICATION_ID[_PARAMETER]`, `STRIPE_BILLING`, `STRIPE_API_KEY[_PARAMETER]`,
  * `STRIPE_API_BASE`, `STRIPE_METER_API`, `FORWARDER_SWEEP_GRACE_MS`, `FORWARDER_BATCH_SIZE`, `SINK_TIMEOUT_MS`,
- * `LOG_LEVEL`, `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_SSM`). Throws `ForwarderConfigError` when the
+ * `LOG_LEVEL`, `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_SSM`; with `CUSTOMERS_TABLE`, the stale-hold sweep
+ * with `HOLD_STALE_AFTER_MS` and `CUSTOMERS_TIMEOUT_MS`). Throws `ForwarderConfigError` when the
  * environment is unusable. Secrets are registered with the logger's redaction as soon as they are known.
  */
 export function createForwarderFromEnv(env: NodeJS.ProcessEnv, options: CreateForwarderOptions = {}): UsageForwarder {
@@ -681,8 +755,18 @@ export function createForwarderFromEnv(env: NodeJS.ProcessEnv, options: CreateFo
   }
 
   const doc = createLedgerDocumentClient(env);
+  const ledger = new LedgerStore(doc, config.ledgerTable);
+  const holds: HoldSweepOptions | undefined = config.customersTable
+    ? {
+        store: createCustomerStoreFromEnv({ ...env, CUSTOMERS_TABLE: config.customersTable }, { timeoutMs: config.customersTimeoutMs }),
+        ledger,
+        staleAfterMs: config.holdStaleAfterMs,
+        orphansBefore: options.orphanHoldsBefore,
+      }
+    : undefined;
   return new UsageForwarder({
-    store: new LedgerStore(doc, config.ledgerTable),
+    store: ledger,
+    holds,
     sinks,
     log,
     clock,

@@ -1,7 +1,9 @@
 /**
  * The forwarder's Lambda adapter. Two triggers, one module:
  * - a DynamoDB stream event (NEW_IMAGE, filtered to INSERT): the new items are delivered at once;
- * - anything else (the EventBridge schedule, the local stack's interval): a sweep of the backlog.
+ * - anything else (the EventBridge schedule, the local stack's interval): a sweep of the backlog and, when
+ *   `CUSTOMERS_TABLE` is set, of the prepaid holds a crash left behind (older than `HOLD_STALE_AFTER_MS`). Only the
+ *   sweep looks at holds: a stream batch is about new ledger items, and must not wait on the customers table.
  *
  * A sink outage never fails an invocation: the items stay `pending` in the table (durable) and the sweep re-drives
  * them, so an outage never blocks the stream's shard. `batchItemFailures` names only records that could not even

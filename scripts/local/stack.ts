@@ -311,6 +311,7 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       ledgerDb.customersTable,
     );
     const customerStore = createCustomerStoreFromEnv(ledgerDb.customersEnv, { timeoutMs: 10_000 });
+    started.push({ stop: () => customerStore.destroy() });
     const webhookSecret = env.STRIPE_WEBHOOK_SECRET?.trim() || LOCAL_STRIPE_WEBHOOK_SECRET;
     const staleAfterMs = integerEnv(env, "HOLD_STALE_AFTER_MS", holdStaleAfterMs(config), 1000);
     // The same variables the Pulumi program gives the Lambda, built by the same helpers.

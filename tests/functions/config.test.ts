@@ -118,3 +118,51 @@ describe("loadFunctionConfig: usage ledger", () => {
     expect(upstream.requests).to.have.length(0);
   });
 });
+
+describe("loadFunctionConfig: customers table and prepaid plans", () => {
+  const PREPAID = { credits: { billing: "prepaid", maxOutputTokens: 2048, pricing: PRICED.starter.pricing, quota: { limit: 1000, period: "WEEK", offset: 1 } } };
+
+  it("reads CUSTOMERS_TABLE, its timeout and cache TTL, and ignores CUSTOMERS once there is a table", () => {
+    const config = loadFunctionConfig(testEnv({ CUSTOMERS_TABLE: " customers-abc ", CUSTOMERS_TIMEOUT_MS: "700", CUSTOMER_CACHE_TTL_MS: "15000" }));
+    expect(config.problems).to.deep.equal([]);
+    expect(config.customerStore).to.deep.equal({ table: "customers-abc", timeoutMs: 700, cacheTtlMs: 15_000 });
+    expect(config.customers).to.deep.equal({});
+    expect(loadFunctionConfig(testEnv()).customerStore).to.deep.equal({ table: undefined, timeoutMs: 1000, cacheTtlMs: 30_000 });
+  });
+
+  it("reads billing, maxOutputTokens and quota of a plan", () => {
+    const config = loadFunctionConfig(testEnv({ CUSTOMERS_TABLE: "customers", PLANS: JSON.stringify({ ...PREPAID, free: { quota: { limit: 10, period: "DAY" } } }) }));
+    expect(config.problems).to.deep.equal([]);
+    expect(config.plans.credits).to.deep.include({ billing: "prepaid", maxOutputTokens: 2048, quota: { limit: 1000, period: "WEEK", offset: 1 } });
+    expect(config.plans.free).to.deep.equal({ quota: { limit: 10, period: "DAY", offset: 0 } });
+  });
+
+  it("reports a prepaid plan without CUSTOMERS_TABLE as a configuration problem", () => {
+    const config = loadFunctionConfig(testEnv({ PLANS: JSON.stringify(PREPAID), CUSTOMERS: "{}" }));
+    expect(config.problems).to.deep.equal(["plan credits is prepaid, which needs CUSTOMERS_TABLE (the balances live in the customers table)"]);
+  });
+
+  it("reads STRIPE_WEBHOOK_SECRET as the webhook's direct secret", () => {
+    expect(loadFunctionConfig(testEnv({ STRIPE_WEBHOOK_SECRET: " whsec_local " })).stripeWebhookSecret).to.equal("whsec_local");
+  });
+
+  const invalid: Array<[string, unknown, RegExp]> = [
+    ["a prepaid plan without pricing", { p: { billing: "prepaid" } }, /plan p: is prepaid, so it needs pricing/],
+    ["an unknown billing mode", { p: { billing: "monthly" } }, /plan p: billing: must be "postpaid" or "prepaid"/],
+    ["a maxOutputTokens of 0", { p: { maxOutputTokens: 0 } }, /maxOutputTokens: must be an integer from 1 to 1000000/],
+    ["a fractional maxOutputTokens", { p: { maxOutputTokens: 10.5 } }, /maxOutputTokens/],
+    ["a maxOutputTokens above a million", { p: { maxOutputTokens: 1_000_001 } }, /maxOutputTokens/],
+    ["a quota period API Gateway does not know", { p: { quota: { limit: 1, period: "YEAR" } } }, /quota\.period: must be one of DAY, WEEK, MONTH/],
+    ["a WEEK quota offset above 6", { p: { quota: { limit: 1, period: "WEEK", offset: 7 } } }, /quota\.offset: must be an integer from 0 to 6 for WEEK/],
+    ["a quota without a limit", { p: { quota: { period: "DAY" } } }, /quota\.limit/],
+    ["a misspelt quota field", { p: { quota: { limit: 1, period: "DAY", ofset: 0 } } }, /unknown field "ofset"/],
+    ["a misspelt billing field", { p: { biling: "prepaid" } }, /unknown field "biling" \(use models, pricing, billing, maxOutputTokens, quota\)/],
+  ];
+  for (const [name, plans, problem] of invalid) {
+    it(`reports ${name} as a configuration problem`, () => {
+      const config = loadFunctionConfig(testEnv({ CUSTOMERS_TABLE: "customers", PLANS: JSON.stringify(plans) }));
+      expect(config.problems).to.have.length(1);
+      expect(config.problems[0]).to.match(problem);
+    });
+  }
+});

@@ -2,6 +2,7 @@ import { expect } from "chai";
 import { execFileSync } from "node:child_process";
 import http from "node:http";
 import path from "node:path";
+import Stripe from "stripe";
 import { createDeps, createHandler } from "../../functions/ai-chat/index";
 import { invokeStreaming } from "../helpers/invoke-streaming";
 import { createLogger } from "../../functions/ai-chat/logger";
@@ -15,8 +16,9 @@ import { recordForScan, registerSecret } from "../helpers/secret-scan";
 
 const SSM_UPSTREAM_KEY = "sk-from-ssm-0123456789abcdefXYZ";
 const SSM_APP_ID = "moesif-app-id-from-ssm-4242";
+const SSM_WEBHOOK_SECRET = "whsec_from_ssm_0123456789abcdef";
 const CALLER_KEY = "caller-key-for-ssm-tests-0123456789";
-registerSecret(SSM_UPSTREAM_KEY, SSM_APP_ID, CALLER_KEY);
+registerSecret(SSM_UPSTREAM_KEY, SSM_APP_ID, CALLER_KEY, SSM_WEBHOOK_SECRET);
 
 /** Speaks SSM's JSON 1.1 protocol (`X-Amz-Target: AmazonSSM.GetParameters`) for a few SecureStrings. */
 class SsmServer extends LoopbackServer {
@@ -60,7 +62,7 @@ describe("secrets from SSM Parameter Store (over the wire)", () => {
 
   beforeEach(async () => {
     logs = [];
-    ssm = await new SsmServer({ "/metered/upstream-key": SSM_UPSTREAM_KEY, "/metered/moesif-app-id": SSM_APP_ID }).start();
+    ssm = await new SsmServer({ "/metered/upstream-key": SSM_UPSTREAM_KEY, "/metered/moesif-app-id": SSM_APP_ID, "/metered/stripe-webhook-secret": SSM_WEBHOOK_SECRET }).start();
     upstream = await new UpstreamServer({ apiKey: SSM_UPSTREAM_KEY }).start();
     collector = await new MoesifCollector({ applicationId: SSM_APP_ID }).start();
   });
@@ -144,6 +146,28 @@ describe("secrets from SSM Parameter Store (over the wire)", () => {
     const { result } = await invoke(makeHandler({ UPSTREAM_API_KEY_PARAMETER: "/metered/absent" }));
     expect(result.statusCode).to.equal(500);
     expect(logs.find((l) => l.includes('"secrets_unavailable"'))).to.include("/metered/absent");
+  });
+
+  it("verifies Stripe webhooks with the signing secret read from SSM in the same call, never logging it", async () => {
+    const handler = makeHandler({ STRIPE_WEBHOOK_SECRET_PARAMETER: "/metered/stripe-webhook-secret" });
+    const payload = JSON.stringify({ id: "evt_ssm_1", object: "event", type: "customer.created", data: { object: { id: "cus_1", object: "customer" } } });
+    const deliver = async (secret: string) => {
+      const event = createApiGatewayEvent({ resource: "/stripe/webhook", apiKeyId: null, body: payload, headers: { "Stripe-Signature": Stripe.webhooks.generateTestHeaderString({ payload, secret }) } });
+      const result = await invokeStreaming(handler, event, createContext());
+      recordForScan("ssm test webhook", [result.body]);
+      return result;
+    };
+
+    const signed = await deliver(SSM_WEBHOOK_SECRET);
+    const forged = await deliver("whsec_not_the_one_in_ssm");
+
+    expect(signed.statusCode).to.equal(200);
+    expect(JSON.parse(signed.body)).to.include({ received: true, credited: false });
+    expect(forged.statusCode).to.equal(400);
+    expect(ssm.requests).to.have.length(1);
+    expect(ssm.requests[0].body.Names).to.have.members(["/metered/upstream-key", "/metered/moesif-app-id", "/metered/stripe-webhook-secret"]);
+    expect(collector.events()).to.have.length(0);
+    expect(logs.join("\n")).to.not.include(SSM_WEBHOOK_SECRET);
   });
 
   it("keeps serving with UPSTREAM_API_KEY given directly, without calling SSM", async () => {

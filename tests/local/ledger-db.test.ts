@@ -111,8 +111,11 @@ describe("local usage ledger (dynalite under <dataDir>/ledger)", function () {
     await level.del(doomed[0]);
     await level.close();
 
-    db = await LedgerDb.start(dataDir);
-    const ledger = await openLocalLedger(dataDir);
+    db = await LedgerDb.start(dataDir, { publish: true });
+    const ledger = await openLocalLedger(dataDir).catch(async (err: unknown) => {
+      await db.stop();
+      throw err;
+    });
     const byStripe = async (id: string) =>
       (await ledger.doc.send(new QueryCommand({ TableName: ledger.customersTable, IndexName: STRIPE_CUSTOMER_INDEX, KeyConditionExpression: "stripe_customer_id = :s", ExpressionAttributeValues: { ":s": id } }))).Items?.map((i) => i.pk);
     try {
