@@ -385,6 +385,7 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
     const forwarderEnv: NodeJS.ProcessEnv = {
       ...ledgerDb.env,
       CUSTOMERS_TABLE: ledgerDb.customersTable,
+      CUSTOMERS_TIMEOUT_MS: functionEnv.CUSTOMERS_TIMEOUT_MS,
       HOLD_STALE_AFTER_MS: String(staleAfterMs),
       MOESIF_BASE_URI: moesifBase,
       MOESIF_APPLICATION_ID: moesifAppId,

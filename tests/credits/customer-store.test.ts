@@ -352,6 +352,35 @@ describe("DynamoCustomerStore on dynalite", function () {
   });
 });
 
+describe("DynamoCustomerStore at DynamoDB's item size limit", function () {
+  this.timeout(30_000);
+  // 2 KB instead of 400 KB: the same refusal, reached with ~30 holds instead of ~7,000.
+  const db = new CreditsFixture();
+  before(() => db.start({ maxItemSizeKb: 2 }));
+  after(() => db.stop());
+
+  it("refuses a reservation that would grow the account past the limit with a CustomerStoreError, changing nothing", async () => {
+    await db.newTables();
+    const store = db.store();
+    await store.credit({ customerId: "acme", currency: "usd", creditId: "cli:1", micros: 1_000_000, source: "cli", now: NOW });
+    let held = 0;
+    let refusal: CustomerStoreError | undefined;
+    while (!refusal && held < 100) {
+      try {
+        await store.reserve({ customerId: "acme", currency: "usd", transactionId: `${"0".repeat(28)}-${String(held).padStart(7, "0")}`, micros: 100, now: NOW });
+        held += 1;
+      } catch (err) {
+        expect(err).to.be.instanceOf(CustomerStoreError);
+        refusal = err as CustomerStoreError;
+      }
+    }
+    expect(refusal?.message).to.match(/^customer store reserve failed: ValidationException: the account item reached DynamoDB's 400 KB item limit/);
+    const item = await db.account("acme");
+    expect(Object.keys(item!.holds!)).to.have.length(held);
+    expect(item).to.deep.include({ balance_micros: 1_000_000 - 100 * held, reserved_micros: 100 * held });
+  });
+});
+
 describe("DynamoCustomerStore when DynamoDB never answers", function () {
   this.timeout(20_000);
   const SECRET = "hung-store-secret-access-key-7777777";

@@ -34,8 +34,9 @@ export class CreditsFixture {
   customersTable = "";
   ledgerTable = "";
 
-  async start(): Promise<void> {
-    this.server = (require("dynalite") as (options: object) => DynaliteServer)({ createTableMs: 0, deleteTableMs: 0, updateTableMs: 0 });
+  /** `maxItemSizeKb`: dynalite's item size limit (DynamoDB's is 400 KB), smaller to reach it cheaply. */
+  async start(options: { maxItemSizeKb?: number } = {}): Promise<void> {
+    this.server = (require("dynalite") as (options: object) => DynaliteServer)({ createTableMs: 0, deleteTableMs: 0, updateTableMs: 0, ...options });
     await new Promise<void>((resolve) => this.server!.listen(0, "127.0.0.1", resolve));
     this.endpoint = `http://127.0.0.1:${this.server.address().port}`;
     this.client = new DynamoDBClient({ region: "us-east-1", endpoint: this.endpoint, credentials: { accessKeyId: "local", secretAccessKey: "local" } });

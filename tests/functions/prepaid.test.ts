@@ -7,6 +7,7 @@ import Stripe from "stripe";
 import { loadFunctionConfig, type FunctionConfig } from "../../functions/ai-chat/config";
 import { handleRequest, meteringReserveMs, type CoreDeps, type ProxyRequest } from "../../functions/ai-chat/core";
 import { createDeps } from "../../functions/ai-chat/index";
+import { capOutputTokens, usagePeriodOf } from "../../functions/ai-chat/account";
 import { CachedCustomerDirectory } from "../../functions/ai-chat/customers";
 import { toLedgerItem } from "../../functions/ai-chat/ledger";
 import type { UsageRecord } from "../../functions/ai-chat/metering";
@@ -715,6 +716,25 @@ describe("prepaid credits (core, in-memory customer store)", () => {
       expect(error).to.be.instanceOf(OpenAI.RateLimitError);
       expect(error).to.include({ status: 429, code: "insufficient_quota", type: "insufficient_quota" });
       expect(hits).to.equal(1);
+    });
+  });
+
+  describe("account maths", () => {
+    it("reports the period the counters are kept in, with API Gateway's offsets", () => {
+      const at = (iso: string) => Date.parse(iso);
+      expect(usagePeriodOf(undefined, at("2026-12-31T23:59:59Z"))).to.deep.equal({ type: "MONTH", start: "2026-12-01", end: "2027-01-01" });
+      expect(usagePeriodOf({ quota: { limit: 1, period: "MONTH", offset: 27 } }, at("2027-01-10T00:00:00Z"))).to.deep.equal({ type: "MONTH", start: "2026-12-28", end: "2027-01-28" });
+      expect(usagePeriodOf({ quota: { limit: 1, period: "MONTH", offset: 27 } }, at("2027-02-28T00:00:00Z"))).to.deep.equal({ type: "MONTH", start: "2027-02-28", end: "2027-03-28" });
+      // 2026-11-15 is a Sunday: offset 1 weeks start on Mondays.
+      expect(usagePeriodOf({ quota: { limit: 1, period: "WEEK", offset: 1 } }, at("2026-11-15T12:00:00Z"))).to.deep.equal({ type: "WEEK", start: "2026-11-09", end: "2026-11-16" });
+      expect(usagePeriodOf({ quota: { limit: 1, period: "DAY", offset: 0 } }, at("2026-11-15T12:00:00Z"))).to.deep.equal({ type: "DAY", start: "2026-11-15", end: "2026-11-16" });
+    });
+
+    it("replaces a null output limit by the cap, and keeps the larger of two limits as the maximum", () => {
+      expect(capOutputTokens({ model: "m", max_tokens: null }, 100)).to.deep.equal({ request: { model: "m", max_completion_tokens: 100 }, changed: true, maxOutputTokens: 100 });
+      expect(capOutputTokens({ max_tokens: 80, max_completion_tokens: 20 }, 100)).to.deep.include({ changed: false, maxOutputTokens: 80 });
+      expect(capOutputTokens({ max_tokens: 800, max_completion_tokens: 20 }, 100)).to.deep.equal({ request: { max_tokens: 100, max_completion_tokens: 20 }, changed: true, maxOutputTokens: 100 });
+      expect(capOutputTokens({ max_tokens: 800 }, undefined)).to.deep.include({ changed: false, maxOutputTokens: 800 });
     });
   });
 });

@@ -62,7 +62,7 @@ export function rawRequest(url: string, options: { method?: string; headers?: Re
 
 /**
  * A local stack on a throwaway project for one `describe` block: started before its tests, stopped after. Its keys
- * (and the local Stripe key) join the suite's secret scan, and its log lines and metering payloads are scanned.
+ * (and the local Stripe key and webhook signing secret) join the suite's secret scan, and its log lines and metering payloads are scanned.
  * The forwarder sweeps every 100 ms unless `env` says otherwise (events reach the sinks soon after each request).
  */
 export function useLocalStack(
@@ -85,7 +85,7 @@ export function useLocalStack(
       keepRawPayloads: "all",
       ...options,
     });
-    registerSecret(...Object.values(stack.apiKeys), LOCAL_STRIPE_API_KEY);
+    registerSecret(...Object.values(stack.apiKeys), LOCAL_STRIPE_API_KEY, stack.stripeWebhook.secret);
   });
   after(async () => {
     recordForScan(`${name} logs`, logs);

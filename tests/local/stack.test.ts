@@ -6,10 +6,15 @@ import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import OpenAI from "openai";
+import Stripe from "stripe";
+import { GetCommand } from "@aws-sdk/lib-dynamodb";
+import { keyItem } from "../../functions/shared/customer-schema";
+import { createLedgerDocumentClient } from "../../functions/shared/ledger-store";
 import { gatewayResponse, renderGatewayBody } from "../../infra/gateway-responses";
 import { quotaPeriodStart, TokenBucket } from "../../scripts/local/gateway";
 import { MoesifCollector } from "../../scripts/local/moesif-collector";
-import { LocalStackError, startLocalStack, type LocalStack } from "../../scripts/local/stack";
+import { customersEnv } from "../../scripts/local/ledger-db";
+import { LOCAL_STRIPE_WEBHOOK_SECRET, localKeyId, LocalStackError, startLocalStack, type LocalStack } from "../../scripts/local/stack";
 import { LOCAL_STRIPE_API_KEY, StripeServer } from "../../scripts/local/stripe-server";
 import { ledgerItems, tempProject, waitUntil } from "../helpers/local-project";
 import { recordForScan, registerSecret } from "../helpers/secret-scan";
@@ -448,6 +453,11 @@ describe("npm start lifecycle", () => {
       expect(output).to.match(/Moesif sink +http:\/\/127\.0\.0\.1:\d+ \(built-in Moesif collector -> .*usage\.db\)/);
       expect(output).to.match(/Stripe sink +http:\/\/127\.0\.0\.1:\d+ \(built-in Stripe meter event endpoint -> .*stripe\.db, test key sk_test_…\)/);
       expect(output).to.include("npm run reconcile");
+      expect(output).to.match(new RegExp(`Stripe webhook +POST ${url.replace(/\./g, "\\.")}/stripe/webhook `));
+      expect(output).to.match(/signing secret +whsec_local_metered_ai_api \(the local default/);
+      expect(output).to.include(`GET  ${url}/v1/usage`);
+      expect(output).to.match(/prepaid balances +none \(no customer is on a prepaid plan\)/);
+      expect(output).to.include("npm run credits -- add <customer> <amount>");
       expect(output).to.not.include(LOCAL_STRIPE_API_KEY);
       expect(output).to.include(`new OpenAI({ baseURL: "${url}/v1", apiKey: "${keys.acme}" })`);
       const response = await fetch(`${url}/v1/models`, { headers: { authorization: `Bearer ${keys.globex}` } });
@@ -459,6 +469,130 @@ describe("npm start lifecycle", () => {
     } finally {
       child.kill("SIGKILL");
       fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+/** A stack file with a prepaid customer, for the customers table and the Stripe webhook. */
+const CREDITS_YAML = `
+config:
+  metered-ai-api:stageName: beta
+  metered-ai-api:plans:
+    credits:
+      rateLimit: 1000
+      burstLimit: 1000
+      billing: prepaid
+      currency: usd
+      prices:
+        gpt-4o-mini: { input: 0.15, output: 0.6 }
+    pro:
+      rateLimit: 1000
+      burstLimit: 1000
+  metered-ai-api:customers:
+    initech: { plan: credits, stripeCustomerId: cus_initech }
+    globex: { plan: pro, stripeCustomerId: cus_globex }
+`;
+
+describe("local stack customers table", function () {
+  this.timeout(60_000);
+  let project: ReturnType<typeof tempProject>;
+  const logs: string[] = [];
+  const start = (env: NodeJS.ProcessEnv = {}) => startLocalStack({ stack: "test", projectDir: project.dir, dataDir: project.dataDir, port: 0, env, write: (l) => logs.push(l) });
+  /** The raw item under `pk` in the stack's customers table. */
+  async function item(stack: LocalStack, pk: string): Promise<Record<string, unknown> | undefined> {
+    const doc = createLedgerDocumentClient(customersEnv(stack.ledger.endpoint, stack.customers.table));
+    try {
+      return (await doc.send(new GetCommand({ TableName: stack.customers.table, Key: { pk } }))).Item;
+    } finally {
+      doc.destroy();
+    }
+  }
+  beforeEach(() => (project = tempProject(CREDITS_YAML)));
+  afterEach(() => project.remove());
+  after(() => recordForScan("local stack customers logs", logs));
+
+  it("writes each customer's key item at start and deletes those of customers gone from the stack file, keeping their balances", async () => {
+    let stack = await start();
+    try {
+      registerSecret(...Object.values(stack.apiKeys));
+      expect(stack.customers.keys).to.deep.equal({ written: 2, removed: [], unindexed: [] });
+      expect(await item(stack, `key#${localKeyId("initech")}`)).to.deep.equal(keyItem(localKeyId("initech"), "initech", { plan: "credits", stripeCustomerId: "cus_initech" }));
+      expect(await item(stack, `key#${localKeyId("globex")}`)).to.deep.equal(keyItem(localKeyId("globex"), "globex", { plan: "pro", stripeCustomerId: "cus_globex" }));
+      await stack.customers.store.credit({ customerId: "initech", currency: "usd", creditId: "test:1", micros: 7_000_000, source: "cli", now: Date.now() });
+    } finally {
+      await stack.stop();
+    }
+
+    // initech leaves the stack file; globex is suspended.
+    fs.writeFileSync(path.join(project.dir, "Pulumi.test.yaml"), CREDITS_YAML.replace("    initech: { plan: credits, stripeCustomerId: cus_initech }\n", "").replace("globex: { plan: pro, stripeCustomerId: cus_globex }", "globex: { plan: pro, stripeCustomerId: cus_globex, status: suspended }"));
+    stack = await start();
+    try {
+      expect(stack.customers.keys).to.deep.equal({ written: 1, removed: ["initech"], unindexed: [] });
+      expect(await item(stack, `key#${localKeyId("initech")}`)).to.equal(undefined);
+      expect(await item(stack, `key#${localKeyId("globex")}`)).to.include({ status: "suspended" });
+      expect(await stack.customers.store.getBalance("initech")).to.include({ balanceMicros: 7_000_000 });
+      expect(await stack.customers.store.findByStripeCustomer("cus_initech")).to.equal(undefined);
+    } finally {
+      await stack.stop();
+    }
+  });
+
+  it("serves POST /stripe/webhook without an API key: Stripe's signature decides, and a signed payment credits once", async () => {
+    const stack = await start();
+    try {
+      registerSecret(...Object.values(stack.apiKeys));
+      expect(stack.stripeWebhook).to.deep.equal({ url: `${stack.baseUrl}/stripe/webhook`, secret: LOCAL_STRIPE_WEBHOOK_SECRET });
+      const payload = JSON.stringify({
+        id: "evt_local_1",
+        object: "event",
+        type: "checkout.session.completed",
+        data: { object: { id: "cs_test_local_1", object: "checkout.session", mode: "payment", payment_status: "paid", customer: "cus_initech", amount_total: 500, currency: "usd" } },
+      });
+      const post = (headers: Record<string, string>) => fetch(stack.stripeWebhook.url, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: payload });
+
+      // No key and no signature: the function answers (its 400), not the gateway's 403.
+      const unsigned = await post({});
+      expect(unsigned.status).to.equal(400);
+      expect(unsigned.headers.get("x-amzn-errortype")).to.equal(null);
+      expect(((await unsigned.json()) as { error: { code: string } }).error.code).to.equal("invalid_signature");
+      const forged = await post({ "stripe-signature": Stripe.webhooks.generateTestHeaderString({ payload, secret: "whsec_someone_else" }) });
+      expect(forged.status).to.equal(400);
+      expect(await stack.customers.store.getBalance("initech")).to.include({ balanceMicros: 0 });
+
+      const signature = Stripe.webhooks.generateTestHeaderString({ payload, secret: stack.stripeWebhook.secret });
+      const first = await post({ "stripe-signature": signature });
+      expect(first.status).to.equal(200);
+      expect(await first.json()).to.include({ received: true, credited: true });
+      const replay = await post({ "stripe-signature": signature });
+      expect(replay.status).to.equal(200);
+      expect(await replay.json()).to.include({ credited: false });
+      expect(await stack.customers.store.getBalance("initech")).to.include({ balanceMicros: 5_000_000, currency: "usd" });
+
+      // GET /v1/usage is a keyed route: the gateway's 403 without a key, the caller's own standing with one.
+      const anonymous = await fetch(`${stack.baseUrl}/v1/usage`);
+      await expectGatewayResponse(anonymous, "ACCESS_DENIED", { method: "GET", path: "/beta/v1/usage" }, "AccessDeniedException");
+      const usage = await fetch(`${stack.baseUrl}/v1/usage`, { headers: { authorization: `Bearer ${stack.apiKeys.initech}` } });
+      expect(usage.status).to.equal(200);
+      expect(await usage.json()).to.include({ customer: "initech", plan: "credits", billing: "prepaid", balance_micros: 5_000_000 });
+    } finally {
+      await stack.stop();
+    }
+  });
+
+  it("verifies the webhook with STRIPE_WEBHOOK_SECRET when set (the secret stripe listen prints)", async () => {
+    const secret = "whsec_test_from_stripe_listen_0001";
+    registerSecret(secret);
+    const stack = await start({ STRIPE_WEBHOOK_SECRET: secret });
+    try {
+      expect(stack.stripeWebhook.secret).to.equal(secret);
+      const payload = JSON.stringify({ id: "evt_2", object: "event", type: "customer.created", data: { object: { id: "cus_new", object: "customer" } } });
+      const send = (key: string) => fetch(stack.stripeWebhook.url, { method: "POST", headers: { "stripe-signature": Stripe.webhooks.generateTestHeaderString({ payload, secret: key }) }, body: payload });
+      expect((await send(LOCAL_STRIPE_WEBHOOK_SECRET)).status).to.equal(400);
+      const ignored = await send(secret);
+      expect(ignored.status).to.equal(200);
+      expect(await ignored.json()).to.include({ credited: false });
+    } finally {
+      await stack.stop();
     }
   });
 });
