@@ -273,6 +273,9 @@ async function main(raw: string[]): Promise<void> {
     if (command === "add") {
       const result = await addCredits(target.store, target.plans, rest[0], rest[1], { where: target.where });
       const sign = result.amount_micros > 0 ? "+" : "-";
+      if (target.plans[result.plan]?.billing === "postpaid") {
+        process.stderr.write(`note: plan "${result.plan}" is postpaid: its requests are billed afterwards, and this balance is spent only once the plan is billing: prepaid\n`);
+      }
       process.stdout.write(
         args.json
           ? JSON.stringify(result, null, 2) + "\n"

@@ -84,7 +84,8 @@ function banner(stack: LocalStack, stackName: string, accounts: CustomerAccount[
     "  reconcile         npm run reconcile  (ledger totals vs what each sink acknowledged; -- --json)",
     `  customers table   ${stack.customers.table} (same dynalite: keys, balances, usage counters)`,
     ...balanceLines(stack, accounts),
-    "  top up            npm run credits -- add <customer> <amount>  (npm run credits lists balances; -- --json)",
+    // The credits command reads Pulumi.<STACK or dev>.yaml for the plans' currencies, as npm start does.
+    `  top up            ${stackName === "dev" ? "" : `STACK=${stackName} `}npm run credits -- add <customer> <amount>  (npm run credits lists balances; -- --json)`,
     "",
     `  customers (keys kept in ${shortPath(path.join(stack.dataDir, "api-keys.json"))}):`,
     ...Object.entries(config.customers).map(([id, c]) => {

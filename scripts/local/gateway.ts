@@ -4,10 +4,10 @@
  * It does what API Gateway does before and after the function runs: matches the route, runs the API key authorizer
  * (the same module the Lambda authorizer runs: `x-api-key`, else `Authorization: Bearer`), checks the key it returns,
  * applies the key's usage plan (token-bucket throttle, DAY/WEEK/MONTH quota), builds the payload-1.0 proxy event,
- * calls the same handler module Lambda runs and maps its result back. A route without an API key (`apiKeyRequired:
- * false`, the Stripe webhook) skips the authorizer, the key and its usage plan, as a method with authorization NONE
- * and `apiKeyRequired: false` does; only the stage's throttle applies to it. Every answer of its own is the matching entry
- * of `infra/gateway-responses.ts` (OpenAI's error shape), as the deployed API's gateway responses are.
+ * calls the same handler module Lambda runs and maps its result back. A route with `apiKeyRequired: false` (the Stripe
+ * webhook) skips the authorizer, the key and its usage plan, as a method with authorization NONE and no API key
+ * does; only the stage's throttle applies to it. Every answer of its own is the matching entry of
+ * `infra/gateway-responses.ts` (OpenAI's error shape), as the deployed API's gateway responses are.
  *
  * The deployed routes are STREAM integrations (`responseTransferMode: STREAM`): a handler tagged by
  * `streamifyResponse` gets a `LocalResponseStream` (functions/ai-chat/lambda-stream.ts, the runtime's contract) whose

@@ -319,6 +319,10 @@ describe("npm run credits -- --stack <name>: a deployed stack's table", function
       ["acme", "metered", "usd", 0],
       ["initech", "credits", "usd", 1_250_000],
     ]);
+    // A postpaid customer may hold a balance (for a later move to prepaid); the command says it is not spent yet.
+    const postpaid = await run(["add", "acme", "1", "--stack", "prod"]);
+    expect(postpaid.code, postpaid.stderr).to.equal(0);
+    expect(postpaid.stderr.trim()).to.equal('note: plan "metered" is postpaid: its requests are billed afterwards, and this balance is spent only once the plan is billing: prepaid');
     expectOneLineFailure(await run(["add", "tanaka", "1", "--stack", "prod"]), /unknown customer "tanaka": no API key item names it in table customers \(eu-west-3\) \(customers: acme, initech\)/);
   });
 

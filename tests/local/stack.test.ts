@@ -457,7 +457,7 @@ describe("npm start lifecycle", () => {
       expect(output).to.match(/signing secret +whsec_local_metered_ai_api \(the local default/);
       expect(output).to.include(`GET  ${url}/v1/usage`);
       expect(output).to.match(/prepaid balances +none \(no customer is on a prepaid plan\)/);
-      expect(output).to.include("npm run credits -- add <customer> <amount>");
+      expect(output).to.include("top up            STACK=test npm run credits -- add <customer> <amount>");
       expect(output).to.not.include(LOCAL_STRIPE_API_KEY);
       expect(output).to.include(`new OpenAI({ baseURL: "${url}/v1", apiKey: "${keys.acme}" })`);
       const response = await fetch(`${url}/v1/models`, { headers: { authorization: `Bearer ${keys.globex}` } });
