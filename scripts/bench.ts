@@ -18,12 +18,22 @@
  * collector) versus `LedgerMeter.record` (the conditional put to dynalite), called from this process at
  * concurrency 1 and 32 (p50/p95 ms, records/s), interleaved in rounds.
  *
+ * Customers table and prepaid credits, same run: two more rows in the serving rounds serve the same bundle with the
+ * ledger and the customers table (`CUSTOMERS_TABLE`, on the same dynalite; key items written with `keyItem`, as
+ * `pulumi up` writes them): a priced postpaid plan (cached key lookup, usage counters ADDed after the answer) and the
+ * same prices on a prepaid plan (tokenizer estimate and conditional reservation before the upstream call, settlement
+ * after the answer). The account is topped up first, through the store's `credit`, with enough for every request of
+ * the run to hold its whole reservation. Their table prints p50/p95/p99, req/s, the function's and dynalite's CPU per
+ * request, and the prepaid − postpaid difference; then a check that the prepaid balance is exactly the credit minus
+ * the ledger items' `charged_micros` with nothing left reserved (the bench exits non-zero when it does not hold).
+ *
  * Then: the token estimator on 1 KB / 100 KB / 1 MB single-word prompts (each in a fresh process with a time limit),
  * the model server's answer time for a 1 MB single-word prompt, the time one `MoesifMeter.record` takes for a
  * normal event and for one whose body nests 20,000 arrays, the whole local stack, and the bundle's size, cold
  * import time and peak RSS.
  */
-import { CreateTableCommand, DynamoDBClient, ScanCommand, type AttributeValue } from "@aws-sdk/client-dynamodb";
+import { CreateTableCommand, DynamoDBClient } from "@aws-sdk/client-dynamodb";
+import { DynamoDBDocumentClient, GetCommand, PutCommand, ScanCommand, type ScanCommandOutput } from "@aws-sdk/lib-dynamodb";
 import { spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import http from "node:http";
@@ -33,7 +43,12 @@ import { createLedgerWriter, LedgerMeter } from "../functions/ai-chat/ledger";
 import { createLogger } from "../functions/ai-chat/logger";
 import { transactionIdFor, type UsageMeter, type UsageRecord } from "../functions/ai-chat/metering";
 import { MoesifMeter } from "../functions/ai-chat/moesif";
+import { DEFAULT_MAX_OUTPUT_TOKENS } from "../functions/ai-chat/config";
+import { estimateRequestTokens } from "../functions/ai-chat/usage";
+import { CUSTOMERS_TABLE_SCHEMA, keyItem, LOCAL_CUSTOMERS_TABLE } from "../functions/shared/customer-schema";
+import { createCustomerStoreFromEnv, type DynamoCustomerStore } from "../functions/shared/customer-store";
 import { LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE } from "../functions/shared/ledger-schema";
+import { formatMicros, maxCostOf, type ModelPrice } from "../functions/shared/pricing";
 import { measureBundle } from "./build-function";
 import { startLocalStack } from "./local/stack";
 
@@ -56,6 +71,18 @@ const METER_RECORDS = Number(process.env.BENCH_METER_RECORDS ?? 1500);
 const BODY = JSON.stringify({ model: "gpt-4o-mini", messages: [{ role: "system", content: "You are terse." }, { role: "user", content: "Hello!" }] });
 const CUSTOMERS = JSON.stringify({ "bench-key-id": { customerId: "bench", plan: "pro", stripeCustomerId: "cus_bench" } });
 const PLANS = JSON.stringify({ pro: {} });
+/**
+ * The customers-table rows' plans: the same prices (gpt-4o-mini's list price, micro-units of USD per 1M tokens),
+ * billed afterwards or from a balance. The prepaid plan keeps the default output cap (4096 tokens per choice).
+ */
+const BENCH_PRICE: ModelPrice = { input: 150_000, output: 600_000 };
+const CREDIT_PLANS = JSON.stringify({
+  metered: { pricing: { currency: "usd", prices: { "gpt-4o-mini": BENCH_PRICE } } },
+  prepaid: { billing: "prepaid", pricing: { currency: "usd", prices: { "gpt-4o-mini": BENCH_PRICE } } },
+});
+/** The customers of the customers-table rows: one key each, written as `pulumi up` writes key items. */
+const POSTPAID = { apiKeyId: "bench-postpaid-key-id", customerId: "bench-postpaid", plan: "metered", stripeCustomerId: "cus_bench_postpaid" };
+const PREPAID = { apiKeyId: "bench-prepaid-key-id", customerId: "bench-prepaid", plan: "prepaid", stripeCustomerId: "cus_bench_prepaid" };
 
 function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
@@ -176,7 +203,7 @@ function functionServer(): void {
         queryStringParameters: null,
         body: Buffer.concat(chunks).toString("base64"),
         isBase64Encoded: true,
-        requestContext: { requestId: `bench-${process.pid}-${served}`, stage: "beta", identity: { apiKeyId: "bench-key-id", sourceIp: "127.0.0.1" } },
+        requestContext: { requestId: `bench-${process.pid}-${served}`, stage: "beta", identity: { apiKeyId: process.env.BENCH_API_KEY_ID || "bench-key-id", sourceIp: "127.0.0.1" } },
       };
       const context = { awsRequestId: `aws-${served}`, getRemainingTimeInMillis: () => 29_000, callbackWaitsForEmptyEventLoop: true };
       const failed = (): void => {

@@ -438,7 +438,8 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
 
   if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price ? plan?.pricing : undefined);
 
-  // Otherwise the caller's text goes upstream unchanged, so fields this proxy does not know pass through untouched.
+  // Otherwise the caller's text goes upstream unchanged (unless the cap rewrote it), so fields this proxy does not
+  // know pass through untouched.
   const upstream = await callUpstream(call, { method: "POST", path: "/chat/completions", body });
   if (upstream.status >= 200 && upstream.status < 300) {
     const json = upstream.json;
