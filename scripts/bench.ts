@@ -331,18 +331,106 @@ async function startLedger(): Promise<ServingChild> {
   return ledger;
 }
 
-/** Items in the ledger table (a counting scan, page by page). */
-async function countItems(endpoint: string): Promise<number> {
+/** What the ledger holds for one customer: items, and the sums the prepaid check compares with the balance. */
+interface LedgerTotals {
+  items: number;
+  costMicros: number;
+  chargedMicros: number;
+  shortfallMicros: number;
+  /** Prepaid items whose settlement was not confirmed (`settlement` other than `settled`). */
+  unsettled: number;
+  /** The distinct `reserved_micros` of the items (every request of a row holds the same). */
+  reservations: Set<number>;
+}
+
+function documentClient(endpoint: string): DynamoDBDocumentClient {
+  return DynamoDBDocumentClient.from(new DynamoDBClient({ region: "us-east-1", endpoint, credentials: { accessKeyId: "bench", secretAccessKey: "bench" } }));
+}
+
+/** Per customer id, the ledger's items and sums (one scan, page by page, projecting only the fields summed). */
+async function ledgerTotals(endpoint: string): Promise<Map<string, LedgerTotals>> {
+  const doc = documentClient(endpoint);
+  const totals = new Map<string, LedgerTotals>();
+  const names = { "#cid": "customer_id", "#cost": "cost_micros", "#chg": "charged_micros", "#short": "shortfall_micros", "#res": "reserved_micros", "#set": "settlement", "#mode": "billing_mode" };
+  let start: Record<string, unknown> | undefined;
+  try {
+    do {
+      const page: ScanCommandOutput = await doc.send(new ScanCommand({ TableName: LOCAL_LEDGER_TABLE, ProjectionExpression: Object.keys(names).join(", "), ExpressionAttributeNames: names, ExclusiveStartKey: start }));
+      for (const item of page.Items ?? []) {
+        const customer = String(item.customer_id ?? "");
+        let t = totals.get(customer);
+        if (!t) totals.set(customer, (t = { items: 0, costMicros: 0, chargedMicros: 0, shortfallMicros: 0, unsettled: 0, reservations: new Set() }));
+        const micros = (value: unknown) => (typeof value === "number" ? value : 0);
+        t.items += 1;
+        t.costMicros += micros(item.cost_micros);
+        t.chargedMicros += micros(item.charged_micros);
+        t.shortfallMicros += micros(item.shortfall_micros);
+        if (item.billing_mode === "prepaid" && item.settlement !== "settled") t.unsettled += 1;
+        if (typeof item.reserved_micros === "number") t.reservations.add(item.reserved_micros);
+      }
+      start = page.LastEvaluatedKey;
+    } while (start);
+  } finally {
+    doc.destroy();
+  }
+  return totals;
+}
+
+/**
+ * Creates the customers table on the bench's dynalite (from the shared schema), writes the two key items exactly as
+ * `pulumi up` does (`keyItem`), and credits the prepaid account through the store's own `credit`, with enough for
+ * every request of the run to hold its whole reservation at once (so none can be refused, even were no hold ever
+ * released). The reservation is the function's: its tokenizer's count of the prompt and the plan's output cap.
+ */
+async function prepareCustomers(endpoint: string, runRequests: number): Promise<{ store: DynamoCustomerStore; creditMicros: number; reservationMicros: number }> {
   const client = new DynamoDBClient({ region: "us-east-1", endpoint, credentials: { accessKeyId: "bench", secretAccessKey: "bench" } });
-  let count = 0;
-  let start: Record<string, AttributeValue> | undefined;
-  do {
-    const page = await client.send(new ScanCommand({ TableName: LOCAL_LEDGER_TABLE, Select: "COUNT", ExclusiveStartKey: start }));
-    count += page.Count ?? 0;
-    start = page.LastEvaluatedKey;
-  } while (start);
-  client.destroy();
-  return count;
+  await client.send(
+    new CreateTableCommand({
+      TableName: LOCAL_CUSTOMERS_TABLE,
+      AttributeDefinitions: CUSTOMERS_TABLE_SCHEMA.attributeDefinitions.map((d) => ({ ...d })),
+      KeySchema: CUSTOMERS_TABLE_SCHEMA.keySchema.map((k) => ({ ...k })),
+      GlobalSecondaryIndexes: CUSTOMERS_TABLE_SCHEMA.globalSecondaryIndexes.map((i) => ({ IndexName: i.IndexName, KeySchema: i.KeySchema.map((k) => ({ ...k })), Projection: { ...i.Projection } })),
+      BillingMode: "PAY_PER_REQUEST",
+    }),
+  );
+  const doc = DynamoDBDocumentClient.from(client);
+  for (const c of [POSTPAID, PREPAID]) {
+    await doc.send(new PutCommand({ TableName: LOCAL_CUSTOMERS_TABLE, Item: { ...keyItem(c.apiKeyId, c.customerId, { plan: c.plan, stripeCustomerId: c.stripeCustomerId }) } }));
+  }
+  doc.destroy();
+  const reservationMicros = maxCostOf(estimateRequestTokens(JSON.parse(BODY) as { messages: unknown[] }, "gpt-4o-mini"), DEFAULT_MAX_OUTPUT_TOKENS, BENCH_PRICE);
+  const store = createCustomerStoreFromEnv({ ...process.env, ...ledgerEnv(endpoint), CUSTOMERS_TABLE: LOCAL_CUSTOMERS_TABLE }, { timeoutMs: 10_000 });
+  const credited = await store.credit({ customerId: PREPAID.customerId, currency: "usd", creditId: `bench:${process.pid}:${Date.now()}`, micros: runRequests * reservationMicros, source: "bench", now: Date.now() });
+  if (!credited.applied) throw new Error(`the prepaid account's top-up was refused: ${credited.reason}`);
+  return { store, creditMicros: credited.balanceMicros, reservationMicros };
+}
+
+/** The postpaid account's counters, summed over periods (`requests@…`, `cost_micros@…`). */
+async function postpaidCounters(endpoint: string): Promise<{ requests: number; costMicros: number }> {
+  const doc = documentClient(endpoint);
+  try {
+    const { Item } = await doc.send(new GetCommand({ TableName: LOCAL_CUSTOMERS_TABLE, Key: { pk: `account#${POSTPAID.customerId}` }, ConsistentRead: true }));
+    let requests = 0;
+    let costMicros = 0;
+    for (const [name, value] of Object.entries(Item ?? {})) {
+      if (name.startsWith("requests@")) requests += Number(value);
+      if (name.startsWith("cost_micros@")) costMicros += Number(value);
+    }
+    return { requests, costMicros };
+  } finally {
+    doc.destroy();
+  }
+}
+
+/** Warning and error lines of a function's log, counted by message (`"none"` when there are none). */
+function problemLines(logFile: string): string {
+  const counts = new Map<string, number>();
+  for (const line of fs.readFileSync(logFile, "utf8").split("\n")) {
+    if (!line.startsWith("{")) continue;
+    const { level, message } = JSON.parse(line) as { level?: string; message?: string };
+    if (level === "warn" || level === "error") counts.set(String(message), (counts.get(String(message)) ?? 0) + 1);
+  }
+  return [...counts].map(([message, n]) => `${n} ${message}`).join(", ") || "no warnings or errors";
 }
 
 function startServers(): Promise<{ child: ChildProcess; upstream: string; collector: string }> {
@@ -364,13 +452,35 @@ interface Scenario {
   label: string;
   call: () => Promise<void>;
   serving?: ServingChild;
+  /** The row's requests write to dynalite: its CPU over the row's runs is measured too. */
+  store?: boolean;
+  /** A customers-table row: printed in that table, not the serving table. */
+  credits?: boolean;
   latencies: number[];
   wallMs: number;
   requests: number;
   cpuUs: number;
+  dynaliteUs: number;
 }
 
-async function servingTable(servers: { upstream: string; collector: string; ledger: string }, bundleEntry: string): Promise<{ lines: string[]; maxRssKb: number }> {
+/** One row's figures, kept for the customers-table table. */
+interface RowFigures {
+  p50: number;
+  p95: number;
+  p99: number;
+  reqPerS: number;
+  cpuMs?: number;
+  dynaliteMs?: number;
+}
+
+const LEDGER_ROW = "function bundle + ledger write";
+const POSTPAID_ROW = "+ customers table, postpaid";
+const PREPAID_ROW = "+ customers table, prepaid";
+
+async function servingTable(
+  servers: { upstream: string; collector: string; ledger: string; dynalite: ServingChild },
+  bundleEntry: string,
+): Promise<{ lines: string[]; credits: string[]; creditsHold: boolean; maxRssKb: number }> {
   const functionEnv = { BENCH_BUNDLE: bundleEntry, UPSTREAM_BASE_URL: servers.upstream, UPSTREAM_API_KEY: UPSTREAM_KEY, CUSTOMERS, PLANS, LOG_LEVEL: "info" };
   const floor = await startServingChild(passThroughServer, { BENCH_UPSTREAM: servers.upstream, BENCH_UPSTREAM_KEY: UPSTREAM_KEY });
   const unmetered = await startServingChild(functionServer, functionEnv);
@@ -385,41 +495,61 @@ async function servingTable(servers: { upstream: string; collector: string; ledg
     { ...functionEnv, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector, ...ledgerEnv(servers.ledger), NODE_NO_WARNINGS: "1" },
     ledgerLog,
   );
+  // The customers-table rows: the ledger row's setup plus CUSTOMERS_TABLE (which replaces CUSTOMERS) and priced
+  // plans; each child serves one customer's key, as API Gateway would name it in the event.
+  const warmUp = 300;
+  const perConcurrency = warmUp + ROUNDS * Math.round(REQUESTS / ROUNDS);
+  const customers = await prepareCustomers(servers.ledger, 2 * perConcurrency);
+  const { CUSTOMERS: _staticCustomers, ...tableEnv } = functionEnv;
+  const creditEnv = { ...tableEnv, PLANS: CREDIT_PLANS, CUSTOMERS_TABLE: LOCAL_CUSTOMERS_TABLE, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector, ...ledgerEnv(servers.ledger), NODE_NO_WARNINGS: "1" };
+  const postpaidLog = path.join(ROOT, ".build", "bench-postpaid-function.log");
+  const prepaidLog = path.join(ROOT, ".build", "bench-prepaid-function.log");
+  const postpaid = await startServingChild(functionServer, { ...creditEnv, BENCH_API_KEY_ID: POSTPAID.apiKeyId }, postpaidLog);
+  const prepaid = await startServingChild(functionServer, { ...creditEnv, BENCH_API_KEY_ID: PREPAID.apiKeyId }, prepaidLog);
   const baselineEnv = BASELINE_BUNDLE ? { ...functionEnv, BENCH_BUNDLE: path.resolve(BASELINE_BUNDLE) } : undefined;
   const baseline = baselineEnv
     ? [await startServingChild(functionServer, baselineEnv), await startServingChild(functionServer, { ...baselineEnv, MOESIF_APPLICATION_ID: APP_ID, MOESIF_BASE_URI: servers.collector })]
     : [];
-  const children = [floor, unmetered, metered, ledgered, ...baseline];
-  let ledgerCalls = 0;
-  const ledgerCall = caller(ledgered.url);
-  const countedLedgerCall = () => {
-    ledgerCalls += 1;
-    return ledgerCall();
+  const children = [floor, unmetered, metered, ledgered, postpaid, prepaid, ...baseline];
+  const calls = new Map<string, number>();
+  const counted = (customerId: string, call: () => Promise<void>) => () => {
+    calls.set(customerId, (calls.get(customerId) ?? 0) + 1);
+    return call();
   };
+  const ledgerCall = counted("bench", caller(ledgered.url));
+  const postpaidCall = counted(POSTPAID.customerId, caller(postpaid.url));
+  const prepaidCall = counted(PREPAID.customerId, caller(prepaid.url));
   try {
     const lines: string[] = [];
     const header = ["path", "c", "p50 ms", "p99 ms", "req/s", "CPU ms/req", "CPU over floor"];
     const rows: string[][] = [];
+    const figures = new Map<string, RowFigures>();
     for (const concurrency of [1, 32]) {
       const scenarios: Scenario[] = [
         { label: "model server directly", call: caller(`${servers.upstream}/chat/completions`, { authorization: `Bearer ${UPSTREAM_KEY}` }) },
         { label: "node:http pass-through (floor)", call: caller(floor.url), serving: floor },
         { label: "function bundle, metering off", call: caller(unmetered.url), serving: unmetered },
         { label: "function bundle + Moesif send", call: caller(metered.url), serving: metered },
-        { label: "function bundle + ledger write", call: countedLedgerCall, serving: ledgered },
+        { label: LEDGER_ROW, call: ledgerCall, serving: ledgered, store: true },
         ...(baseline.length === 2
           ? [
               { label: "baseline bundle, metering off", call: caller(baseline[0].url), serving: baseline[0] },
               { label: "baseline bundle + Moesif send", call: caller(baseline[1].url), serving: baseline[1] },
             ]
           : []),
-      ].map((s) => ({ ...s, latencies: [], wallMs: 0, requests: 0, cpuUs: 0 }));
-      for (const s of scenarios) await load(s.call, 300, Math.min(concurrency, 8)); // warm-up: JIT, sockets
+        { label: POSTPAID_ROW, call: postpaidCall, serving: postpaid, store: true, credits: true },
+        { label: PREPAID_ROW, call: prepaidCall, serving: prepaid, store: true, credits: true },
+      ].map((s) => ({ ...s, latencies: [], wallMs: 0, requests: 0, cpuUs: 0, dynaliteUs: 0 }));
+      for (const s of scenarios) await load(s.call, warmUp, Math.min(concurrency, 8)); // warm-up: JIT, sockets
       for (let round = 0; round < ROUNDS; round++) {
-        for (const s of scenarios) {
+        // The two customers-table rows swap places every round, so neither always runs right after the other.
+        const order = round % 2 === 0 ? scenarios : [...scenarios.filter((s) => !s.credits), ...scenarios.filter((s) => s.credits).reverse()];
+        for (const s of order) {
           const before = s.serving ? (await s.serving.usage()).cpuUs : 0;
+          const dynaliteBefore = s.store ? (await servers.dynalite.usage()).cpuUs : 0;
           const run = await load(s.call, Math.round(REQUESTS / ROUNDS), concurrency);
           if (s.serving) s.cpuUs += (await s.serving.usage()).cpuUs - before;
+          if (s.store) s.dynaliteUs += (await servers.dynalite.usage()).cpuUs - dynaliteBefore;
           s.latencies.push(...run.latencies);
           s.wallMs += run.wallMs;
           s.requests += run.latencies.length;
@@ -429,12 +559,22 @@ async function servingTable(servers: { upstream: string; collector: string; ledg
       for (const s of scenarios) {
         s.latencies.sort((a, b) => a - b);
         const cpu = s.serving ? s.cpuUs / s.requests / 1000 : undefined;
+        const reqPerS = Math.round((s.requests / s.wallMs) * 1000);
+        figures.set(`${s.label}@${concurrency}`, {
+          p50: percentile(s.latencies, 50),
+          p95: percentile(s.latencies, 95),
+          p99: percentile(s.latencies, 99),
+          reqPerS,
+          cpuMs: cpu,
+          dynaliteMs: s.store ? s.dynaliteUs / s.requests / 1000 : undefined,
+        });
+        if (s.credits) continue;
         rows.push([
           s.label,
           String(concurrency),
           percentile(s.latencies, 50).toFixed(3),
           percentile(s.latencies, 99).toFixed(3),
-          String(Math.round((s.requests / s.wallMs) * 1000)),
+          String(reqPerS),
           cpu === undefined ? "-" : cpu.toFixed(3),
           cpu === undefined || s.serving === floor ? "-" : `+${(cpu - floorCpu).toFixed(3)}`,
         ]);
@@ -443,13 +583,17 @@ async function servingTable(servers: { upstream: string; collector: string; ledg
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
     const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
     lines.push(line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line));
-    // Every request of the ledger row must have its item, or some fell back to the Moesif send and the row
-    // measured the fallback instead.
-    // The handler meters after its answer is out, so the last requests' writes may still be under way: wait for them.
-    let items = await countItems(servers.ledger);
-    for (let i = 0; i < 30 && items < ledgerCalls; i++) {
+    // Every request of the ledger rows must have its item, or some fell back to the Moesif send and the row
+    // measured the fallback instead. The handler settles and meters after its answer is out, so the last
+    // requests' settlements and writes may still be under way: wait for them.
+    const expected = (customerId: string) => calls.get(customerId) ?? 0;
+    let totals = await ledgerTotals(servers.ledger);
+    let balance = await customers.store.getBalance(PREPAID.customerId);
+    const items = (customerId: string) => totals.get(customerId)?.items ?? 0;
+    for (let i = 0; i < 30 && ([["bench"], [POSTPAID.customerId], [PREPAID.customerId]].some(([c]) => items(c) < expected(c)) || balance.reservedMicros > 0); i++) {
       await new Promise((resolve) => setTimeout(resolve, 100));
-      items = await countItems(servers.ledger);
+      totals = await ledgerTotals(servers.ledger);
+      balance = await customers.store.getBalance(PREPAID.customerId);
     }
     const ledgerLines = new Map<string, number>();
     const ledgerReasons = new Set<string>();
@@ -460,13 +604,86 @@ async function servingTable(servers: { upstream: string; collector: string; ledg
       if (message === "ledger_write_failed" && reason) ledgerReasons.add(reason);
     }
     const logged = [...ledgerLines].map(([message, n]) => `${n} ${message}`).join(", ") || "no ledger_* log lines";
-    lines.push("", `ledger row: ${items} ledger items for ${ledgerCalls} requests; ${logged}${ledgerReasons.size > 0 ? ` (${[...ledgerReasons].slice(0, 3).join("; ")})` : ""}`);
+    lines.push("", `ledger row: ${items("bench")} ledger items for ${expected("bench")} requests; ${logged}${ledgerReasons.size > 0 ? ` (${[...ledgerReasons].slice(0, 3).join("; ")})` : ""}`);
     const { maxRssKb } = await metered.usage();
     if (baseline.length === 2) lines.push("", `baseline: ${BASELINE_BUNDLE}; peak RSS of its metered process ${((await baseline[1].usage()).maxRssKb / 1024).toFixed(1)} MB`);
-    return { lines, maxRssKb };
+
+    const check = await creditsCheck({ figures, totals, balance, creditMicros: customers.creditMicros, reservationMicros: customers.reservationMicros, expected, ledger: servers.ledger, logs: { postpaid: postpaidLog, prepaid: prepaidLog } });
+    customers.store.destroy();
+    return { lines, credits: check.lines, creditsHold: check.holds, maxRssKb };
   } finally {
     for (const c of children) c.child.kill("SIGTERM");
   }
+}
+
+/**
+ * The customers-table table (the ledger row again for reference, then postpaid and prepaid with the table), the
+ * prepaid − postpaid difference at each concurrency, and the check that the prepaid account's balance is exactly
+ * its credit minus what the ledger says was charged, with nothing left reserved.
+ */
+async function creditsCheck(run: {
+  figures: Map<string, RowFigures>;
+  totals: Map<string, LedgerTotals>;
+  balance: Awaited<ReturnType<DynamoCustomerStore["getBalance"]>>;
+  creditMicros: number;
+  reservationMicros: number;
+  expected: (customerId: string) => number;
+  ledger: string;
+  logs: { postpaid: string; prepaid: string };
+}): Promise<{ lines: string[]; holds: boolean }> {
+  const { figures, balance } = run;
+  const header = ["path (all with the ledger write)", "c", "p50 ms", "p95 ms", "p99 ms", "req/s", "CPU ms/req", "dynalite CPU ms/req"];
+  const rows: string[][] = [];
+  const differences: string[] = [];
+  const ms = (n: number | undefined, digits = 3) => (n === undefined ? "-" : n.toFixed(digits));
+  const signed = (n: number) => `${n >= 0 ? "+" : ""}${n.toFixed(3)}`;
+  for (const c of [1, 32]) {
+    for (const label of [LEDGER_ROW, POSTPAID_ROW, PREPAID_ROW]) {
+      const f = figures.get(`${label}@${c}`)!;
+      rows.push([label === LEDGER_ROW ? `${label} (CUSTOMERS variable, no prices)` : label, String(c), ms(f.p50), ms(f.p95), ms(f.p99), String(f.reqPerS), ms(f.cpuMs), ms(f.dynaliteMs)]);
+    }
+    const post = figures.get(`${POSTPAID_ROW}@${c}`)!;
+    const pre = figures.get(`${PREPAID_ROW}@${c}`)!;
+    differences.push(
+      `prepaid − postpaid, c=${c}: p50 ${signed(pre.p50 - post.p50)} ms (${(pre.p50 / post.p50).toFixed(2)}×), p95 ${signed(pre.p95 - post.p95)} ms (${(pre.p95 / post.p95).toFixed(2)}×), ` +
+        `function CPU ${signed(pre.cpuMs! - post.cpuMs!)} ms/req, dynalite CPU ${signed(pre.dynaliteMs! - post.dynaliteMs!)} ms/req`,
+    );
+  }
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
+  const lines = [line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line), ...differences];
+
+  const none: LedgerTotals = { items: 0, costMicros: 0, chargedMicros: 0, shortfallMicros: 0, unsettled: 0, reservations: new Set() };
+  const pre = run.totals.get(PREPAID.customerId) ?? none;
+  const post = run.totals.get(POSTPAID.customerId) ?? none;
+  const calls = run.expected(PREPAID.customerId);
+  const expectedBalance = run.creditMicros - pre.chargedMicros;
+  const openHolds = Object.keys(balance.holds).length;
+  const failures = [
+    pre.items !== calls && `${pre.items} ledger items for ${calls} requests`,
+    balance.balanceMicros !== expectedBalance && `balance_micros ${balance.balanceMicros} ≠ ${expectedBalance}`,
+    balance.reservedMicros !== 0 && `reserved_micros ${balance.reservedMicros} ≠ 0`,
+    openHolds !== 0 && `${openHolds} holds still open`,
+    pre.chargedMicros !== pre.costMicros && `Σ charged_micros ${pre.chargedMicros} ≠ Σ cost_micros ${pre.costMicros}`,
+    pre.shortfallMicros !== 0 && `Σ shortfall_micros ${pre.shortfallMicros}`,
+    pre.unsettled !== 0 && `${pre.unsettled} items not settled`,
+  ].filter((f): f is string => typeof f === "string");
+  const n = (v: number) => v.toLocaleString("en");
+  lines.push(
+    "",
+    `prepaid check: credit ${n(run.creditMicros)} − Σ charged_micros ${n(pre.chargedMicros)} of ${n(pre.items)} ledger items for ${n(calls)} requests ` +
+      `(Σ cost_micros ${n(pre.costMicros)}) = ${n(expectedBalance)}; balance_micros ${n(balance.balanceMicros)}, reserved_micros ${n(balance.reservedMicros)}, ` +
+      `${openHolds} open holds: ${failures.length === 0 ? "holds" : `FAILED (${failures.join("; ")})`}`,
+    `  (credited ${formatMicros(run.creditMicros)} USD = ${n(2 * (calls > 0 ? run.creditMicros / run.reservationMicros / 2 : 0))} × the ${n(run.reservationMicros)} micro-units each request holds; ` +
+      `held per the ledger: ${[...pre.reservations].map(n).join(", ") || "-"}; charged ${formatMicros(pre.chargedMicros)} USD)`,
+  );
+  const counters = await postpaidCounters(run.ledger);
+  const postCalls = run.expected(POSTPAID.customerId);
+  lines.push(
+    `postpaid counters: requests ${n(counters.requests)} for ${n(postCalls)} requests, cost_micros ${n(counters.costMicros)} (Σ ledger cost_micros ${n(post.costMicros)} of ${n(post.items)} items)`,
+    `function logs: postpaid ${problemLines(run.logs.postpaid)}; prepaid ${problemLines(run.logs.prepaid)}`,
+  );
+  return { lines, holds: failures.length === 0 };
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -745,8 +962,13 @@ async function main(): Promise<void> {
   const ledger = await startLedger();
   try {
     process.stdout.write(`\nnpm run bench: ${REQUESTS} requests per path and concurrency in ${ROUNDS} interleaved rounds, loopback, node ${process.version}, ${new Date().toISOString()}\n\n`);
-    const serving = await servingTable({ ...servers, ledger: ledger.url }, bundle.entry);
+    const serving = await servingTable({ ...servers, ledger: ledger.url, dynalite: ledger }, bundle.entry);
     process.stdout.write(serving.lines.join("\n") + "\n\n");
+    process.stdout.write(serving.credits.join("\n") + "\n\n");
+    if (!serving.creditsHold) {
+      process.stderr.write("npm run bench: the prepaid balance does not equal the credit minus the ledger's charges (see above)\n");
+      process.exitCode = 1;
+    }
     process.stdout.write((await meteringTable(servers.collector, ledger)).join("\n") + "\n\n");
     process.stdout.write((await streamingTable(servers, bundle.entry)).join("\n") + "\n\n");
     const other: Array<[string, string]> = [];

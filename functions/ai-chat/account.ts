@@ -66,6 +66,8 @@ export interface Hold {
   currency: string;
   transactionId: string;
   micros: number;
+  /** The usage period the request counts in (kept on the hold, for the stale-hold sweep). */
+  periodStart: string;
   /**
    * `requested`: the write was sent but not confirmed (the store failed or timed out; it may have landed, so the
    * request still settles it, at 0). `held`: confirmed. `refused`: the balance did not cover it; nothing is held.
@@ -101,7 +103,7 @@ export async function reserveCredit({ store, hold, now, log, requestId, choices,
   }
   let result;
   try {
-    result = await store.reserve({ customerId: hold.customerId, currency: hold.currency, transactionId: hold.transactionId, micros: hold.micros, now });
+    result = await store.reserve({ customerId: hold.customerId, currency: hold.currency, transactionId: hold.transactionId, micros: hold.micros, now, periodStart: hold.periodStart });
   } catch (err) {
     // The write may have landed: the hold stays `requested`, and the request settles it at 0 after answering.
     log.error("credit_reserve_failed", { request_id: requestId, customer_id: hold.customerId, reserved_micros: hold.micros, error: describeError(err) });

@@ -1,6 +1,6 @@
 import type { Customer, FunctionConfig, Plan } from "./config";
 import { billingOf, isRecord, outputCapOf } from "./config";
-import { capOutputTokens, choicesOf, reservationFor, reserveCredit, settleAndCount, usageAnswer, type Hold } from "./account";
+import { capOutputTokens, choicesOf, reservationFor, reserveCredit, settleAndCount, usageAnswer, usagePeriodOf, type Hold } from "./account";
 import { StaticCustomerDirectory, type CustomerDirectory } from "./customers";
 import {
   ApiError,
@@ -484,6 +484,7 @@ async function reserve(
     currency: plan.pricing!.currency,
     transactionId: transactionIdFor(request.requestId),
     micros: reservationFor(promptTokens, choices, maxOutputTokens, price),
+    periodStart: usagePeriodOf(plan, deps.clock()).start,
     state: "requested",
   };
   metering.hold = hold;

@@ -52,6 +52,8 @@ export interface ReserveArgs {
   transactionId: string;
   micros: number;
   now: number;
+  /** Start of the usage period the request counts in: kept on the hold for the stale-hold sweep. */
+  periodStart?: string;
 }
 
 export type ReserveResult =
@@ -105,6 +107,8 @@ export interface StaleHold {
   transactionId: string;
   micros: number;
   at: number;
+  /** The hold's usage period, when it recorded one: the sweep then counts the request there. */
+  periodStart?: string;
 }
 
 /** One customer as the `credits` command lists it. */

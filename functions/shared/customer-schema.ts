@@ -71,6 +71,11 @@ export interface HoldEntry {
   m: number;
   /** When it was made (ms since the epoch): a hold older than the function can live was left by a crash. */
   t: number;
+  /**
+   * Start of the usage period the request counts in (`YYYY-MM-DD`): lets the stale-hold sweep add the request to its
+   * period's counters when it settles the hold in the request's place (absent on holds made before it existed).
+   */
+  p?: string;
 }
 
 /** One applied credit (a top-up): its id is the idempotency key (`stripe:<checkout session id>`, `cli:<uuid>`…). */

@@ -337,7 +337,7 @@ export class DynamoCustomerStore implements CustomerStore {
               UpdateExpression: "SET #bal = #bal - :m, #res = if_not_exists(#res, :zero) + :m, #holds.#tx = :hold, #cur = if_not_exists(#cur, :cur), #upd = :now",
               ConditionExpression: "#bal >= :m AND attribute_exists(#holds) AND attribute_not_exists(#holds.#tx) AND (attribute_not_exists(#cur) OR #cur = :cur)",
               ExpressionAttributeNames: { "#bal": N["#bal"], "#res": N["#res"], "#holds": N["#holds"], "#cur": N["#cur"], "#upd": N["#upd"], "#tx": transactionId },
-              ExpressionAttributeValues: { ":m": micros, ":zero": 0, ":hold": { m: micros, t: args.now }, ":cur": currency, ":now": args.now },
+              ExpressionAttributeValues: { ":m": micros, ":zero": 0, ":hold": { m: micros, t: args.now, ...(args.periodStart ? { p: args.periodStart } : {}) }, ":cur": currency, ":now": args.now },
               ReturnValues: "UPDATED_NEW",
             }),
             { abortSignal: signal },
@@ -542,11 +542,12 @@ export class DynamoCustomerStore implements CustomerStore {
       (items) => {
         for (const item of items) {
           const customerId = String(item[CUSTOMERS_KEY]).slice(ACCOUNT_ITEM_PREFIX.length);
-          for (const [transactionId, entry] of Object.entries((item.holds ?? {}) as Record<string, { m?: unknown; t?: unknown }>)) {
+          for (const [transactionId, entry] of Object.entries((item.holds ?? {}) as Record<string, { m?: unknown; t?: unknown; p?: unknown }>)) {
             // A hold whose amount cannot be read cannot be settled safely either: left for a person to look at.
             if (typeof entry?.m !== "number" || !Number.isSafeInteger(entry.m) || entry.m < 0) continue;
             const at = typeof entry.t === "number" && Number.isFinite(entry.t) ? entry.t : 0;
-            if (at < olderThan) stale.push({ customerId, transactionId, micros: entry.m, at });
+            const periodStart = typeof entry.p === "string" && /^\d{4}-\d{2}-\d{2}$/.test(entry.p) ? entry.p : undefined;
+            if (at < olderThan) stale.push({ customerId, transactionId, micros: entry.m, at, ...(periodStart ? { periodStart } : {}) });
           }
         }
       },

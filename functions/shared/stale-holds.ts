@@ -12,7 +12,7 @@
  */
 import type { Logger } from "../ai-chat/logger";
 import { describeError } from "../ai-chat/logger";
-import type { CustomerStore, StaleHold } from "./customer-port";
+import type { CustomerStore, StaleHold, UsageIncrement } from "./customer-port";
 import type { LedgerItem } from "./ledger-schema";
 
 /** The one ledger read the sweep needs. */
@@ -54,6 +54,21 @@ function chargeFor(item: LedgerItem | undefined): { cost: number; from: "ledger"
   return { cost, from: "ledger" };
 }
 
+/** The counters a settled-in-its-place request adds: one request, and its tokens and cost when it was billed. */
+function usageOf(periodStart: string, billed: LedgerItem | undefined): UsageIncrement {
+  return {
+    periodStart,
+    requests: 1,
+    promptTokens: billed ? safeCount(billed.prompt_tokens) : 0,
+    completionTokens: billed ? safeCount(billed.completion_tokens) : 0,
+    costMicros: billed ? safeCount(billed.cost_micros) : 0,
+  };
+}
+
+function safeCount(value: unknown): number {
+  return typeof value === "number" && Number.isSafeInteger(value) && value > 0 ? value : 0;
+}
+
 /**
  * Settles every hold made before `olderThan`. Rejects only when the holds cannot be listed at all; a hold whose
  * ledger read or settlement fails is counted in `failed`, logged, and left for the next sweep (never released on a
@@ -71,7 +86,15 @@ export async function settleStaleHolds(args: SettleStaleHoldsArgs): Promise<Stal
     try {
       const item = await ledger.getItem(hold.transactionId);
       const charge = chargeFor(item);
-      const result = await store.settle({ customerId: hold.customerId, transactionId: hold.transactionId, reservedMicros: hold.micros, costMicros: charge.cost, now: args.now });
+      const result = await store.settle({
+        customerId: hold.customerId,
+        transactionId: hold.transactionId,
+        reservedMicros: hold.micros,
+        costMicros: charge.cost,
+        now: args.now,
+        // The request's own settlement would have counted it in the same write; this one counts it in its place.
+        ...(hold.periodStart ? { usage: usageOf(hold.periodStart, charge.from === "ledger" ? item : undefined) } : {}),
+      });
       if (!result.settled) {
         log.debug("stale_hold_gone", { ...fields, reason: "settled meanwhile by its request or another sweep" });
         return;

@@ -78,6 +78,27 @@ describe("stale prepaid holds", function () {
       expect(events("stale_hold_released").map((e) => e.transaction_id).sort()).to.deep.equal(["tx-none", "tx-unbilled"]);
     });
 
+    it("counts a request it settles in the usage period its hold recorded (tokens and cost only when billed)", async () => {
+      await fund("acme", 1_000_000);
+      for (const tx of ["tx-billed", "tx-none"]) {
+        expect((await store.reserve({ customerId: "acme", currency: "usd", transactionId: tx, micros: HOLD, now: now - 10 * MINUTE, periodStart: "2026-11-01" })).ok).to.equal(true);
+      }
+      await hold("acme", "tx-old-style", now - 10 * MINUTE); // a hold without a period: settled, not counted
+      const item = billed("tx-billed", 7_000);
+      await db.putLedgerItem(item);
+
+      await settleStaleHolds({ store, ledger: db.ledger(), olderThan: now - 6 * MINUTE, now, log });
+
+      expect(await store.getUsage("acme", "2026-11-01")).to.deep.equal({
+        periodStart: "2026-11-01",
+        requests: 2,
+        promptTokens: item.prompt_tokens,
+        completionTokens: item.completion_tokens,
+        costMicros: 7_000,
+      });
+      expect((await db.account("acme"))!.reserved_micros).to.equal(0);
+    });
+
     it("charges at most the balance when a billed cost exceeds the hold, and logs the shortfall", async () => {
       await fund("acme", HOLD + 1_000);
       await hold("acme", "tx-big", now - 10 * MINUTE);

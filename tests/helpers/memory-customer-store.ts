@@ -31,7 +31,7 @@ interface Account {
   currency?: string;
   balance: number;
   reserved: number;
-  holds: Map<string, { micros: number; at: number }>;
+  holds: Map<string, { micros: number; at: number; periodStart?: string }>;
   credits: Map<string, { micros: number; at: number; source: string }>;
   counters: Map<string, UsageTotals>;
 }
@@ -113,7 +113,7 @@ export class MemoryCustomerStore implements CustomerStore {
     const written = this.open(args.customerId, args.currency);
     written.balance -= args.micros;
     written.reserved += args.micros;
-    written.holds.set(args.transactionId, { micros: args.micros, at: args.now });
+    written.holds.set(args.transactionId, { micros: args.micros, at: args.now, periodStart: args.periodStart });
     this.check(args.customerId);
     return { ok: true, balanceMicros: written.balance };
   }
@@ -164,7 +164,7 @@ export class MemoryCustomerStore implements CustomerStore {
     await this.enter("staleHolds");
     const stale: StaleHold[] = [];
     for (const [customerId, account] of this.accounts) {
-      for (const [transactionId, hold] of account.holds) if (hold.at < olderThan) stale.push({ customerId, transactionId, micros: hold.micros, at: hold.at });
+      for (const [transactionId, hold] of account.holds) if (hold.at < olderThan) stale.push({ customerId, transactionId, micros: hold.micros, at: hold.at, ...(hold.periodStart ? { periodStart: hold.periodStart } : {}) });
     }
     return stale;
   }
