@@ -187,6 +187,8 @@ function functionServer(): void {
   };
   const streaming = handler[STREAMING] === "response";
   let served = 0;
+  /** Invocation times (ms from the event to the handler's promise settling: what Lambda bills), since the last report. */
+  let invocations: number[] = [];
   const server = nodeHttp.createServer((req, res) => {
     const chunks: Buffer[] = [];
     req.on("data", (c: Buffer) => chunks.push(c));
@@ -206,7 +208,10 @@ function functionServer(): void {
         requestContext: { requestId: `bench-${process.pid}-${served}`, stage: "beta", identity: { apiKeyId: process.env.BENCH_API_KEY_ID || "bench-key-id", sourceIp: "127.0.0.1" } },
       };
       const context = { awsRequestId: `aws-${served}`, getRemainingTimeInMillis: () => 29_000, callbackWaitsForEmptyEventLoop: true };
+      const invoked = process.hrtime.bigint();
+      const finished = (): void => void invocations.push(Number(process.hrtime.bigint() - invoked) / 1e6);
       const failed = (): void => {
+        finished();
         if (res.headersSent) {
           res.destroy();
           return;
@@ -215,10 +220,11 @@ function functionServer(): void {
         res.end();
       };
       if (streaming) {
-        handler(event, new BenchResponseStream(res), context).catch(failed);
+        handler(event, new BenchResponseStream(res), context).then(finished, failed);
         return;
       }
       handler(event, context).then((result) => {
+        finished();
         const body = result.isBase64Encoded ? Buffer.from(result.body, "base64") : Buffer.from(result.body);
         res.writeHead(result.statusCode, { ...result.headers, "content-length": String(body.length) });
         res.end(body);
@@ -227,7 +233,10 @@ function functionServer(): void {
   });
   server.keepAliveTimeout = 65_000;
   server.listen(0, "127.0.0.1", () => process.send!({ port: (server.address() as import("node:net").AddressInfo).port }));
-  process.on("message", () => process.send!({ cpu: process.cpuUsage(), maxRss: process.resourceUsage().maxRSS }));
+  process.on("message", () => {
+    process.send!({ cpu: process.cpuUsage(), maxRss: process.resourceUsage().maxRSS, invocations });
+    invocations = [];
+  });
   process.on("disconnect", () => process.exit(0));
 }
 
@@ -276,8 +285,11 @@ function dynaliteServer(): void {
 interface ServingChild {
   url: string;
   child: ChildProcess;
-  /** CPU microseconds (user + system) used so far, and peak RSS in kB. */
-  usage(): Promise<{ cpuUs: number; maxRssKb: number }>;
+  /**
+   * CPU microseconds (user + system) used so far, peak RSS in kB, and (function servers) the invocation times in ms
+   * since the previous call.
+   */
+  usage(): Promise<{ cpuUs: number; maxRssKb: number; invocationsMs: number[] }>;
 }
 
 /**
@@ -298,8 +310,8 @@ function startServingChild(main: () => void, env: NodeJS.ProcessEnv, logFile?: s
         usage: () =>
           new Promise((done) => {
             child.once("message", (m) => {
-              const { cpu, maxRss } = m as { cpu: NodeJS.CpuUsage; maxRss: number };
-              done({ cpuUs: cpu.user + cpu.system, maxRssKb: maxRss });
+              const { cpu, maxRss, invocations } = m as { cpu: NodeJS.CpuUsage; maxRss: number; invocations?: number[] };
+              done({ cpuUs: cpu.user + cpu.system, maxRssKb: maxRss, invocationsMs: invocations ?? [] });
             });
             child.send("usage");
           }),
@@ -398,7 +410,7 @@ async function prepareCustomers(endpoint: string, runRequests: number): Promise<
     await doc.send(new PutCommand({ TableName: LOCAL_CUSTOMERS_TABLE, Item: { ...keyItem(c.apiKeyId, c.customerId, { plan: c.plan, stripeCustomerId: c.stripeCustomerId }) } }));
   }
   doc.destroy();
-  const reservationMicros = maxCostOf(estimateRequestTokens(JSON.parse(BODY) as { messages: unknown[] }, "gpt-4o-mini"), DEFAULT_MAX_OUTPUT_TOKENS, BENCH_PRICE);
+  const reservationMicros = maxCostOf(estimateRequestTokens(JSON.parse(BODY) as Parameters<typeof estimateRequestTokens>[0], "gpt-4o-mini"), DEFAULT_MAX_OUTPUT_TOKENS, BENCH_PRICE);
   const store = createCustomerStoreFromEnv({ ...process.env, ...ledgerEnv(endpoint), CUSTOMERS_TABLE: LOCAL_CUSTOMERS_TABLE }, { timeoutMs: 10_000 });
   const credited = await store.credit({ customerId: PREPAID.customerId, currency: "usd", creditId: `bench:${process.pid}:${Date.now()}`, micros: runRequests * reservationMicros, source: "bench", now: Date.now() });
   if (!credited.applied) throw new Error(`the prepaid account's top-up was refused: ${credited.reason}`);
@@ -457,6 +469,8 @@ interface Scenario {
   /** A customers-table row: printed in that table, not the serving table. */
   credits?: boolean;
   latencies: number[];
+  /** Invocation times of the row's runs (ms), as the serving function measured them. */
+  invocations: number[];
   wallMs: number;
   requests: number;
   cpuUs: number;
@@ -468,6 +482,8 @@ interface RowFigures {
   p50: number;
   p95: number;
   p99: number;
+  /** p50 of the invocation time (the handler's whole run, settlement and ledger write included). */
+  invocationP50?: number;
   reqPerS: number;
   cpuMs?: number;
   dynaliteMs?: number;
@@ -539,7 +555,7 @@ async function servingTable(
           : []),
         { label: POSTPAID_ROW, call: postpaidCall, serving: postpaid, store: true, credits: true },
         { label: PREPAID_ROW, call: prepaidCall, serving: prepaid, store: true, credits: true },
-      ].map((s) => ({ ...s, latencies: [], wallMs: 0, requests: 0, cpuUs: 0, dynaliteUs: 0 }));
+      ].map((s) => ({ ...s, latencies: [], invocations: [], wallMs: 0, requests: 0, cpuUs: 0, dynaliteUs: 0 }));
       for (const s of scenarios) await load(s.call, warmUp, Math.min(concurrency, 8)); // warm-up: JIT, sockets
       for (let round = 0; round < ROUNDS; round++) {
         // The two customers-table rows swap places every round, so neither always runs right after the other.
@@ -548,7 +564,11 @@ async function servingTable(
           const before = s.serving ? (await s.serving.usage()).cpuUs : 0;
           const dynaliteBefore = s.store ? (await servers.dynalite.usage()).cpuUs : 0;
           const run = await load(s.call, Math.round(REQUESTS / ROUNDS), concurrency);
-          if (s.serving) s.cpuUs += (await s.serving.usage()).cpuUs - before;
+          if (s.serving) {
+            const after = await s.serving.usage();
+            s.cpuUs += after.cpuUs - before;
+            s.invocations.push(...after.invocationsMs);
+          }
           if (s.store) s.dynaliteUs += (await servers.dynalite.usage()).cpuUs - dynaliteBefore;
           s.latencies.push(...run.latencies);
           s.wallMs += run.wallMs;
@@ -564,6 +584,7 @@ async function servingTable(
           p50: percentile(s.latencies, 50),
           p95: percentile(s.latencies, 95),
           p99: percentile(s.latencies, 99),
+          invocationP50: s.invocations.length > 0 ? percentile(s.invocations.sort((a, b) => a - b), 50) : undefined,
           reqPerS,
           cpuMs: cpu,
           dynaliteMs: s.store ? s.dynaliteUs / s.requests / 1000 : undefined,
@@ -632,7 +653,7 @@ async function creditsCheck(run: {
   logs: { postpaid: string; prepaid: string };
 }): Promise<{ lines: string[]; holds: boolean }> {
   const { figures, balance } = run;
-  const header = ["path (all with the ledger write)", "c", "p50 ms", "p95 ms", "p99 ms", "req/s", "CPU ms/req", "dynalite CPU ms/req"];
+  const header = ["path (all with the ledger write)", "c", "p50 ms", "p95 ms", "p99 ms", "invocation p50 ms", "req/s", "CPU ms/req", "dynalite CPU ms/req"];
   const rows: string[][] = [];
   const differences: string[] = [];
   const ms = (n: number | undefined, digits = 3) => (n === undefined ? "-" : n.toFixed(digits));
@@ -640,18 +661,24 @@ async function creditsCheck(run: {
   for (const c of [1, 32]) {
     for (const label of [LEDGER_ROW, POSTPAID_ROW, PREPAID_ROW]) {
       const f = figures.get(`${label}@${c}`)!;
-      rows.push([label === LEDGER_ROW ? `${label} (CUSTOMERS variable, no prices)` : label, String(c), ms(f.p50), ms(f.p95), ms(f.p99), String(f.reqPerS), ms(f.cpuMs), ms(f.dynaliteMs)]);
+      rows.push([label === LEDGER_ROW ? `${label} (CUSTOMERS variable, no prices)` : label, String(c), ms(f.p50), ms(f.p95), ms(f.p99), ms(f.invocationP50), String(f.reqPerS), ms(f.cpuMs), ms(f.dynaliteMs)]);
     }
     const post = figures.get(`${POSTPAID_ROW}@${c}`)!;
     const pre = figures.get(`${PREPAID_ROW}@${c}`)!;
     differences.push(
       `prepaid − postpaid, c=${c}: p50 ${signed(pre.p50 - post.p50)} ms (${(pre.p50 / post.p50).toFixed(2)}×), p95 ${signed(pre.p95 - post.p95)} ms (${(pre.p95 / post.p95).toFixed(2)}×), ` +
-        `function CPU ${signed(pre.cpuMs! - post.cpuMs!)} ms/req, dynalite CPU ${signed(pre.dynaliteMs! - post.dynaliteMs!)} ms/req`,
+        `invocation p50 ${signed(pre.invocationP50! - post.invocationP50!)} ms, function CPU ${signed(pre.cpuMs! - post.cpuMs!)} ms/req, dynalite CPU ${signed(pre.dynaliteMs! - post.dynaliteMs!)} ms/req`,
     );
   }
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
-  const lines = [line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line), ...differences];
+  const lines = [
+    line(header),
+    widths.map((w) => "-".repeat(w)).join("  "),
+    ...rows.map(line),
+    "(p50/p95/p99: what the caller waits for, the answer; invocation: the handler's whole run, which Lambda bills: the settlement or usage count and the ledger write come after the answer)",
+    ...differences,
+  ];
 
   const none: LedgerTotals = { items: 0, costMicros: 0, chargedMicros: 0, shortfallMicros: 0, unsettled: 0, reservations: new Set() };
   const pre = run.totals.get(PREPAID.customerId) ?? none;
@@ -674,7 +701,7 @@ async function creditsCheck(run: {
     `prepaid check: credit ${n(run.creditMicros)} − Σ charged_micros ${n(pre.chargedMicros)} of ${n(pre.items)} ledger items for ${n(calls)} requests ` +
       `(Σ cost_micros ${n(pre.costMicros)}) = ${n(expectedBalance)}; balance_micros ${n(balance.balanceMicros)}, reserved_micros ${n(balance.reservedMicros)}, ` +
       `${openHolds} open holds: ${failures.length === 0 ? "holds" : `FAILED (${failures.join("; ")})`}`,
-    `  (credited ${formatMicros(run.creditMicros)} USD = ${n(2 * (calls > 0 ? run.creditMicros / run.reservationMicros / 2 : 0))} × the ${n(run.reservationMicros)} micro-units each request holds; ` +
+    `  (credited ${formatMicros(run.creditMicros)} USD: ${n(run.creditMicros / run.reservationMicros)} requests of the run × the ${n(run.reservationMicros)} micro-units each holds; ` +
       `held per the ledger: ${[...pre.reservations].map(n).join(", ") || "-"}; charged ${formatMicros(pre.chargedMicros)} USD)`,
   );
   const counters = await postpaidCounters(run.ledger);

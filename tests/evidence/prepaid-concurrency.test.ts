@@ -87,6 +87,16 @@ describe("prepaid credits: 50 concurrent requests against a balance worth exactl
       const found = await itemsOf(customer);
       const account = await store.getBalance(customer);
       return found.length >= CALLERS && account.reservedMicros === 0 ? found : undefined;
+    }).catch(async (err: Error) => {
+      // Say which holds are left and what their requests' ledger items and log lines say.
+      const account = await store.getBalance(customer);
+      const found = await itemsOf(customer);
+      const left = Object.keys(account.holds).map((tx) => {
+        const item = found.find((i) => i.transaction_id === tx);
+        const lines = item ? local.logs.filter((line) => line.includes(item.request_id)) : [];
+        return { tx, hold: account.holds[tx], item: item && { request_id: item.request_id, status: item.status, billed: item.billed, settlement: item.settlement }, lines };
+      });
+      throw new Error(`${err.message}: ${found.length} items; holds left: ${JSON.stringify(left)}`);
     });
     const poll = await poller.stop();
     const account = await store.getBalance(customer);
@@ -96,7 +106,10 @@ describe("prepaid credits: 50 concurrent requests against a balance worth exactl
     const figures = `${customer}: ${served.length} served, ${refused.length} refused; reservation ${calibration.reserved}, answer ${calibration.cost} micro-units`;
     // The figures the report quotes (the suite's own output; nothing is asserted on time).
     console.log(`      ${figures}; balance ${initial} -> ${account.balanceMicros}; ${poll.reads} account reads during the run, lowest balance seen ${poll.minBalance}, most holds at once ${poll.maxHolds}`);
-    expect(served.length + refused.length, `every caller got 200 or 429: ${JSON.stringify(outcomes.filter((o) => o.status !== 200 && o.status !== 429))}`).to.equal(CALLERS);
+    const others = outcomes.filter((o) => o.status !== 200 && o.status !== 429);
+    // On failure, say why from the function's own log lines about those requests.
+    const why = local.logs.filter((line) => others.some((o) => o.requestId && line.includes(o.requestId) && !line.includes('"message":"request"')));
+    expect(served.length + refused.length, `every caller got 200 or 429: ${others.length} did not, e.g. ${JSON.stringify(others[0])}; the function logged: ${why.slice(0, 3).join("\n")}`).to.equal(CALLERS);
     for (const outcome of refused) {
       expect(outcome.error, JSON.stringify(outcome)).to.include({ type: "insufficient_quota", code: "insufficient_quota" });
       expect(outcome.shouldRetry, "the OpenAI SDKs do not retry a 429 that says x-should-retry: false").to.equal("false");
