@@ -23,8 +23,9 @@
  * `pulumi up` writes them): a priced postpaid plan (cached key lookup, usage counters ADDed after the answer) and the
  * same prices on a prepaid plan (tokenizer estimate and conditional reservation before the upstream call, settlement
  * after the answer). The account is topped up first, through the store's `credit`, with enough for every request of
- * the run to hold its whole reservation. Their table prints p50/p95/p99, req/s, the function's and dynalite's CPU per
- * request, and the prepaid − postpaid difference; then a check that the prepaid balance is exactly the credit minus
+ * the run to hold its whole reservation. Their table prints p50/p95/p99 (the answer), the invocation's p50 (the
+ * handler's whole run, settlement and ledger write included: what Lambda bills), req/s, the function's and dynalite's
+ * CPU per request, and the prepaid − postpaid difference; then a check that the prepaid balance is exactly the credit minus
  * the ledger items' `charged_micros` with nothing left reserved (the bench exits non-zero when it does not hold).
  *
  * Then: the token estimator on 1 KB / 100 KB / 1 MB single-word prompts (each in a fresh process with a time limit),

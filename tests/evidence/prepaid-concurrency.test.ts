@@ -15,7 +15,11 @@ interface Calibration {
 
 describe("prepaid credits: 50 concurrent requests against a balance worth exactly 10 answers (evidence)", function () {
   this.timeout(120_000);
-  const local = useLocalStack("prepaid-concurrency", { LOG_LEVEL: "warn" }, PREPAID_STACK_YAML);
+  // The subject is the balance under concurrency, not the store's latency: with the default 1 s bounds, a loaded
+  // machine (three of these suites at once on two cores) made 1 to 49 of the 50 reservations time out, which the
+  // function rightly answers 503 credit_store_unavailable (fail closed), and a ledger write that times out leaves
+  // no ledger item (its fallback is the direct Moesif send). Store outages are the ledger-outage suite's subject.
+  const local = useLocalStack("prepaid-concurrency", { LOG_LEVEL: "warn", CUSTOMERS_TIMEOUT_MS: "10000", LEDGER_TIMEOUT_MS: "10000" }, PREPAID_STACK_YAML);
 
   before(async () => {
     await topUp(local.stack.customers.store, "calibration", 1_000_000);

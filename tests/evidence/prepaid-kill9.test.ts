@@ -90,19 +90,33 @@ describe("prepaid credits: kill -9 of npm start with reservations open, then npm
     return rows.find((r) => r.customer === CUSTOMER)!;
   }
 
-  /** The customer's account and ledger items, read through openLocalLedger (the running stack's, or a private one). */
-  async function read(): Promise<{ account: AccountBalance; items: LedgerItem[]; shared: boolean }> {
+  interface View {
+    account: AccountBalance;
+    items: LedgerItem[];
+    /** Read through the running npm start (true) or a private dynalite on its files (false). */
+    shared: boolean;
+  }
+
+  /**
+   * Opens the test project's data with openLocalLedger (the running npm start's dynalite, or a private one when none
+   * runs) for as long as `use` runs; `read` gives the customer's account and ledger items.
+   */
+  async function withData<T>(use: (read: () => Promise<View>) => Promise<T>): Promise<T> {
     const ledger = await openLocalLedger(project.dataDir);
     const store = createCustomerStoreFromEnv(ledger.customersEnv, { timeoutMs: 10_000 });
     try {
-      const items: LedgerItem[] = [];
-      for await (const item of ledger.store.scanAll()) if (item.customer_id === CUSTOMER) items.push(item);
-      return { account: await store.getBalance(CUSTOMER), items, shared: ledger.shared };
+      return await use(async () => {
+        const items: LedgerItem[] = [];
+        for await (const item of ledger.store.scanAll()) if (item.customer_id === CUSTOMER) items.push(item);
+        return { account: await store.getBalance(CUSTOMER), items, shared: ledger.shared };
+      });
     } finally {
       store.destroy();
       await ledger.close();
     }
   }
+
+  const readOnce = () => withData((read) => read());
 
   /**
    * Opens `count` slow streams and waits until each holds a reservation and has delivered its first words to its
@@ -113,19 +127,23 @@ describe("prepaid credits: kill -9 of npm start with reservations open, then npm
     const streams = Array.from({ length: count }, (_, i) =>
       chat(started.url, keys[CUSTOMER], chatBody(said, SLOW), { onContent: () => talking.add(i) }).catch((err: Error) => err),
     );
-    await waitUntil(`${count} streams holding a reservation and past their first words`, async () => {
-      const { account } = await read();
-      return Object.keys(account.holds).length === count && talking.size === count ? true : undefined;
-    });
+    await withData((read) =>
+      waitUntil(`${count} streams holding a reservation and past their first words`, async () => {
+        const { account } = await read();
+        return Object.keys(account.holds).length === count && talking.size === count ? true : undefined;
+      }),
+    );
     return streams;
   }
 
   /** Waits for the restarted stack's forwarder to settle every hold; returns the account and ledger then. */
-  async function swept(): Promise<{ account: AccountBalance; items: LedgerItem[] }> {
-    return waitUntil("the restarted stack's sweep to settle the holds left by the dead one", async () => {
-      const state = await read();
-      return state.account.reservedMicros === 0 ? state : undefined;
-    }, 60_000);
+  function swept(): Promise<View> {
+    return withData((read) =>
+      waitUntil("the restarted stack's sweep to settle the holds left by the dead one", async () => {
+        const state = await read();
+        return state.account.reservedMicros === 0 ? state : undefined;
+      }, 60_000),
+    );
   }
 
   const linesOf = (output: string, message: string) =>
@@ -153,7 +171,7 @@ describe("prepaid credits: kill -9 of npm start with reservations open, then npm
     // After the kill, nothing serves the data: the command reads it through a private dynalite, holds and all.
     const dead = await row();
     expect(dead, "the holds are still there after the kill").to.include({ holds: 4, reserved_micros: before.reserved_micros, balance_micros: before.balance_micros });
-    const afterKill = await read();
+    const afterKill = await readOnce();
     expect(afterKill.shared).to.equal(false);
     expect(afterKill.items.filter((i) => i.billed), "the dead requests never wrote a ledger item").to.deep.equal([]);
 
@@ -185,18 +203,20 @@ describe("prepaid credits: kill -9 of npm start with reservations open, then npm
       await chat(started.url, keys[CUSTOMER], chatBody("streamed before the kill", { stream: true })),
     ];
     for (const outcome of done) expect(outcome.status, JSON.stringify(outcome)).to.equal(200);
-    const finished = await waitUntil("the finished requests' ledger items and no hold", async () => {
-      const state = await read();
-      const mine = state.items.filter((i) => done.some((o) => o.requestId === i.request_id));
-      return mine.length === done.length && state.account.reservedMicros === 0 ? { ...state, mine } : undefined;
-    });
+    const finished = await withData((read) =>
+      waitUntil("the finished requests' ledger items and no hold", async () => {
+        const state = await read();
+        const mine = state.items.filter((i) => done.some((o) => o.requestId === i.request_id));
+        return mine.length === done.length && state.account.reservedMicros === 0 ? { ...state, mine } : undefined;
+      }),
+    );
     for (const item of finished.mine) expect(item).to.include({ billed: true, billing_mode: "prepaid", settlement: "settled", shortfall_micros: 0 });
     const spent = sum(finished.mine, "cost_micros");
     expect(spent).to.be.above(0);
     expect(finished.account.balanceMicros).to.equal(credited - spent);
 
     const streams = await openStreams(started, "cut off by the kill", 3);
-    const { account: held } = await read();
+    const { account: held } = await readOnce();
     expect(held.reservedMicros).to.be.above(0);
     expect(held.balanceMicros).to.equal(credited - spent - held.reservedMicros);
 
@@ -205,7 +225,7 @@ describe("prepaid credits: kill -9 of npm start with reservations open, then npm
     await Promise.all(streams);
 
     // The kill left the three holds and the four billed items; no item for the three cut-off streams.
-    const dead = await read();
+    const dead = await readOnce();
     expect(dead.shared).to.equal(false);
     expect(Object.keys(dead.account.holds)).to.have.length(3);
     expect(dead.account).to.include({ reservedMicros: held.reservedMicros, balanceMicros: held.balanceMicros });
