@@ -517,9 +517,18 @@ export async function openLocalLedger(dataDir: string, options: { create?: boole
     }
     db = await LedgerDb.start(dataDir, { lockWaitMs: options.lockWaitMs ?? 10_000 });
     endpoint = db.endpoint;
-    // Holding the LevelDB lock proves nothing else serves it: a ledger.json still here is stale (kill -9).
+    // Holding the LevelDB lock proves nothing else serves it: a ledger.json still here is stale (kill -9). The next
+    // `npm start` would have repaired the index on seeing it; removing it, this script does the repair instead.
     const stale = readLockFile(dataDir);
-    if (stale) fs.rmSync(ledgerLockFile(dataDir), { force: true });
+    if (stale) {
+      try {
+        await repairIndex(endpoint, LOCAL_LEDGER_TABLE);
+      } catch (err) {
+        await db.stop();
+        throw err;
+      }
+      fs.rmSync(ledgerLockFile(dataDir), { force: true });
+    }
   }
   const env = ledgerEnv(endpoint);
   const doc = createLedgerDocumentClient(env, { timeoutMs: 30_000 });

@@ -308,6 +308,28 @@ describe("local usage ledger (dynalite under <dataDir>/ledger)", function () {
     await clean.stop();
   });
 
+  it("after an unclean stop, a script that opens the ledger first repairs the index (the next npm start no longer sees the stale file)", async () => {
+    const ledger = await openLocalLedger(dataDir, { create: true });
+    await ledger.doc.send(new PutCommand({ TableName: ledger.table, Item: { transaction_id: "tx-orphan", created_at: 1, due_at: 1, moesif_state: "pending", undelivered: "u3" } }));
+    await ledger.close();
+    // A kill -9 between dynalite's index write and its item write: the index entry without its item.
+    const levelPath = require.resolve("level", { paths: [path.dirname(require.resolve("dynalite/package.json"))] });
+    const { Level } = require(levelPath) as { Level: new (dir: string, options: object) => { iterator(): AsyncIterable<[string, { transaction_id?: { S?: string } }]>; del(k: string): Promise<void>; close(): Promise<void> } };
+    const level = new Level(ledgerDir(dataDir), { valueEncoding: "json" });
+    for await (const [key, value] of level.iterator()) if (key.startsWith("item-") && value.transaction_id?.S === "tx-orphan") await level.del(key);
+    await level.close();
+    fs.writeFileSync(ledgerLockFile(dataDir), JSON.stringify({ endpoint: `http://127.0.0.1:${await closedPort()}`, pid: deadPid() }));
+
+    const script = await openLocalLedger(dataDir); // npm run usage / credits / reconcile before the next npm start
+    try {
+      const { Item } = await script.doc.send(new GetCommand({ TableName: script.table, Key: { transaction_id: "tx-orphan" } }));
+      expect(Item, "the item the kill cut short is restored from its index entry").to.include({ transaction_id: "tx-orphan", moesif_state: "pending" });
+    } finally {
+      await script.close();
+    }
+    expect(fs.existsSync(ledgerLockFile(dataDir)), "the stale file is gone").to.equal(false);
+  });
+
   it("says there is no ledger yet for a data dir npm start never used", async () => {
     const failure = await openLocalLedger(dataDir).then(
       () => undefined,
