@@ -251,7 +251,9 @@ export async function usageAnswer(store: CustomerStore, customer: Customer, plan
   let totals: UsageTotals;
   let balance: AccountBalance | undefined;
   try {
-    [totals, balance] = await Promise.all([store.getUsage(customer.customerId, period.start), mode === "prepaid" ? store.getBalance(customer.customerId) : Promise.resolve(undefined)]);
+    // One read: the balance and the counters always agree (a settlement writes both at once).
+    totals = await store.getUsage(customer.customerId, period.start);
+    balance = mode === "prepaid" ? totals.balance : undefined;
   } catch (err) {
     log.error("usage_read_failed", { customer_id: customer.customerId, error: describeError(err) });
     throw new ServiceUnavailableError("The service cannot read your usage right now; retry shortly.", "customer_store_unavailable");

@@ -34,6 +34,8 @@ export interface UsageTotals {
   promptTokens: number;
   completionTokens: number;
   costMicros: number;
+  /** The account's balance, from the same read as the counters (so the two always agree). */
+  balance: AccountBalance;
 }
 
 /** What one request adds to its customer's counters for the current period. */
@@ -124,7 +126,7 @@ export interface CustomerStore {
   findByStripeCustomer(stripeCustomerId: string): Promise<CustomerRecord | undefined>;
   /** Balance and holds of a customer; an account never written reads as zero. */
   getBalance(customerId: string): Promise<AccountBalance>;
-  /** Counters of the period starting `periodStart` (zeros when none). */
+  /** Counters of the period starting `periodStart` (zeros when none) and the balance, in one consistent read. */
   getUsage(customerId: string, periodStart: string): Promise<UsageTotals>;
   /** One conditional write: hold `micros` if `balance_micros >= micros`. */
   reserve(args: ReserveArgs): Promise<ReserveResult>;

@@ -293,13 +293,15 @@ export class DynamoCustomerStore implements CustomerStore {
     requireText("getUsage", "periodStart", periodStart);
     return this.bounded("getUsage", async (signal) => {
       const names = Object.fromEntries(COUNTERS.map(({ name }, i) => [`#c${i}`, usageCounterName(name, periodStart)]));
+      // The balance in the same read: an answer never shows a charge without its counters (or the reverse).
+      const balanceNames = { "#cur": N["#cur"], "#bal": N["#bal"], "#res": N["#res"], "#holds": N["#holds"] };
       const output = await this.doc.send(
         new GetCommand({
           TableName: this.table,
           Key: { [CUSTOMERS_KEY]: accountItemKey(customerId) },
           ConsistentRead: true,
-          ProjectionExpression: Object.keys(names).join(", "),
-          ExpressionAttributeNames: names,
+          ProjectionExpression: [...Object.keys(names), ...Object.keys(balanceNames)].join(", "),
+          ExpressionAttributeNames: { ...names, ...balanceNames },
         }),
         { abortSignal: signal },
       );
@@ -311,6 +313,7 @@ export class DynamoCustomerStore implements CustomerStore {
         promptTokens: value("prompt_tokens"),
         completionTokens: value("completion_tokens"),
         costMicros: value("cost_micros"),
+        balance: balanceOf(output.Item, customerId),
       };
     });
   }

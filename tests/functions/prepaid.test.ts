@@ -562,7 +562,7 @@ describe("prepaid credits (core, in-memory customer store)", () => {
       const month = new Date().toISOString().slice(0, 7);
       const totals = await store.getUsage("globex", `${month}-01`);
       // Two requests; only the served one has tokens and a cost (30 × 1 + 7 × 2).
-      expect(totals).to.deep.equal({ periodStart: `${month}-01`, requests: 2, promptTokens: 30, completionTokens: 7, costMicros: 44 });
+      expect(totals).to.deep.include({ periodStart: `${month}-01`, requests: 2, promptTokens: 30, completionTokens: 7, costMicros: 44 });
     });
 
     it("keeps back the customers table's timeout for the work after the answer", () => {

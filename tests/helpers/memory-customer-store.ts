@@ -33,7 +33,7 @@ interface Account {
   reserved: number;
   holds: Map<string, { micros: number; at: number; periodStart?: string }>;
   credits: Map<string, { micros: number; at: number; source: string }>;
-  counters: Map<string, UsageTotals>;
+  counters: Map<string, Omit<UsageTotals, "balance">>;
 }
 
 export interface MemoryCustomerStoreOptions {
@@ -97,7 +97,8 @@ export class MemoryCustomerStore implements CustomerStore {
   async getUsage(customerId: string, periodStart: string): Promise<UsageTotals> {
     await this.enter("getUsage");
     const totals = this.accounts.get(customerId)?.counters.get(periodStart);
-    return totals ? { ...totals } : { periodStart, requests: 0, promptTokens: 0, completionTokens: 0, costMicros: 0 };
+    const balance = this.balanceOf(customerId);
+    return totals ? { ...totals, balance } : { periodStart, requests: 0, promptTokens: 0, completionTokens: 0, costMicros: 0, balance };
   }
 
   async reserve(args: ReserveArgs): Promise<ReserveResult> {
