@@ -11,7 +11,7 @@ import type { BillingMode, PlanConfig, StackConfig } from "./stack-config";
 export interface RouteSpec {
   /** Resource path without the stage, e.g. `/v1/chat/completions`. */
   path: string;
-  method: "GET" | "POST";
+  method: "GET" | "POST" | "DELETE";
   /**
    * true: the REQUEST authorizer finds the caller's API key and API Gateway checks it against the usage plans.
    * false: no authorizer and no key (authorization NONE): only for Stripe's webhook, whose requests carry Stripe's
@@ -32,6 +32,15 @@ export const ROUTES: readonly RouteSpec[] = [
   { path: "/v1/chat/completions", method: "POST", apiKeyRequired: true },
   { path: "/v1/models", method: "GET", apiKeyRequired: true },
   { path: "/v1/usage", method: "GET", apiKeyRequired: true },
+  // The Responses API and its stored responses (each id only for the customer that created it: see
+  // functions/shared/response-owners.ts), embeddings, and one model by id.
+  { path: "/v1/responses", method: "POST", apiKeyRequired: true },
+  { path: "/v1/responses/{id}", method: "GET", apiKeyRequired: true },
+  { path: "/v1/responses/{id}", method: "DELETE", apiKeyRequired: true },
+  { path: "/v1/responses/{id}/input_items", method: "GET", apiKeyRequired: true },
+  { path: "/v1/responses/{id}/cancel", method: "POST", apiKeyRequired: true },
+  { path: "/v1/embeddings", method: "POST", apiKeyRequired: true },
+  { path: "/v1/models/{model}", method: "GET", apiKeyRequired: true },
   { path: STRIPE_WEBHOOK_PATH, method: "POST", apiKeyRequired: false },
 ];
 

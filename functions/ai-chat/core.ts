@@ -85,6 +85,13 @@ export const ROUTES = [
   { method: "POST", route: "/v1/chat/completions" },
   { method: "GET", route: "/v1/models" },
   { method: "GET", route: "/v1/usage" },
+  { method: "POST", route: "/v1/responses" },
+  { method: "GET", route: "/v1/responses/{id}" },
+  { method: "DELETE", route: "/v1/responses/{id}" },
+  { method: "GET", route: "/v1/responses/{id}/input_items" },
+  { method: "POST", route: "/v1/responses/{id}/cancel" },
+  { method: "POST", route: "/v1/embeddings" },
+  { method: "GET", route: "/v1/models/{model}" },
   // No API key: Stripe signs its events instead (the route's authorization is NONE).
   { method: "POST", route: "/stripe/webhook" },
 ] as const;
