@@ -82,6 +82,8 @@ function banner(stack: LocalStack, stackName: string, accounts: CustomerAccount[
     `  forwarder         every ${stack.forwarderIntervalMs} ms, ledger -> ${stack.stripeBilling === "meters" ? "Moesif + Stripe meter events" : "Moesif"}`,
     ...sinkLines(stack),
     "  reconcile         npm run reconcile  (ledger totals vs what each sink acknowledged; -- --json)",
+    // Served by the gateway itself (a local page: no API key), so it shares the API's port, on loopback only.
+    `  dashboard         ${new URL(baseUrl).origin}/_dashboard/  (tokens and cost per customer, quota, balances, delivery health; JSON at /_dashboard/api/summary)`,
     `  customers table   ${stack.customers.table} (same dynalite: keys, balances, usage counters)`,
     ...balanceLines(stack, accounts),
     // The credits command reads Pulumi.<STACK or dev>.yaml for the plans' currencies, as npm start does.

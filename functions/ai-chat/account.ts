@@ -22,8 +22,13 @@ import { describeError, type Logger } from "./logger";
 import type { BillingOutcome } from "./metering";
 import type { TokenUsage } from "./usage";
 
-/** The request's output-token fields, in the order a caller's value is read. */
-const OUTPUT_FIELDS = ["max_completion_tokens", "max_tokens"] as const;
+/**
+ * A chat completion's output-token fields. The first is the one added when the caller sent none (OpenAI's current
+ * field; `max_tokens` is deprecated and refused by reasoning models).
+ */
+export const CHAT_OUTPUT_FIELDS = ["max_completion_tokens", "max_tokens"] as const;
+/** The Responses API's one output-token field (it covers reasoning tokens too). */
+export const RESPONSES_OUTPUT_FIELDS = ["max_output_tokens"] as const;
 
 export interface CappedRequest {
   /** The request to send upstream (the same object when nothing changed). */
@@ -35,23 +40,24 @@ export interface CappedRequest {
 }
 
 /**
- * Applies a plan's output cap. The caller's `max_completion_tokens` / `max_tokens` above the cap is rewritten to it;
- * when the caller sent neither, `max_completion_tokens: cap` is added (OpenAI's current field; `max_tokens` is
- * deprecated and refused by reasoning models), so the upstream can never produce more than was reserved. A caller
- * that sent both has each capped; the larger one counts, whichever the upstream honours.
+ * Applies a plan's output cap to the request's output-token `fields` (chat's by default). A caller's value above the
+ * cap is rewritten to it; when the caller sent none, `fields[0]: cap` is added, so the upstream can never produce
+ * more than was reserved. A caller that sent several has each capped; the larger one counts, whichever the upstream
+ * honours.
  */
-export function capOutputTokens(request: Record<string, unknown>, cap: number | undefined): CappedRequest {
-  const asked = OUTPUT_FIELDS.map((field) => request[field]).filter((value): value is number => typeof value === "number");
+export function capOutputTokens(request: Record<string, unknown>, cap: number | undefined, fields: readonly string[] = CHAT_OUTPUT_FIELDS): CappedRequest {
+  const asked = fields.map((field) => request[field]).filter((value): value is number => typeof value === "number");
   const largest = asked.length > 0 ? Math.max(...asked) : undefined;
   if (cap === undefined) return { request, changed: false, maxOutputTokens: largest };
   if (largest === undefined) {
     // A `null` field means "the upstream's default", which is not bounded: it goes, and the cap takes its place.
-    const { max_tokens: _tokens, max_completion_tokens: _completion, ...rest } = request;
-    return { request: { ...rest, max_completion_tokens: cap }, changed: true, maxOutputTokens: cap };
+    const rest: Record<string, unknown> = { ...request };
+    for (const field of fields) delete rest[field];
+    return { request: { ...rest, [fields[0]]: cap }, changed: true, maxOutputTokens: cap };
   }
   if (largest <= cap) return { request, changed: false, maxOutputTokens: largest };
   const capped: Record<string, unknown> = { ...request };
-  for (const field of OUTPUT_FIELDS) if (typeof capped[field] === "number" && (capped[field] as number) > cap) capped[field] = cap;
+  for (const field of fields) if (typeof capped[field] === "number" && (capped[field] as number) > cap) capped[field] = cap;
   return { request: capped, changed: true, maxOutputTokens: cap };
 }
 
@@ -89,6 +95,8 @@ export interface ReserveArgs {
   /** For the refusal's message: what the reservation covers. */
   choices: number;
   maxOutputTokens: number;
+  /** The request field that asks for fewer output tokens, named in the refusal. @default "max_completion_tokens" */
+  outputField?: string;
 }
 
 /**
@@ -96,7 +104,7 @@ export interface ReserveArgs {
  * when the balance does not cover it, `ServiceUnavailableError` (503 `credit_store_unavailable`) when the store
  * cannot answer: a request that might not be paid for is not served.
  */
-export async function reserveCredit({ store, hold, now, log, requestId, choices, maxOutputTokens }: ReserveArgs): Promise<void> {
+export async function reserveCredit({ store, hold, now, log, requestId, choices, maxOutputTokens, outputField = "max_completion_tokens" }: ReserveArgs): Promise<void> {
   if (!store) {
     log.error("configuration_invalid", { problems: ["a prepaid plan is served without a customers table (CUSTOMERS_TABLE)"] });
     throw new ConfigurationError("The service is misconfigured and cannot serve prepaid requests; its operator can see why in the function's logs.");
@@ -120,10 +128,13 @@ export async function reserveCredit({ store, hold, now, log, requestId, choices,
     throw new InsufficientQuotaError(`Your prepaid balance is kept in another currency than your plan's (${currency}), so it cannot pay for this request; ask the service's operator.`);
   }
   log.info("insufficient_quota", { request_id: requestId, customer_id: hold.customerId, balance_micros: result.balanceMicros, reserved_micros: hold.micros });
+  // An embeddings request has no output tokens: only its input is reserved.
+  const covers = maxOutputTokens > 0 ? `its prompt and ${choices === 1 ? "" : `${choices} × `}${maxOutputTokens} output tokens` : "its input";
+  const remedy = maxOutputTokens > 0 ? `Top up your credits, or ask for fewer output tokens (${outputField}).` : "Top up your credits, or send a shorter input.";
   throw new InsufficientQuotaError(
     `Your prepaid balance (${formatMicros(result.balanceMicros)} ${currency}) does not cover the most this request can cost ` +
-      `(${formatMicros(hold.micros)} ${currency}: its prompt and ${choices === 1 ? "" : `${choices} × `}${maxOutputTokens} output tokens). ` +
-      "Top up your credits, or ask for fewer output tokens (max_completion_tokens).",
+      `(${formatMicros(hold.micros)} ${currency}: ${covers}). ` +
+      remedy,
   );
 }
 

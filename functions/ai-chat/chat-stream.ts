@@ -38,7 +38,7 @@ export const MAX_TALLIED_CHARS = 8 * 1024 * 1024;
 const COMPACT_EVERY = 256;
 
 /** An SSE event carrying `data` (each line its own `data:` field, so a multi-line payload stays one event). */
-function sseEvent(data: string): string {
+export function sseEvent(data: string): string {
   return data.includes("\n") ? `${data.split("\n").map((line) => `data: ${line}`).join("\n")}\n\n` : `data: ${data}\n\n`;
 }
 
@@ -85,44 +85,176 @@ export interface RelayOutcome {
   content: string;
 }
 
-type StopReason = "client" | "idle" | "deadline";
+/** Why a relay stopped reading before the upstream ended: the caller left, the idle timer or the deadline fired. */
+export type StopReason = "client" | "idle" | "deadline";
+
+/**
+ * The generated text a relay has seen, kept per key (choice and field) for the estimate and the logged content:
+ * bounded by MAX_TALLIED_CHARS (beyond it, bytes are only counted), tiny parts joined every COMPACT_EVERY.
+ * `eventText` is the current event's new text, in order (what a secret split across events would hide in).
+ */
+export class StreamText {
+  readonly texts = new Map<string, string[]>();
+  private talliedChars = 0;
+  private overflowBytes = 0;
+  /** Bytes of all text seen: for `isPlausibleUsage`. */
+  relayedBytes = 0;
+  eventText = "";
+
+  /** Starts a new event's `eventText`. */
+  beginEvent(): void {
+    this.eventText = "";
+  }
+
+  append(key: string, value: unknown): void {
+    if (typeof value !== "string" || value === "") return;
+    this.eventText += value;
+    const bytes = Buffer.byteLength(value, "utf8");
+    this.relayedBytes += bytes;
+    if (this.talliedChars + value.length > MAX_TALLIED_CHARS) {
+      this.overflowBytes += bytes;
+      return;
+    }
+    this.talliedChars += value.length;
+    const list = this.texts.get(key);
+    if (!list) this.texts.set(key, [value]);
+    else {
+      list.push(value);
+      if (list.length >= COMPACT_EVERY) this.texts.set(key, [list.join("")]);
+    }
+  }
+
+  /** Tokens of everything seen: each key's text tokenized once; text past the bound at 1 token per 4 bytes. */
+  countTokens(tally: TokenTally): number {
+    let tokens = 0;
+    for (const parts of this.texts.values()) tokens += tally.count(parts.join(""));
+    return tokens + Math.ceil(this.overflowBytes / 4);
+  }
+
+  /** The text of the keys `keep` selects, clipped to MAX_LOGGED_CONTENT_CHARS and redacted, for logged bodies. */
+  logged(keep: (key: string) => boolean, redactor: SecretRedactor): string {
+    let content = "";
+    for (const [key, parts] of this.texts) {
+      if (!keep(key)) continue;
+      content += parts.join("");
+      if (content.length > MAX_LOGGED_CONTENT_CHARS) break;
+    }
+    content = content.slice(0, MAX_LOGGED_CONTENT_CHARS);
+    // The relayed text joined: a secret split across events (never sent) must not reach a metering event either.
+    return redactor.redactString(content);
+  }
+}
+
+/**
+ * Holds back what could be part of a secret split across events (each event is redacted on its own): the last few
+ * characters plus the new text are checked; an event whose text ends like the start of a secret is held until the
+ * next one shows whether it completes.
+ */
+export class SplitSecretGuard {
+  private readonly windowLength: number;
+  private recentText = "";
+  private held = "";
+
+  constructor(private readonly redactor: SecretRedactor) {
+    this.windowLength = Math.max(0, redactor.longestSecret - 1);
+  }
+
+  /**
+   * What may go out now of one event's forwarded `text` whose new generated text is `eventText`; undefined when
+   * the window holds a secret (nothing of it may go out: the stream must fail).
+   */
+  pass(text: string, eventText: string): string | undefined {
+    if (this.windowLength === 0 || eventText === "") return this.release(text);
+    const window = this.recentText + eventText;
+    this.recentText = window.slice(-this.windowLength);
+    if (this.redactor.containsSecret(window)) {
+      this.held = "";
+      return undefined;
+    }
+    if (this.redactor.endsWithSecretPrefix(window)) {
+      this.held += text;
+      return "";
+    }
+    return this.release(text);
+  }
+
+  /** Held-back text plus `text`, releasing the hold. */
+  release(text = ""): string {
+    const out = this.held + text;
+    this.held = "";
+    return out;
+  }
+}
+
+/**
+ * The three ways a relay stops reading early (the caller leaves, no chunk within the idle timeout, the deadline)
+ * as one `stopped` promise to race reads and writes against. Stopping destroys the upstream (which ends its request).
+ */
+export class RelayStopper {
+  reason?: StopReason;
+  readonly stopped: Promise<void>;
+  private resolveStopped!: () => void;
+  private idleTimer?: NodeJS.Timeout;
+  private readonly deadlineTimer?: NodeJS.Timeout;
+  private readonly onGone = () => this.stop("client");
+
+  constructor(
+    private readonly upstream: Readable,
+    private readonly clientGone: AbortSignal,
+    private readonly idleTimeoutMs: number,
+    deadline: number | undefined,
+    clock: () => number,
+  ) {
+    this.stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
+    if (clientGone.aborted) this.onGone();
+    else clientGone.addEventListener("abort", this.onGone, { once: true });
+    this.deadlineTimer = deadline !== undefined ? setTimeout(() => this.stop("deadline"), Math.max(0, deadline - clock())) : undefined;
+  }
+
+  stop(reason: StopReason): void {
+    if (this.reason) return;
+    this.reason = reason;
+    this.upstream.destroy();
+    this.resolveStopped();
+  }
+
+  /** (Re)starts the idle timer: the relay stops unless the upstream sends something within `ms`. */
+  armIdle(ms = this.idleTimeoutMs): void {
+    clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => this.stop("idle"), ms);
+  }
+
+  clearIdle(): void {
+    clearTimeout(this.idleTimer);
+  }
+
+  /** Clears the timers and the caller listener. */
+  dispose(): void {
+    clearTimeout(this.idleTimer);
+    clearTimeout(this.deadlineTimer);
+    this.clientGone.removeEventListener("abort", this.onGone);
+  }
+}
+
+/** The failure of a stream that stopped reading early or could not be read, once the upstream did not end it. */
+export function stopFailure(stopReason: StopReason | undefined, readError: boolean, idleTimeoutMs: number): ApiError | undefined {
+  if (!stopReason && readError) return new StreamFailedError("The upstream model server's stream was cut off.", "upstream_stream_failed", "api_error");
+  if (stopReason === "idle") return new StreamFailedError(`The upstream model server sent nothing for ${idleTimeoutMs} ms.`, "upstream_idle_timeout", "api_error");
+  if (stopReason === "deadline") return new StreamFailedError("The answer could not be completed in time.", "deadline_exceeded", "api_error");
+  return undefined;
+}
+
 
 /** Relays one stream. Never throws: every failure is in the outcome. */
 export async function relayChatStream(options: RelayOptions): Promise<RelayOutcome> {
   const { upstream, redactor, clock } = options;
-  const texts = new Map<string, string[]>();
-  let talliedChars = 0;
-  let overflowBytes = 0;
-  let relayedBytes = 0;
-  /** This event's new text, in order: what a secret split across events would hide in. */
-  let eventText = "";
-  const append = (key: string, value: unknown) => {
-    if (typeof value !== "string" || value === "") return;
-    eventText += value;
-    const bytes = Buffer.byteLength(value, "utf8");
-    relayedBytes += bytes;
-    if (talliedChars + value.length > MAX_TALLIED_CHARS) {
-      overflowBytes += bytes;
-      return;
-    }
-    talliedChars += value.length;
-    const list = texts.get(key);
-    if (!list) texts.set(key, [value]);
-    else {
-      list.push(value);
-      if (list.length >= COMPACT_EVERY) texts.set(key, [list.join("")]);
-    }
-  };
-  // A secret split across events (each redacted on its own) is seen in the last few characters plus the new text;
-  // an event whose text ends like the start of a secret is held back until the next one shows whether it completes.
-  const windowLength = Math.max(0, redactor.longestSecret - 1);
-  let recentText = "";
-  let held = "";
+  const seen = new StreamText();
+  const append = (key: string, value: unknown) => seen.append(key, value);
+  const secretGuard = new SplitSecretGuard(redactor);
   /** Whether any choice ended with a finish_reason: an upstream that closes without one was cut off. */
   let finished = false;
 
   let writer: StreamWriter | undefined;
-  let stopReason: StopReason | undefined;
   let failure: ApiError | undefined;
   /** An upstream error event, forwarded as the stream's last event. */
   let upstreamErrorEvent: string | undefined;
@@ -133,24 +265,8 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
   let model: string | undefined;
   let created: number | undefined;
 
-  let resolveStopped!: () => void;
-  const stopped = new Promise<void>((resolve) => (resolveStopped = resolve));
-  const stop = (reason: StopReason) => {
-    if (stopReason) return;
-    stopReason = reason;
-    upstream.destroy();
-    resolveStopped();
-  };
-  const onGone = () => stop("client");
-  if (options.clientGone.aborted) onGone();
-  else options.clientGone.addEventListener("abort", onGone, { once: true });
-
-  let idleTimer: NodeJS.Timeout | undefined;
-  const armIdle = (ms = options.idleTimeoutMs) => {
-    clearTimeout(idleTimer);
-    idleTimer = setTimeout(() => stop("idle"), ms);
-  };
-  const deadlineTimer = options.deadline !== undefined ? setTimeout(() => stop("deadline"), Math.max(0, options.deadline - clock())) : undefined;
+  const stopper = new RelayStopper(upstream, options.clientGone, options.idleTimeoutMs, options.deadline, clock);
+  const { stopped } = stopper;
 
   let pending: EventSourceMessage[] = [];
   const parser = createParser({ onEvent: (event) => pending.push(event), maxBufferSize: MAX_EVENT_CHARS });
@@ -158,7 +274,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
 
   /** The text to forward for one event ("" for none); sets `failure`/`done` as it finds them. */
   const handle = (event: EventSourceMessage): string => {
-    eventText = "";
+    seen.beginEvent();
     const data = event.data;
     if (data.trim() === "") return "";
     sawEvent = true;
@@ -224,27 +340,11 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
 
   /** What may go out now of one event's text, holding back (or refusing) what could be part of a split secret. */
   const guard = (text: string): string => {
-    if (windowLength === 0 || eventText === "") {
-      if (!held) return text;
-      const out = held + text;
-      held = "";
-      return out;
-    }
-    const window = recentText + eventText;
-    recentText = window.slice(-windowLength);
-    if (redactor.containsSecret(window)) {
-      held = "";
-      options.onEchoedSecret?.();
-      failure = new StreamFailedError("The upstream model server's answer contained a secret of this service; it was not sent.", "upstream_echoed_secret", "api_error");
-      return "";
-    }
-    if (redactor.endsWithSecretPrefix(window)) {
-      held += text;
-      return "";
-    }
-    const out = held + text;
-    held = "";
-    return out;
+    const out = secretGuard.pass(text, seen.eventText);
+    if (out !== undefined) return out;
+    options.onEchoedSecret?.();
+    failure = new StreamFailedError("The upstream model server's answer contained a secret of this service; it was not sent.", "upstream_echoed_secret", "api_error");
+    return "";
   };
 
   const writeOut = async (text: string) => {
@@ -255,15 +355,15 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
   let readError = false;
   let graceArmed = false;
   const iterator = upstream[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
-  armIdle();
+  stopper.armIdle();
   try {
     for (;;) {
       // Raced with `stopped`: a read pending on a silent upstream must end when the idle timer, the deadline or the
       // caller's disconnect stops the relay, whatever the stream implementation does on destroy.
       const next = await Promise.race([iterator.next(), stopped.then(() => undefined)]);
       // After [DONE] the grace period runs from [DONE], not from the upstream's last byte.
-      if (!done) clearTimeout(idleTimer);
-      if (!next || next.done || stopReason) break;
+      if (!done) stopper.clearIdle();
+      if (!next || next.done || stopper.reason) break;
       try {
         parser.feed(decoder.decode(next.value, { stream: true }));
       } catch {
@@ -277,45 +377,38 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
         const text = handle(event);
         out += failure ? "" : guard(text);
       }
-      if (out && !stopReason) await writeOut(out);
-      if (failure || stopReason) break;
+      if (out && !stopper.reason) await writeOut(out);
+      if (failure || stopper.reason) break;
       // After [DONE] the upstream ends its response at once; reading to that end keeps its keep-alive socket
       // reusable (a destroyed one costs the next invocation a TLS handshake). One that lingers is cut after a grace.
-      if (!done) armIdle();
+      if (!done) stopper.armIdle();
       else if (!graceArmed) {
         graceArmed = true;
-        armIdle(DONE_GRACE_MS);
+        stopper.armIdle(DONE_GRACE_MS);
       }
     }
   } catch {
     readError = true;
   } finally {
-    clearTimeout(idleTimer);
-    clearTimeout(deadlineTimer);
-    options.clientGone.removeEventListener("abort", onGone);
+    stopper.dispose();
     iterator.return?.().catch(() => undefined);
   }
+  const stopReason = stopper.reason;
   // Stop reading (after [DONE], or a failure): ends the upstream request if it is still open.
   if (!upstream.destroyed) upstream.destroy();
 
-  if (!failure && !done && !stopReason && readError) {
-    failure = new StreamFailedError("The upstream model server's stream was cut off.", "upstream_stream_failed", "api_error");
-  }
-  if (!failure && !done && stopReason === "idle") {
-    failure = new StreamFailedError(`The upstream model server sent nothing for ${options.idleTimeoutMs} ms.`, "upstream_idle_timeout", "api_error");
-  }
-  if (!failure && !done && stopReason === "deadline") failure = new StreamFailedError("The answer could not be completed in time.", "deadline_exceeded", "api_error");
+  if (!failure && !done) failure = stopFailure(stopReason, readError, options.idleTimeoutMs);
   // A clean end without [DONE] is complete only if the answer said it was (a finish_reason); otherwise it was cut.
   if (!failure && !done && !stopReason && sawEvent && !finished) {
     failure = new StreamFailedError("The upstream model server's stream ended before the answer did.", "upstream_stream_failed", "api_error");
   }
   // Held back for a secret that never completed: the text was harmless after all.
+  const held = secretGuard.release();
   if (held && !failure && !stopReason) await writeOut(held).catch(() => undefined);
-  held = "";
 
   const clientDisconnected = stopReason === "client";
   // A usage chunk that cannot be true of the text relayed (0 tokens for a long answer) is not believed.
-  if (reported && !isPlausibleUsage(reported, relayedBytes)) reported = undefined;
+  if (reported && !isPlausibleUsage(reported, seen.relayedBytes)) reported = undefined;
   const outcome = (): RelayOutcome => {
     const usage = reported ?? estimate();
     return {
@@ -327,27 +420,14 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
       id,
       model,
       created,
-      content: loggedContent(),
+      content: seen.logged((key) => key.endsWith(":content"), redactor),
     };
   };
   const estimate = (): TokenUsage => {
     const tally = options.newTally();
     const prompt = options.estimatePrompt(tally);
-    let completion = 0;
-    for (const parts of texts.values()) completion += tally.count(parts.join(""));
-    completion += Math.ceil(overflowBytes / 4);
+    const completion = seen.countTokens(tally);
     return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
-  };
-  const loggedContent = (): string => {
-    let content = "";
-    for (const [key, parts] of texts) {
-      if (!key.endsWith(":content")) continue;
-      content += parts.join("");
-      if (content.length > MAX_LOGGED_CONTENT_CHARS) break;
-    }
-    content = content.slice(0, MAX_LOGGED_CONTENT_CHARS);
-    // The relayed text joined: a secret split across events (never sent) must not reach a metering event either.
-    return redactor.redactString(content);
   };
 
   if (!writer) {
@@ -388,7 +468,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
 }
 
 /** The JSON error for a stream that failed before its first event (the caller has had nothing yet). */
-function beforeStart(failure: ApiError, idleTimeoutMs: number): ApiError {
+export function beforeStart(failure: ApiError, idleTimeoutMs: number): ApiError {
   if (!(failure instanceof StreamFailedError)) return failure;
   if (failure.beforeStart) return failure.beforeStart;
   switch (failure.code) {

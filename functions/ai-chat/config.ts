@@ -91,6 +91,12 @@ export interface FunctionConfig {
    * balances and usage counters. Each call is bounded by `timeoutMs` (`CUSTOMERS_TIMEOUT_MS`).
    */
   customerStore: { table?: string; timeoutMs: number; cacheTtlMs: number };
+  /**
+   * Who created each stored Responses API response (`RESPONSES_TABLE`; see `shared/response-owners.ts`). Each call
+   * is bounded by `timeoutMs` (`RESPONSES_TIMEOUT_MS`, else `CUSTOMERS_TIMEOUT_MS`'s value). Without the table the
+   * owners are kept in the function's memory: per instance, so a response is then "not found" on other instances.
+   */
+  responseOwners: { table?: string; timeoutMs: number };
   /** Signing secret of the Stripe credits webhook given directly (`STRIPE_WEBHOOK_SECRET`; the local stack). */
   stripeWebhookSecret?: string;
   plans: Record<string, Plan>;
@@ -143,6 +149,7 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
   };
 
   const customersTable = env.CUSTOMERS_TABLE?.trim() || undefined;
+  const customersTimeoutMs = positiveInt("CUSTOMERS_TIMEOUT_MS", 1000);
   // The table replaces the variable; with both set, the table is the one truth (a stale CUSTOMERS is ignored).
   const customers = (customersTable ? undefined : json<Record<string, Customer>>("CUSTOMERS", checkCustomers)) ?? {};
   const plans = readPlans(env, problems);
@@ -179,7 +186,8 @@ export function loadFunctionConfig(env: NodeJS.ProcessEnv = process.env): Functi
     maxRequestBytes: positiveInt("MAX_REQUEST_BYTES", 1024 * 1024),
     responseEnvelope: envelope === "request_payload" ? "request_payload" : "none",
     customers,
-    customerStore: { table: customersTable, timeoutMs: positiveInt("CUSTOMERS_TIMEOUT_MS", 1000), cacheTtlMs: positiveInt("CUSTOMER_CACHE_TTL_MS", 30_000) },
+    customerStore: { table: customersTable, timeoutMs: customersTimeoutMs, cacheTtlMs: positiveInt("CUSTOMER_CACHE_TTL_MS", 30_000) },
+    responseOwners: { table: env.RESPONSES_TABLE?.trim() || undefined, timeoutMs: positiveInt("RESPONSES_TIMEOUT_MS", customersTimeoutMs) },
     stripeWebhookSecret: env.STRIPE_WEBHOOK_SECRET?.trim() || undefined,
     plans,
     moesif: {

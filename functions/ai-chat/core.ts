@@ -1,22 +1,37 @@
+import type { Readable } from "node:stream";
 import type { Customer, FunctionConfig, Plan } from "./config";
 import { billingOf, isRecord, outputCapOf } from "./config";
-import { capOutputTokens, choicesOf, reservationFor, reserveCredit, settleAndCount, usageAnswer, usagePeriodOf, type Hold } from "./account";
+import { capOutputTokens, choicesOf, RESPONSES_OUTPUT_FIELDS, reservationFor, reserveCredit, settleAndCount, usageAnswer, usagePeriodOf, type Hold } from "./account";
 import { StaticCustomerDirectory, type CustomerDirectory } from "./customers";
 import {
   ApiError,
+  BadRequestError,
   ConfigurationError,
   DeadlineExceededError,
   ForbiddenError,
   ModelNotFoundError,
   ModelNotPricedError,
   NotFoundError,
+  PreviousResponseNotFoundError,
   RateLimitedError,
+  ResponseNotFoundError,
+  ResponseStoreUnavailableError,
   ResponseTooLargeError,
   UpstreamError,
   isOpenAiErrorBody,
   toErrorResponse,
 } from "./errors";
 import { relayChatStream } from "./chat-stream";
+import { estimateEmbeddingsInputTokens, extractEmbeddingsUsage, parseEmbeddingsRequest } from "./embeddings";
+import {
+  estimateResponsesInputTokens,
+  estimateResponsesUsage,
+  extractResponsesUsage,
+  parseResponsesRequest,
+  responsesOutputTextBytes,
+  type ResponsesRequest,
+} from "./responses";
+import { relayResponsesStream } from "./responses-stream";
 import { describeError, type Logger } from "./logger";
 import { transactionIdFor, type BillingOutcome, type UsageMeter } from "./metering";
 import { StaticSecrets, type SecretsPort, type ServiceSecrets } from "./secrets";
@@ -39,15 +54,20 @@ import { modelOf, parseChatCompletionRequest, type ChatCompletionRequest, type R
 import type { CustomerStore } from "../shared/customer-port";
 import { stringifyJson } from "../shared/json";
 import { costOf, priceFor, type Cost, type ModelPrice, type PlanPricing } from "../shared/pricing";
+import { RESPONSE_ID_PATTERN, type ResponseOwner, type ResponseOwners } from "../shared/response-owners";
 import { SecretRedactor } from "../shared/secret-redactor";
 
 /** A request in the core's terms: already decoded from whatever transport carried it. */
 export interface ProxyRequest {
   method: string;
-  /** Route without the stage, e.g. `/v1/chat/completions`. */
+  /** The matched route (API Gateway's resource template) without the stage, e.g. `/v1/responses/{id}`. */
   route: string;
-  /** The URL metered for the request, built from trusted request context only (never from client headers). */
+  /** The URL metered for the request (the actual path, no query), built from trusted request context only (never from client headers). */
   uri: string;
+  /** The values of the route's `{…}` segments, decoded (`{ id: "resp_123" }`). */
+  pathParameters?: Record<string, string>;
+  /** The query string's parameters, every value of a repeated one. */
+  query?: Record<string, string[]>;
   /** Header names in lower case. */
   headers: Record<string, string>;
   body: Buffer;
@@ -77,6 +97,11 @@ export interface CoreDeps {
    * `GET /v1/usage`, and the Stripe webhook's credits.
    */
   store?: CustomerStore;
+  /**
+   * Who created each stored Responses API response (the responses table, or memory): the stored-response routes and
+   * `previous_response_id` are served only to that customer. Absent: those routes answer 503.
+   */
+  responseOwners?: ResponseOwners;
 }
 
 /** Routes served by the function; API Gateway only forwards these, the local stack too. */
@@ -115,10 +140,12 @@ export const DEADLINE_RESERVE_MS = 2000;
 /**
  * The most the work after the answer can take: the settlement or usage count in the customers table (when there is
  * one), the ledger write (when there is a ledger) and, if it fails, the direct Moesif send that stands in for it,
- * one after the other (`infra/stack-config.ts` checks the same sum).
+ * one after the other (`infra/stack-config.ts` checks the same sum). A streamed response's context tokens are
+ * written to the responses table alongside them (not after), so that write only counts when it is the longer one.
  */
 export function meteringReserveMs(config: FunctionConfig): number {
-  return (config.customerStore.table ? config.customerStore.timeoutMs : 0) + (config.ledger.table ? config.ledger.timeoutMs : 0) + config.moesif.timeoutMs;
+  const sequential = (config.customerStore.table ? config.customerStore.timeoutMs : 0) + (config.ledger.table ? config.ledger.timeoutMs : 0) + config.moesif.timeoutMs;
+  return Math.max(sequential, config.responseOwners.table ? config.responseOwners.timeoutMs : 0);
 }
 
 /** What one request contributes to its metering record. Filled in as the request progresses. */
@@ -147,6 +174,8 @@ interface Metering {
   streamed?: boolean;
   streamError?: string;
   clientDisconnected?: boolean;
+  /** Work started once the answer is over that runs alongside settlement and metering (a stored response's context tokens). */
+  afterAnswer?: Promise<void>;
 }
 
 /** An upstream answer after redaction: nothing reads the raw one. */
@@ -170,7 +199,13 @@ const SSE_HEADERS = { "Content-Type": "text/event-stream; charset=utf-8", "Cache
  * When the upstream did the work but the caller gets an error instead — the answer is over Lambda's response limit,
  * or the invocation ran out of time — the record says that error and bills nothing. A streamed answer (`stream:
  * true`) is billed once its first event reached the caller, for what the upstream sent until the stream ended,
- * failed or the caller left (see `chat-stream.ts`).
+ * failed or the caller left (see `chat-stream.ts`; `responses-stream.ts` for the Responses API's typed events). The
+ * routes that deliver no new work (models, stored responses) are counted and metered at 0 tokens, never billed.
+ *
+ * Stored responses: every customer reaches the upstream with the service's one key, so the function records who
+ * created each response (`deps.responseOwners`) and serves `GET|DELETE /v1/responses/{id}`, its `input_items`, its
+ * `cancel` and `previous_response_id` only to that customer; anyone else gets what OpenAI answers for an unknown id,
+ * and the upstream is never asked.
  *
  * Prepaid: the most the request can cost is held before the upstream call (429 `insufficient_quota` when the
  * balance does not cover it) and settled at the billed cost (0 when nothing was billed) after the answer.
@@ -261,6 +296,8 @@ export async function handleRequest(request: ProxyRequest, deps: CoreDeps, respo
   } catch (err) {
     deps.log.error("metering_failed", { request_id: request.requestId, error: describeError(err) });
   }
+  // Never rejects (its failures are logged where it is made).
+  if (metering.afterAnswer) await metering.afterAnswer;
 
   deps.log.info("request", {
     request_id: request.requestId,
@@ -358,8 +395,22 @@ async function route(request: ProxyRequest, deps: CoreDeps, metering: Metering, 
   }
   const call: UpstreamCall = { deps, metering, redactor: redactorFor(secrets), deadline, responder, requestId: request.requestId };
 
-  if (known.route === "/v1/models") return listModels(call);
-  return chatCompletion(request, customer, call, known.route === "/ai-chat");
+  switch (known.route) {
+    case "/v1/models":
+      return listModels(call);
+    case "/v1/models/{model}":
+      return retrieveModel(request, call);
+    case "/v1/embeddings":
+      return createEmbeddings(request, customer, call);
+    case "/v1/responses":
+      return createResponse(request, customer, call);
+    case "/v1/responses/{id}":
+    case "/v1/responses/{id}/input_items":
+    case "/v1/responses/{id}/cancel":
+      return storedResponse(request, known.route, customer, call);
+    default:
+      return chatCompletion(request, customer, call, known.route === "/ai-chat");
+  }
 }
 
 function resolveSecrets(deps: CoreDeps): Promise<ServiceSecrets> {
@@ -405,34 +456,19 @@ interface UpstreamCall {
   deadline: number | undefined;
   responder: Responder;
   requestId: string;
+  /** Time kept back from the upstream call for work between its answer and the caller's (a response's owner record). */
+  keepBackMs?: number;
 }
 
 async function chatCompletion(request: ProxyRequest, customer: Customer, call: UpstreamCall, isSeedRoute: boolean): Promise<ProxyResponse> {
   const { deps, metering } = call;
-  const facts: RequestFacts = {};
-  let parsed: ReturnType<typeof parseChatCompletionRequest>;
-  try {
-    parsed = parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts);
-  } finally {
-    metering.inspected = true;
-    metering.model = facts.model;
-  }
+  const parsed = inspectBody(metering, (facts) => parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts));
   const { request: chat } = parsed;
-  let forwarded: Record<string, unknown> = chat;
-  let body = parsed.text;
-  // The built-in model server's directives would make a real upstream answer 400 (unknown field).
-  if (Object.prototype.hasOwnProperty.call(chat, "mock") && !deps.config.forwardMockDirectives) {
-    const { mock: _mock, ...rest } = chat;
-    forwarded = rest;
-    body = stringifyJson(rest);
-  }
+  let { forwarded, body } = withoutMockDirectives(deps, chat, parsed.text);
   metering.requestBody = forwarded;
 
   const plan = metering.plan;
-  if (plan?.models && !plan.models.includes(chat.model)) throw new ModelNotFoundError(chat.model);
-  const price = priceFor(plan?.pricing, chat.model);
-  // A plan that bills per model never serves a model at a wrong or zero price.
-  if (plan?.pricing && !price) throw new ModelNotPricedError(chat.model);
+  const price = allowedPrice(plan, chat.model);
 
   // The plan's output cap goes upstream, so the upstream cannot produce more than a prepaid request reserved.
   const capped = capOutputTokens(forwarded, outputCapOf(plan));
@@ -441,7 +477,10 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
     body = stringifyJson(forwarded);
     metering.requestBody = forwarded;
   }
-  if (billingOf(plan) === "prepaid" && price) await reserve(request, customer, plan!, price, { ...forwarded, messages: chat.messages }, chat.model, capped.maxOutputTokens!, call);
+  if (billingOf(plan) === "prepaid" && price) {
+    const estimated: EstimatedRequest = { ...forwarded, messages: chat.messages };
+    await reserve(request, customer, plan!, price, { promptTokens: estimateRequestTokens(estimated, chat.model), choices: choicesOf(estimated), maxOutputTokens: capped.maxOutputTokens! }, call);
+  }
 
   if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price ? plan?.pricing : undefined);
 
@@ -457,11 +496,7 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
     // Usage that cannot be true of the answer (0 completion tokens for a long one, 0 prompt tokens) is estimated.
     const extracted = extractUsage(json);
     const reported = extracted && isPlausibleUsage(extracted, completionTextBytes(json)) ? extracted : undefined;
-    metering.usage = reported ?? estimateUsage({ ...forwarded, messages: chat.messages }, json, chat.model);
-    metering.usageEstimated = !reported;
-    metering.responseBody = json;
-    if (price && plan?.pricing) metering.cost = servedCost(metering.usage, plan.pricing, chat.model, json.model);
-    metering.billed = true;
+    billAnswer(call, reported ?? estimateUsage({ ...forwarded, messages: chat.messages }, json, chat.model), !reported, json, price ? plan?.pricing : undefined, chat.model);
     const text = isSeedRoute && deps.config.responseEnvelope === "request_payload" ? `{"request_payload":${upstream.text}}` : upstream.text;
     // Any 2xx carrying a completion is billed, whichever 2xx an OpenAI-compatible server chose; the caller gets that
     // status unchanged, and the meter keys on the record's usage and status class, not on "200".
@@ -470,32 +505,81 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   return upstreamFailure(upstream, call);
 }
 
+/** Parses a request body with its route's parser; whatever happens, the record has the model it named. */
+function inspectBody<T>(metering: Metering, parse: (facts: RequestFacts) => T): T {
+  const facts: RequestFacts = {};
+  try {
+    return parse(facts);
+  } finally {
+    metering.inspected = true;
+    metering.model = facts.model;
+  }
+}
+
+/** The request without the built-in model server's `mock` directives, which would make a real upstream answer 400 (unknown field). */
+function withoutMockDirectives<T extends Record<string, unknown>>(deps: CoreDeps, parsed: T, text: string): { forwarded: Record<string, unknown>; body: string } {
+  if (!Object.prototype.hasOwnProperty.call(parsed, "mock") || deps.config.forwardMockDirectives) return { forwarded: parsed, body: text };
+  const { mock: _mock, ...rest } = parsed;
+  return { forwarded: rest, body: stringifyJson(rest) };
+}
+
+/**
+ * The plan's rules for a model: one its list does not name is "not found" (404 `model_not_found`), one its prices do
+ * not cover is refused (400 `model_not_priced`: a plan that bills per model never serves a model at a wrong or zero
+ * price). Returns the model's price, when the plan has one.
+ */
+function allowedPrice(plan: Plan | undefined, model: string): ModelPrice | undefined {
+  if (plan?.models && !plan.models.includes(model)) throw new ModelNotFoundError(model);
+  const price = priceFor(plan?.pricing, model);
+  if (plan?.pricing && !price) throw new ModelNotPricedError(model);
+  return price;
+}
+
+/**
+ * Bills a delivered 2xx answer: its usage (reported, or `estimated`), its body for the record and, on a priced plan,
+ * its cost (`servedCost`). Any 2xx carrying the work is billed, whichever 2xx an OpenAI-compatible server chose.
+ */
+function billAnswer({ metering }: UpstreamCall, usage: TokenUsage, estimated: boolean, json: Record<string, unknown>, pricing: PlanPricing | undefined, model: string): void {
+  metering.usage = usage;
+  metering.usageEstimated = estimated;
+  metering.responseBody = json;
+  if (pricing) metering.cost = servedCost(usage, pricing, model, json.model);
+  metering.billed = true;
+}
+
+/** What a prepaid reservation covers: the input (tokenizer count) and `choices` × the output cap. */
+interface ReservationSize {
+  promptTokens: number;
+  choices: number;
+  maxOutputTokens: number;
+  /** The request's output-token field, named when the balance does not cover it. */
+  outputField?: string;
+}
+
 /**
  * Holds the most this prepaid request can cost before the upstream is called (see `account.ts`). The hold is on
  * `metering` from the moment it is asked for, so the request settles it whatever happens next.
  */
-async function reserve(
-  request: ProxyRequest,
-  customer: Customer,
-  plan: Plan,
-  price: ModelPrice,
-  chat: EstimatedRequest,
-  model: string,
-  maxOutputTokens: number,
-  { deps, metering }: UpstreamCall,
-): Promise<void> {
-  const promptTokens = estimateRequestTokens(chat, model);
-  const choices = choicesOf(chat);
+async function reserve(request: ProxyRequest, customer: Customer, plan: Plan, price: ModelPrice, size: ReservationSize, { deps, metering }: UpstreamCall): Promise<void> {
   const hold: Hold = {
     customerId: customer.customerId,
     currency: plan.pricing!.currency,
     transactionId: transactionIdFor(request.requestId),
-    micros: reservationFor(promptTokens, choices, maxOutputTokens, price),
+    micros: reservationFor(size.promptTokens, size.choices, size.maxOutputTokens, price),
     periodStart: usagePeriodOf(plan, deps.clock()).start,
     state: "requested",
   };
   metering.hold = hold;
-  await reserveCredit({ store: deps.store, hold, now: deps.clock(), log: deps.log, requestId: request.requestId, choices, maxOutputTokens });
+  await reserveCredit({
+    store: deps.store,
+    hold,
+    now: deps.clock(),
+    log: deps.log,
+    requestId: request.requestId,
+    choices: size.choices,
+    maxOutputTokens: size.maxOutputTokens,
+    ...(size.outputField ? { outputField: size.outputField } : {}),
+  });
 }
 
 /**
@@ -512,6 +596,51 @@ export function servedCost(usage: TokenUsage, pricing: PlanPricing, requested: s
   return { currency: pricing.currency, micros };
 }
 
+/** When a stream must have ended to be metered before the invocation's deadline (undefined without a deadline). */
+function streamDeadlineOf({ deps, deadline }: UpstreamCall): number | undefined {
+  return deadline !== undefined ? deadline - meteringReserveMs(deps.config) - DEADLINE_RESERVE_MS : undefined;
+}
+
+/**
+ * Opens a streamed upstream call within the time left. The caller may leave while the upstream thinks: it is
+ * aborted then too. A non-2xx answer comes back read and redacted (`answer`); a 2xx one as its stream.
+ */
+async function openUpstreamStream(call: UpstreamCall, path: string, body: string): Promise<{ stream: Readable; status: number; answer?: undefined } | { answer: UpstreamAnswer; stream?: undefined }> {
+  const { deps, metering, responder } = call;
+  const started = deps.clock();
+  const timeoutMs = upstreamBudget(call, started);
+  const abort = new AbortController();
+  const onGone = () => abort.abort();
+  responder.clientGone.addEventListener("abort", onGone, { once: true });
+  let opened;
+  try {
+    opened = await deps.upstream.openStream({ method: "POST", path, body, ...(timeoutMs !== undefined ? { timeoutMs } : {}) }, abort.signal);
+  } catch (err) {
+    if (responder.clientGone.aborted) metering.clientDisconnected = true;
+    throw err;
+  } finally {
+    responder.clientGone.removeEventListener("abort", onGone);
+    metering.upstreamMs = deps.clock() - started;
+  }
+  metering.upstreamStatus = opened.status;
+  if (!opened.stream) return { answer: redactAnswer(call, opened.status, opened.headers, opened.body) };
+  return { stream: opened.stream, status: opened.status };
+}
+
+/** Bills a stream once its relay is over (it started: the caller has a 200 and whatever arrived). */
+function billStream(call: UpstreamCall, outcome: { usage: TokenUsage; usageEstimated: boolean; streamError?: string; clientDisconnected: boolean; model?: string }, pricing: PlanPricing | undefined, model: string): void {
+  const { deps, metering } = call;
+  metering.usage = outcome.usage;
+  metering.usageEstimated = outcome.usageEstimated;
+  if (pricing) metering.cost = servedCost(outcome.usage, pricing, model, outcome.model);
+  metering.billed = true;
+  metering.streamError = outcome.streamError;
+  metering.clientDisconnected = outcome.clientDisconnected || undefined;
+  if (outcome.streamError || outcome.clientDisconnected) {
+    deps.log.warn("stream_ended_early", { request_id: call.requestId, stream_error: outcome.streamError, client_disconnected: outcome.clientDisconnected });
+  }
+}
+
 /**
  * A `stream: true` chat completion. The request is re-serialised (only here) to ask the upstream for
  * `stream_options.include_usage`, whatever the caller sent, so the usage billed is the upstream's own count. Errors
@@ -524,31 +653,16 @@ async function streamChatCompletion(
   model: string,
   pricing: PlanPricing | undefined,
 ): Promise<ProxyResponse> {
-  const { deps, metering, redactor, deadline, responder } = call;
+  const { deps, metering, redactor, responder } = call;
   const callerOptions = isRecord(forwarded.stream_options) ? forwarded.stream_options : {};
   const callerWantsUsage = callerOptions.include_usage === true;
   const body = stringifyJson({ ...forwarded, stream: true, stream_options: { ...callerOptions, include_usage: true } });
   // The whole stream must end in time to meter it before the invocation's deadline.
-  const streamDeadline = deadline !== undefined ? deadline - meteringReserveMs(deps.config) - DEADLINE_RESERVE_MS : undefined;
+  const streamDeadline = streamDeadlineOf(call);
 
   const started = deps.clock();
-  const timeoutMs = upstreamBudget(call, started);
-  // The caller may leave while the upstream thinks: abort it then too.
-  const abort = new AbortController();
-  const onGone = () => abort.abort();
-  responder.clientGone.addEventListener("abort", onGone, { once: true });
-  let opened;
-  try {
-    opened = await deps.upstream.openStream({ method: "POST", path: "/chat/completions", body, ...(timeoutMs !== undefined ? { timeoutMs } : {}) }, abort.signal);
-  } catch (err) {
-    if (responder.clientGone.aborted) metering.clientDisconnected = true;
-    throw err;
-  } finally {
-    responder.clientGone.removeEventListener("abort", onGone);
-    metering.upstreamMs = deps.clock() - started;
-  }
-  metering.upstreamStatus = opened.status;
-  if (!opened.stream) return upstreamFailure(redactAnswer(call, opened.status, opened.headers, opened.body), call);
+  const opened = await openUpstreamStream(call, "/chat/completions", body);
+  if (!opened.stream) return upstreamFailure(opened.answer, call);
 
   const request = { ...forwarded, messages };
   const headers = { ...SSE_HEADERS, "x-request-id": call.requestId };
@@ -573,12 +687,7 @@ async function streamChatCompletion(
   if (!outcome.started) metering.clientDisconnected = outcome.clientDisconnected || undefined;
   if (!outcome.started) throw outcome.failure ?? new UpstreamError("The upstream model server's stream ended before it started.", "upstream_bad_response");
 
-  metering.usage = outcome.usage;
-  metering.usageEstimated = outcome.usageEstimated;
-  if (pricing) metering.cost = servedCost(outcome.usage, pricing, model, outcome.model);
-  metering.billed = true;
-  metering.streamError = outcome.streamError;
-  metering.clientDisconnected = outcome.clientDisconnected || undefined;
+  billStream(call, outcome, pricing, model);
   // A summary, not the events: what billing and support need (the meter keeps the content only with logBodies).
   metering.responseBody = {
     ...(outcome.id !== undefined ? { id: outcome.id } : {}),
@@ -587,28 +696,327 @@ async function streamChatCompletion(
     choices: [{ index: 0, message: { role: "assistant", content: outcome.content } }],
     usage: outcome.usage,
   };
-  if (outcome.streamError || outcome.clientDisconnected) {
-    deps.log.warn("stream_ended_early", { request_id: call.requestId, stream_error: outcome.streamError, client_disconnected: outcome.clientDisconnected });
-  }
   return { statusCode: 200, headers, body: "" };
+}
+
+/** A model object as OpenAI's `GET /v1/models` lists it, for a model the plan names. */
+function planModel(id: string): Record<string, unknown> {
+  return { id, object: "model", created: 0, owned_by: "metered-ai-api" };
 }
 
 async function listModels(call: UpstreamCall): Promise<ProxyResponse> {
   const { metering } = call;
   const allowed = metering.plan?.models;
   if (allowed) {
-    const body = { object: "list", data: allowed.map((id) => ({ id, object: "model", created: 0, owned_by: "metered-ai-api" })) };
+    const body = { object: "list", data: allowed.map(planModel) };
     metering.responseBody = body;
     return { statusCode: 200, headers: { ...JSON_HEADERS }, body: JSON.stringify(body) };
   }
   // No list on the plan: every model is allowed, so the upstream's own list is the answer.
-  const upstream = await callUpstream(call, { method: "GET", path: "/models" });
+  return passThrough(call, await callUpstream(call, { method: "GET", path: "/models" }));
+}
+
+/**
+ * `GET /v1/models/{model}`: a model the plan's list names (its object as `GET /v1/models` lists it), else 404
+ * `model_not_found` without asking the upstream; on a plan without a list, the upstream's own object (or its 404).
+ * Counted, not billed.
+ */
+async function retrieveModel(request: ProxyRequest, call: UpstreamCall): Promise<ProxyResponse> {
+  const { metering } = call;
+  const model = request.pathParameters?.model ?? "";
+  metering.model = model || undefined;
+  const allowed = metering.plan?.models;
+  if (allowed) {
+    if (!allowed.includes(model)) throw new ModelNotFoundError(model);
+    const body = planModel(model);
+    metering.responseBody = body;
+    return { statusCode: 200, headers: { ...JSON_HEADERS }, body: JSON.stringify(body) };
+  }
+  if (!model) throw new ModelNotFoundError(model);
+  return passThrough(call, await callUpstream(call, { method: "GET", path: `/models/${encodeURIComponent(model)}` }));
+}
+
+/** An unbilled upstream answer: a 2xx JSON object as it came (redacted), anything else as `upstreamFailure` maps it. */
+function passThrough(call: UpstreamCall, upstream: UpstreamAnswer): ProxyResponse {
   if (upstream.status >= 200 && upstream.status < 300) {
     if (!isRecord(upstream.json)) throw new UpstreamError("The upstream model server returned a response that is not a JSON object.", "upstream_bad_response");
-    metering.responseBody = upstream.json;
-    return { statusCode: 200, headers: { ...JSON_HEADERS }, body: upstream.text };
+    call.metering.responseBody = upstream.json;
+    return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body: upstream.text };
   }
   return upstreamFailure(upstream, call);
+}
+
+/**
+ * `POST /v1/embeddings`: validated, the plan's model list and prices apply, a prepaid request reserves its input
+ * (there is no output), and the answer is billed at the upstream's `usage.prompt_tokens` (estimated when absent or
+ * implausible), with 0 completion tokens.
+ */
+async function createEmbeddings(request: ProxyRequest, customer: Customer, call: UpstreamCall): Promise<ProxyResponse> {
+  const { deps, metering } = call;
+  const parsed = inspectBody(metering, (facts) => parseEmbeddingsRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts));
+  const embeddings = parsed.request;
+  const { forwarded, body } = withoutMockDirectives(deps, embeddings, parsed.text);
+  metering.requestBody = forwarded;
+  const plan = metering.plan;
+  const price = allowedPrice(plan, embeddings.model);
+  const estimateInput = () => estimateEmbeddingsInputTokens(embeddings, embeddings.model);
+  if (billingOf(plan) === "prepaid" && price) await reserve(request, customer, plan!, price, { promptTokens: estimateInput(), choices: 1, maxOutputTokens: 0 }, call);
+
+  const upstream = await callUpstream(call, { method: "POST", path: "/embeddings", body });
+  if (upstream.status >= 200 && upstream.status < 300) {
+    const json = upstream.json;
+    // A 2xx without `data` delivered no embeddings, so it is not billed.
+    if (!isRecord(json) || !Array.isArray(json.data)) throw new UpstreamError("The upstream model server returned a response that is not an embeddings list.", "upstream_bad_response");
+    const extracted = extractEmbeddingsUsage(json);
+    const reported = extracted && extracted.prompt_tokens > 0 ? extracted : undefined;
+    const usage = reported ?? { prompt_tokens: estimateInput(), completion_tokens: 0, total_tokens: estimateInput() };
+    billAnswer(call, usage, !reported, json, price ? plan?.pricing : undefined, embeddings.model);
+    return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body: upstream.text };
+  }
+  return upstreamFailure(upstream, call);
+}
+
+/** The responses store, or 503 when the function has none (a broken deployment: see `index.ts`). */
+function responseOwnersOf(deps: CoreDeps): ResponseOwners {
+  if (!deps.responseOwners) {
+    deps.log.error("response_owners_unavailable", { reason: "the function has no response owners store" });
+    throw new ResponseStoreUnavailableError();
+  }
+  return deps.responseOwners;
+}
+
+/**
+ * The caller's own stored response `id`, or undefined when it is not theirs: an id of an unexpected shape, one
+ * nobody recorded (or whose record expired) and another customer's all look the same. A store that cannot answer
+ * is a 503, never "not found".
+ */
+async function ownResponse(id: string, customer: Customer, { deps, requestId }: UpstreamCall): Promise<ResponseOwner | undefined> {
+  if (!RESPONSE_ID_PATTERN.test(id)) return undefined;
+  const owners = responseOwnersOf(deps);
+  let owner: ResponseOwner | undefined;
+  try {
+    owner = await owners.lookup(id, deps.clock());
+  } catch (err) {
+    deps.log.error("response_owner_lookup_failed", { request_id: requestId, customer_id: customer.customerId, error: describeError(err) });
+    throw new ResponseStoreUnavailableError();
+  }
+  if (owner && owner.customerId !== customer.customerId) {
+    // Someone else's: answered exactly as an unknown id, and the upstream is never asked.
+    deps.log.warn("response_owner_mismatch", { request_id: requestId, customer_id: customer.customerId });
+    return undefined;
+  }
+  return owner;
+}
+
+/** The query parameters each stored-response route passes on (anything else is dropped: the upstream never sees it). */
+const STORED_RESPONSE_QUERY: Record<string, readonly string[]> = {
+  "/v1/responses/{id}": ["include", "include[]"],
+  "/v1/responses/{id}/input_items": ["limit", "order", "after", "before", "include", "include[]"],
+  "/v1/responses/{id}/cancel": [],
+};
+
+/**
+ * The stored-response routes (retrieve, delete, list input items, cancel): served only to the customer that
+ * created the response (404 otherwise, without asking the upstream), proxied with the route's known query
+ * parameters. Counted, metered with 0 tokens, never billed: the work was billed when the response was created.
+ */
+async function storedResponse(request: ProxyRequest, route: string, customer: Customer, call: UpstreamCall): Promise<ProxyResponse> {
+  const { metering } = call;
+  // No body to read (a cancel's is ignored): the record's model is the stored response's.
+  metering.inspected = true;
+  const id = request.pathParameters?.id ?? "";
+  const owner = await ownResponse(id, customer, call);
+  if (!owner) throw new ResponseNotFoundError(id);
+  metering.model = owner.model;
+  const allowed = request.method === "DELETE" ? [] : STORED_RESPONSE_QUERY[route] ?? [];
+  if (route === "/v1/responses/{id}" && request.method === "GET" && request.query?.stream?.some((value) => value === "true")) {
+    // A replayed stream would need the typed-SSE relay for an answer that bills nothing; not offered.
+    throw new BadRequestError("Streaming a stored response (stream=true) is not supported by this service; retrieve it without stream.", "stream");
+  }
+  const search = new URLSearchParams();
+  for (const name of allowed) for (const value of request.query?.[name] ?? []) search.append(name, value);
+  const suffix = route.endsWith("/input_items") ? "/input_items" : route.endsWith("/cancel") ? "/cancel" : "";
+  const query = search.toString();
+  // `UpstreamRequest.method` names GET and POST; the client sends any method it is given (axios), DELETE included.
+  const method = request.method as UpstreamRequest["method"];
+  return passThrough(call, await callUpstream(call, { method, path: `/responses/${encodeURIComponent(id)}${suffix}${query ? `?${query}` : ""}` }));
+}
+
+/** Input plus output tokens billed for a response: what continuing it sends to the model again as input. */
+function contextTokensOf(usage: TokenUsage): number {
+  return usage.prompt_tokens + usage.completion_tokens;
+}
+
+/**
+ * `POST /v1/responses`, buffered or streamed. Validated like chat; `previous_response_id` must be the caller's own
+ * response (400 `previous_response_not_found` otherwise, without asking the upstream); the plan's output cap goes
+ * upstream as `max_output_tokens`; a prepaid request reserves its input (the previous response's context
+ * included) and the capped output. The created response's owner is recorded before its id reaches the caller.
+ */
+async function createResponse(request: ProxyRequest, customer: Customer, call: UpstreamCall): Promise<ProxyResponse> {
+  const { deps, metering } = call;
+  const parsed = inspectBody(metering, (facts) => parseResponsesRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts));
+  const input = parsed.request;
+  let { forwarded, body } = withoutMockDirectives(deps, input, parsed.text);
+  metering.requestBody = forwarded;
+  // Refused here as well as by validation: each would deliver work this function cannot meter or cannot attribute.
+  if (input.background === true) throw new BadRequestError("Background responses (background: true) are not supported by this service: their usage would only be known after this request ended.", "background");
+  if (input.conversation !== undefined && input.conversation !== null) throw new BadRequestError("Conversations (conversation) are not supported by this service; continue a response with previous_response_id.", "conversation");
+
+  const plan = metering.plan;
+  const price = allowedPrice(plan, input.model);
+
+  let previousContext = 0;
+  if (typeof input.previous_response_id === "string") {
+    const previous = await ownResponse(input.previous_response_id, customer, call);
+    if (!previous) throw new PreviousResponseNotFoundError(input.previous_response_id);
+    previousContext = previous.contextTokens ?? 0;
+  }
+
+  const capped = capOutputTokens(forwarded, outputCapOf(plan), RESPONSES_OUTPUT_FIELDS);
+  if (capped.changed) {
+    forwarded = capped.request;
+    body = stringifyJson(forwarded);
+    metering.requestBody = forwarded;
+  }
+  const estimated = forwarded as ResponsesRequest;
+  // The previous response's input and output go to the model again as this request's input.
+  const estimateInput = (tally?: TokenTally) => estimateResponsesInputTokens(estimated, input.model, tally) + previousContext;
+  if (billingOf(plan) === "prepaid" && price) {
+    await reserve(request, customer, plan!, price, { promptTokens: estimateInput(), choices: 1, maxOutputTokens: capped.maxOutputTokens!, outputField: "max_output_tokens" }, call);
+  }
+  const pricing = price ? plan?.pricing : undefined;
+  const stored = input.store !== false;
+  const owners = stored ? deps.responseOwners : undefined;
+
+  if (input.stream === true) return streamResponse(call, customer, body, input.model, pricing, estimateInput, stored);
+
+  // The owner is recorded after the upstream answers and before the caller has the answer: its time is kept back.
+  const upstream = await callUpstream({ ...call, keepBackMs: owners ? deps.config.responseOwners.timeoutMs : 0 }, { method: "POST", path: "/responses", body });
+  if (upstream.status >= 200 && upstream.status < 300) {
+    const json = upstream.json;
+    // A 2xx that is not a response object delivered nothing, so it is not billed.
+    if (!isRecord(json) || json.object !== "response") throw new UpstreamError("The upstream model server returned a response that is not a Responses API response.", "upstream_bad_response");
+    const extracted = extractResponsesUsage(json);
+    const reported = extracted && isPlausibleUsage(extracted, responsesOutputTextBytes(json)) ? extracted : undefined;
+    let usage = reported;
+    if (!usage) {
+      const guess = estimateResponsesUsage(estimated, json, input.model);
+      usage = { ...guess, prompt_tokens: guess.prompt_tokens + previousContext, total_tokens: guess.total_tokens + previousContext };
+    }
+    billAnswer(call, usage, !reported, json, pricing, input.model);
+    if (stored && typeof json.id === "string") await recordOwnerAfterAnswer(call, customer, json.id, input.model, contextTokensOf(usage));
+    return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body: upstream.text };
+  }
+  return upstreamFailure(upstream, call);
+}
+
+/**
+ * Records a buffered response's owner before the caller gets it. A failed write does not take the answer back (the
+ * work was done and is billed): it is logged, and the caller then gets 404 for that id, which is safe.
+ */
+async function recordOwnerAfterAnswer(call: UpstreamCall, customer: Customer, id: string, model: string, contextTokens: number): Promise<void> {
+  const { deps, requestId } = call;
+  try {
+    await recordOwner(call, customer, id, model, contextTokens);
+  } catch (err) {
+    deps.log.error("response_owner_not_recorded", { request_id: requestId, customer_id: customer.customerId, error: describeError(err) });
+  }
+}
+
+/**
+ * Records `customer` as the owner of response `id` (a no-op for an id of an unexpected shape: nobody can ever use
+ * it). Rejects with `ResponseStoreUnavailableError` when the store cannot answer. An id already recorded for another
+ * customer stays theirs (logged: an upstream reusing ids); the caller then cannot use it, which is safe.
+ */
+async function recordOwner({ deps, requestId }: UpstreamCall, customer: Customer, id: string, model: string, contextTokens?: number): Promise<void> {
+  if (!RESPONSE_ID_PATTERN.test(id)) {
+    deps.log.warn("response_id_unusable", { request_id: requestId, customer_id: customer.customerId, id_length: id.length });
+    return;
+  }
+  const owners = responseOwnersOf(deps);
+  const now = deps.clock();
+  let recorded: ResponseOwner;
+  try {
+    recorded = await owners.record({ responseId: id, customerId: customer.customerId, createdAt: now, model, ...(contextTokens !== undefined ? { contextTokens } : {}) }, now);
+  } catch (err) {
+    deps.log.error("response_owner_record_failed", { request_id: requestId, customer_id: customer.customerId, error: describeError(err) });
+    throw new ResponseStoreUnavailableError();
+  }
+  if (recorded.customerId !== customer.customerId) deps.log.error("response_owner_conflict", { request_id: requestId, customer_id: customer.customerId, owner_customer_id: recorded.customerId });
+}
+
+/**
+ * A `stream: true` response: the Responses API's typed events relayed as they come (`responses-stream.ts`). The
+ * owner is recorded when the first event carrying the response's id arrives, before that event is forwarded (the
+ * caller never learns an id that is not recorded as theirs); a failed record before the stream started is a 503 and
+ * nothing is billed. Once the usage is known, the response's context tokens are written alongside the metering.
+ */
+async function streamResponse(
+  call: UpstreamCall,
+  customer: Customer,
+  body: string,
+  model: string,
+  pricing: PlanPricing | undefined,
+  estimateInput: (tally: TokenTally) => number,
+  stored: boolean,
+): Promise<ProxyResponse> {
+  const { deps, metering, redactor, responder } = call;
+  const streamDeadline = streamDeadlineOf(call);
+  const started = deps.clock();
+  const opened = await openUpstreamStream(call, "/responses", body);
+  if (!opened.stream) return upstreamFailure(opened.answer, call);
+
+  let recordedId: string | undefined;
+  const headers = { ...SSE_HEADERS, "x-request-id": call.requestId };
+  const outcome = await relayResponsesStream({
+    upstream: opened.stream,
+    redactor,
+    start: () => {
+      // From here the caller has a 200: the record says so, and what arrives is billed.
+      metering.streamed = true;
+      return responder.startStream(200, headers);
+    },
+    clientGone: responder.clientGone,
+    idleTimeoutMs: deps.config.upstreamIdleTimeoutMs,
+    deadline: streamDeadline,
+    clock: deps.clock,
+    newTally: () => new TokenTally(encodingForModel(model)),
+    estimateInput,
+    ...(stored
+      ? {
+          onResponseId: async (id: string) => {
+            await recordOwner(call, customer, id, model);
+            recordedId = id;
+          },
+        }
+      : {}),
+    onEchoedSecret: () => deps.log.warn("upstream_echoed_secret", { upstream_status: opened.status, in_body: true, in_headers: false }),
+  });
+  metering.upstreamMs = deps.clock() - started;
+  if (!outcome.started) metering.clientDisconnected = outcome.clientDisconnected || undefined;
+  if (!outcome.started) throw outcome.failure ?? new UpstreamError("The upstream model server's stream ended before it started.", "upstream_bad_response");
+
+  billStream(call, outcome, pricing, model);
+  // A summary, not the events: what billing and support need (the meter keeps the content only with logBodies).
+  metering.responseBody = {
+    ...(outcome.id !== undefined ? { id: outcome.id } : {}),
+    object: "response",
+    ...(outcome.model !== undefined ? { model: outcome.model } : {}),
+    ...(outcome.status !== undefined ? { status: outcome.status } : {}),
+    output: [{ type: "message", role: "assistant", content: [{ type: "output_text", text: outcome.content }] }],
+    usage: outcome.usage,
+  };
+  if (recordedId !== undefined && RESPONSE_ID_PATTERN.test(recordedId)) {
+    const id = recordedId;
+    const owners = deps.responseOwners!;
+    // Alongside settlement and metering (see `meteringReserveMs`); a failure leaves the reservation of a later
+    // continuation without this context, which only makes that reservation smaller.
+    metering.afterAnswer = owners.setContextTokens(id, customer.customerId, contextTokensOf(outcome.usage)).catch((err: unknown) => {
+      deps.log.warn("response_context_not_recorded", { request_id: call.requestId, customer_id: customer.customerId, error: describeError(err) });
+    });
+  }
+  return { statusCode: 200, headers, body: "" };
 }
 
 /**
@@ -634,9 +1042,9 @@ async function callUpstream(call: UpstreamCall, request: UpstreamRequest): Promi
  * The time the upstream may take: what is left before the invocation's deadline once metering and the reserve are
  * kept back (undefined without a deadline). Too little left to be worth asking → 504 `deadline_exceeded`.
  */
-function upstreamBudget({ deps, deadline }: UpstreamCall, now: number): number | undefined {
+function upstreamBudget({ deps, deadline, keepBackMs = 0 }: UpstreamCall, now: number): number | undefined {
   if (deadline === undefined) return undefined;
-  const budget = deadline - now - meteringReserveMs(deps.config) - DEADLINE_RESERVE_MS;
+  const budget = deadline - now - meteringReserveMs(deps.config) - DEADLINE_RESERVE_MS - keepBackMs;
   if (budget < 100) throw new DeadlineExceededError();
   return budget;
 }

@@ -159,8 +159,38 @@ export class InsufficientQuotaError extends ApiError {
  * could not be attributed or paid for. The SDKs retry a 503, which is right for a passing outage.
  */
 export class ServiceUnavailableError extends ApiError {
-  constructor(message: string, code: "customer_store_unavailable" | "credit_store_unavailable") {
+  constructor(message: string, code: "customer_store_unavailable" | "credit_store_unavailable" | "response_store_unavailable") {
     super(503, message, "server_error", code);
+  }
+}
+
+/**
+ * The responses table (who created each stored response) did not answer. Never "not found": an outage must not
+ * look like an answer, and nothing is asked of the upstream without knowing whose response it is.
+ */
+export class ResponseStoreUnavailableError extends ServiceUnavailableError {
+  constructor() {
+    super("The service cannot check who owns stored responses right now; retry shortly.", "response_store_unavailable");
+  }
+}
+
+/** Longest response id echoed in a message (ids come from the caller's path or body). */
+const MAX_ECHOED_ID_CHARS = 256;
+
+/**
+ * A stored response that does not exist for this caller: none was recorded, or another customer created it. What
+ * OpenAI answers for an unknown id (`param` and `code` null), so the two cases cannot be told apart.
+ */
+export class ResponseNotFoundError extends ApiError {
+  constructor(id: string) {
+    super(404, `Response with id '${id.slice(0, MAX_ECHOED_ID_CHARS)}' not found.`, "invalid_request_error", null, null);
+  }
+}
+
+/** `previous_response_id` names a response that does not exist for this caller (OpenAI's 400 for that case). */
+export class PreviousResponseNotFoundError extends BadRequestError {
+  constructor(id: string) {
+    super(`Previous response with id '${id.slice(0, MAX_ECHOED_ID_CHARS)}' not found.`, "previous_response_id", "previous_response_not_found");
   }
 }
 

@@ -19,6 +19,7 @@ import { DeferredMeter, ParameterStoreSecrets, SsmParameterReader, StaticSecrets
 import { AxiosUpstreamClient } from "./upstream";
 import { awsClientOptions } from "../shared/aws-client-options";
 import type { CustomerStore } from "../shared/customer-port";
+import type { ResponseOwners } from "../shared/response-owners";
 
 /**
  * Builds the production ports from the environment. `write` redirects log lines (tests, the local stack).
@@ -48,7 +49,29 @@ export function createDeps(env: NodeJS.ProcessEnv = process.env, options: { writ
   const meter = config.ledger.table ? ledgerMeter(env, config, config.ledger.table, moesifMeter, log) : moesifMeter;
   if (!meter) log.warn("metering_disabled", { reason: "neither LEDGER_TABLE nor MOESIF_APPLICATION_ID_PARAMETER nor MOESIF_APPLICATION_ID is set; usage is only logged" });
   const accounts = config.customerStore.table ? customerStore(env, config, log) : undefined;
-  return { config, upstream, meter: meter ?? NO_METER, log, clock: Date.now, secrets: port, ...accounts };
+  const responseOwners = responseOwnerStore(env, config, log);
+  return { config, upstream, meter: meter ?? NO_METER, log, clock: Date.now, secrets: port, ...accounts, ...(responseOwners ? { responseOwners } : {}) };
+}
+
+/**
+ * Who created each stored response: the responses table with `RESPONSES_TABLE` (the SDK required here, as for the
+ * customers table), else this instance's memory, which the log says once: a response created through another
+ * instance (or before a cold start) is then "not found", which is safe but surprising.
+ */
+function responseOwnerStore(env: NodeJS.ProcessEnv, config: FunctionConfig, log: Logger): ResponseOwners | undefined {
+  const { MemoryResponseOwners, createResponseOwnersFromEnv } = require("../shared/response-owner-store") as typeof import("../shared/response-owner-store");
+  if (!config.responseOwners.table) {
+    log.warn("response_owners_in_memory", { reason: "RESPONSES_TABLE is not set: stored responses are known only to the instance that created them" });
+    return new MemoryResponseOwners();
+  }
+  try {
+    return createResponseOwnersFromEnv(env, { timeoutMs: config.responseOwners.timeoutMs });
+  } catch (err) {
+    // Only a broken deployment gets here. Without the table no ownership can be checked: the Responses routes
+    // answer 503 (`response_store_unavailable`), chat is unaffected.
+    log.error("response_owners_unavailable", { table: config.responseOwners.table, error: describeError(err) });
+    return undefined;
+  }
 }
 
 /**
@@ -128,8 +151,9 @@ export function createHandler(makeDeps: () => CoreDeps = () => createDeps()): St
 export const handler = createHandler();
 
 /**
- * Converts a REST proxy event. The route is the resource, or the path without the stage for proxy resources.
- * The metered URI is built from what API Gateway asserts (domain name, stage, matched route), never from the
+ * Converts a REST proxy event. The route is the matched resource template (`/v1/responses/{id}`), so the meter
+ * groups requests by route; behind a greedy proxy resource (`{proxy+}`) it is the path without the stage. The
+ * metered URI is built from what API Gateway asserts (domain name, stage, the matched route's path), never from the
  * client's `Host` or `X-Forwarded-Proto`, so a caller cannot make its events look like another path.
  */
 export function toProxyRequest(event: APIGatewayProxyEvent, context: HandlerContext): ProxyRequest {
@@ -139,14 +163,20 @@ export function toProxyRequest(event: APIGatewayProxyEvent, context: HandlerCont
     if (!(name.toLowerCase() in headers) && Array.isArray(values) && values.length > 0) headers[name.toLowerCase()] = values.join(", ");
   }
   const stage = event.requestContext?.stage;
-  let route = event.resource && !event.resource.includes("{") ? event.resource : event.path ?? "/";
-  if (route !== event.resource && stage && route.startsWith(`/${stage}/`)) route = route.slice(stage.length + 1);
+  const withoutStage = (path: string) => (stage && path.startsWith(`/${stage}/`) ? path.slice(stage.length + 1) : path);
+  const resource = event.resource;
+  const templated = !!resource && resource.includes("{");
+  const route = resource && !resource.includes("+}") ? resource : withoutStage(event.path ?? "/");
+  // A templated route's URI is the path actually asked for (the template's values filled in by API Gateway's match).
+  const path = templated ? withoutStage(event.path ?? resource) : route;
   const domain = event.requestContext?.domainName || "localhost";
   const remaining = typeof context.getRemainingTimeInMillis === "function" ? context.getRemainingTimeInMillis() : undefined;
+  const pathParameters = stringValues(event.pathParameters);
+  const query = queryOf(event);
   return {
     method: (event.httpMethod ?? "GET").toUpperCase(),
     route,
-    uri: `https://${domain}${stage ? `/${stage}` : ""}${route}`,
+    uri: `https://${domain}${stage ? `/${stage}` : ""}${path}`,
     headers,
     body: event.body == null ? Buffer.alloc(0) : Buffer.from(event.body, event.isBase64Encoded ? "base64" : "utf8"),
     requestId: event.requestContext?.requestId ?? context.awsRequestId,
@@ -154,5 +184,25 @@ export function toProxyRequest(event: APIGatewayProxyEvent, context: HandlerCont
     sourceIp: event.requestContext?.identity?.sourceIp ?? undefined,
     stage: stage || undefined,
     remainingMs: typeof remaining === "number" && Number.isFinite(remaining) && remaining > 0 ? remaining : undefined,
+    ...(pathParameters ? { pathParameters } : {}),
+    ...(query ? { query } : {}),
   };
+}
+
+/** The string entries of an API Gateway map (`null` when it has none, as API Gateway sends it). */
+function stringValues(map: Record<string, string | undefined> | null | undefined): Record<string, string> | undefined {
+  if (!map) return undefined;
+  const values: Record<string, string> = {};
+  for (const [name, value] of Object.entries(map)) if (typeof value === "string") values[name] = value;
+  return Object.keys(values).length > 0 ? values : undefined;
+}
+
+/** The query string's parameters, every value of a repeated one (`multiValueQueryStringParameters`, else the single-value map). */
+function queryOf(event: APIGatewayProxyEvent): Record<string, string[]> | undefined {
+  const query: Record<string, string[]> = {};
+  for (const [name, values] of Object.entries(event.multiValueQueryStringParameters ?? {})) {
+    if (Array.isArray(values)) query[name] = values.filter((v): v is string => typeof v === "string");
+  }
+  if (Object.keys(query).length === 0) for (const [name, value] of Object.entries(event.queryStringParameters ?? {})) if (typeof value === "string") query[name] = [value];
+  return Object.keys(query).length > 0 ? query : undefined;
 }

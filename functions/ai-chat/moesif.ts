@@ -185,15 +185,21 @@ function safeMicros(value: number | undefined): number | null {
 }
 
 /**
- * Top-level string/number/boolean fields of a request (model, temperature, max_tokens…): no message text. Stops
+ * Request fields that carry the caller's prompt (chat's `messages`; the Responses API's `input` and `instructions`,
+ * embeddings' `input`; a legacy completion's `prompt`): a plain string there is prompt text, not an option.
+ */
+const PROMPT_FIELDS: ReadonlySet<string> = new Set(["messages", "input", "instructions", "prompt"]);
+
+/**
+ * Top-level string/number/boolean fields of a request (model, temperature, max_tokens…): never prompt text. Stops
  * collecting once the kept text passes the event size cap (4,000 long fields must not make a megabyte event).
  */
-function scalarFields(body: unknown): Record<string, unknown> | undefined {
+export function scalarFields(body: unknown): Record<string, unknown> | undefined {
   if (!isRecord(body)) return undefined;
   const kept: Record<string, unknown> = {};
   let size = 0;
   for (const key of Object.keys(body)) {
-    if (key === "messages") continue;
+    if (PROMPT_FIELDS.has(key)) continue;
     const value = body[key];
     if (typeof value === "number" || typeof value === "boolean" || (typeof value === "string" && value.length <= MAX_FIELD_CHARS)) {
       size += key.length + (typeof value === "string" ? value.length : 8);

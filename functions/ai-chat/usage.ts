@@ -35,14 +35,37 @@ export const MAX_REPORTED_TOKENS = 1_000_000_000;
  */
 export function extractUsage(body: unknown): TokenUsage | undefined {
   if (!isRecord(body) || !isRecord(body.usage)) return undefined;
-  const usage = body.usage;
-  const prompt = usage.prompt_tokens;
-  const completion = usage.completion_tokens;
+  return readUsageCounts(body.usage, USAGE_FIELDS_CHAT);
+}
+
+/** Where one API reports its counts in its `usage` object. */
+export interface UsageFields {
+  prompt: string;
+  completion: string;
+  /** The details object holding `cached_tokens`, and the one holding `reasoning_tokens`. */
+  promptDetails: string;
+  completionDetails: string;
+}
+
+/** Chat Completions: `prompt_tokens`, `completion_tokens`, `*_tokens_details`. */
+export const USAGE_FIELDS_CHAT: UsageFields = { prompt: "prompt_tokens", completion: "completion_tokens", promptDetails: "prompt_tokens_details", completionDetails: "completion_tokens_details" };
+/** Responses API: `input_tokens`, `output_tokens`, `input_tokens_details`, `output_tokens_details`. */
+export const USAGE_FIELDS_RESPONSES: UsageFields = { prompt: "input_tokens", completion: "output_tokens", promptDetails: "input_tokens_details", completionDetails: "output_tokens_details" };
+
+/**
+ * Reads validated counts from a `usage` object (the rules of `extractUsage`): both counts integers in
+ * 0…MAX_REPORTED_TOKENS, total recomputed, cached and reasoning tokens kept only when valid and within their part.
+ */
+export function readUsageCounts(usage: Record<string, unknown>, fields: UsageFields): TokenUsage | undefined {
+  const prompt = usage[fields.prompt];
+  const completion = usage[fields.completion];
   if (!isCount(prompt) || !isCount(completion)) return undefined;
   const result: TokenUsage = { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
-  const cached = isRecord(usage.prompt_tokens_details) ? usage.prompt_tokens_details.cached_tokens : undefined;
+  const promptDetails = usage[fields.promptDetails];
+  const cached = isRecord(promptDetails) ? promptDetails.cached_tokens : undefined;
   if (isCount(cached) && cached <= prompt) result.cached_tokens = cached;
-  const reasoning = isRecord(usage.completion_tokens_details) ? usage.completion_tokens_details.reasoning_tokens : undefined;
+  const completionDetails = usage[fields.completionDetails];
+  const reasoning = isRecord(completionDetails) ? completionDetails.reasoning_tokens : undefined;
   if (isCount(reasoning) && reasoning <= completion) result.reasoning_tokens = reasoning;
   return result;
 }
@@ -77,7 +100,8 @@ export function completionTextBytes(body: unknown): number {
   return bytes;
 }
 
-function isCount(value: unknown): value is number {
+/** A token count an upstream may report: a safe integer in 0…MAX_REPORTED_TOKENS (no strings, fractions, negatives). */
+export function isCount(value: unknown): value is number {
   return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 && value <= MAX_REPORTED_TOKENS;
 }
 
@@ -173,6 +197,18 @@ export const TOKENS_PER_TOOL_LIST = 12;
  */
 export function estimateRequestTokens(request: EstimatedRequest, model: string, tally = new TokenTally(encodingForModel(model))): number {
   let tokens = estimatePromptTokens(Array.isArray(request.messages) ? request.messages : [], model, tally);
+  tokens += estimateToolTokens(request, tally);
+  if (isRecord(request.response_format) && request.response_format.type !== "text") tokens += tally.count(stringifyJson(request.response_format));
+  return tokens;
+}
+
+/**
+ * Tokens of a request's tool definitions (`tools`, legacy `functions`) and an object `tool_choice`, counted as
+ * `estimateRequestTokens` describes. A Chat Completions tool wraps its definition in `function`; a Responses API
+ * function tool is flat (`{type, name, parameters}`) and counts whole.
+ */
+export function estimateToolTokens(request: { tools?: unknown; functions?: unknown; tool_choice?: unknown }, tally: TokenTally): number {
+  let tokens = 0;
   for (const list of [request.tools, request.functions]) {
     if (!Array.isArray(list) || list.length === 0) continue;
     tokens += TOKENS_PER_TOOL_LIST;
@@ -181,7 +217,6 @@ export function estimateRequestTokens(request: EstimatedRequest, model: string, 
       tokens += TOKENS_PER_TOOL + tally.count(stringifyJson(definition));
     }
   }
-  if (isRecord(request.response_format) && request.response_format.type !== "text") tokens += tally.count(stringifyJson(request.response_format));
   if (isRecord(request.tool_choice)) tokens += tally.count(stringifyJson(request.tool_choice));
   return tokens;
 }

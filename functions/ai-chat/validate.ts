@@ -46,35 +46,9 @@ const UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
  * MAX_MODEL_NAME_CHARS), even when a later check fails: a 400 is metered with the model it was for.
  */
 export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, contentType?: string, facts: RequestFacts = {}): ParsedChatCompletion {
-  if (contentType !== undefined && contentType.trim() !== "" && !JSON_CONTENT_TYPE.test(contentType)) {
-    throw new UnsupportedMediaTypeError(contentType);
-  }
-  if (raw.length > maxBytes) throw new PayloadTooLargeError(maxBytes);
-  if (raw.length === 0) throw new BadRequestError("The request body is empty; send a JSON chat-completions request.", null, "invalid_json");
+  const { body, text } = parseJsonBody(raw, maxBytes, contentType, facts, "a JSON chat-completions request");
 
-  let text: string;
-  try {
-    text = UTF8.decode(raw);
-  } catch {
-    throw new BadRequestError("The request body is not valid UTF-8.", null, "invalid_json");
-  }
-
-  let body: unknown;
-  try {
-    body = JSON.parse(text);
-  } catch {
-    throw new BadRequestError(
-      "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
-      null,
-      "invalid_json",
-    );
-  }
-  if (!isRecord(body)) throw new BadRequestError("The request body must be a JSON object.", null, "invalid_json");
-  facts.model = modelOf(body);
-
-  if (typeof body.model !== "string" || body.model.trim() === "") {
-    throw new BadRequestError("`model` must be a non-empty string.", "model", "invalid_type");
-  }
+  checkModel(body);
   const messages = body.messages;
   if (!Array.isArray(messages) || messages.length === 0) {
     throw new BadRequestError("`messages` must be a non-empty array of message objects.", "messages", "invalid_type");
@@ -103,17 +77,71 @@ export function modelOf(body: unknown): string | undefined {
   return isRecord(body) && typeof body.model === "string" && body.model !== "" ? body.model.slice(0, MAX_MODEL_NAME_CHARS) : undefined;
 }
 
+/**
+ * The checks every JSON route shares, in OpenAI's order: 415 for a content type that is not JSON (none is taken as
+ * JSON, as the SDKs always send one), 413 over `maxBytes`, 400 `invalid_json` for an empty body, invalid UTF-8, text
+ * that is not JSON or not a JSON object. `facts.model` is set as soon as the object parses (see `modelOf`).
+ *
+ * `JSON.parse` is bounded by `maxBytes` and is iterative in V8 (arrays nested 200,000 deep parse); what walks the
+ * result afterwards must not recurse (see `../shared/json`).
+ *
+ * @param expected what the body should be, for the message of an empty body ("a JSON embeddings request").
+ */
+export function parseJsonBody(raw: Buffer, maxBytes: number, contentType: string | undefined, facts: RequestFacts, expected: string): { body: Record<string, unknown>; text: string } {
+  if (contentType !== undefined && contentType.trim() !== "" && !JSON_CONTENT_TYPE.test(contentType)) {
+    throw new UnsupportedMediaTypeError(contentType);
+  }
+  if (raw.length > maxBytes) throw new PayloadTooLargeError(maxBytes);
+  if (raw.length === 0) throw new BadRequestError(`The request body is empty; send ${expected}.`, null, "invalid_json");
+
+  let text: string;
+  try {
+    text = UTF8.decode(raw);
+  } catch {
+    throw new BadRequestError("The request body is not valid UTF-8.", null, "invalid_json");
+  }
+
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    throw new BadRequestError(
+      "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
+      null,
+      "invalid_json",
+    );
+  }
+  if (!isRecord(body)) throw new BadRequestError("The request body must be a JSON object.", null, "invalid_json");
+  facts.model = modelOf(body);
+  return { body, text };
+}
+
+/**
+ * `model` is a non-empty string (400 param `model` otherwise), as every route that names a model requires; with
+ * `maxChars`, also at most that long (a model name is a short identifier).
+ */
+export function checkModel(body: Record<string, unknown>, maxChars?: number): void {
+  if (typeof body.model !== "string" || body.model.trim() === "") {
+    throw new BadRequestError("`model` must be a non-empty string.", "model", "invalid_type");
+  }
+  if (maxChars !== undefined && body.model.length > maxChars) {
+    throw new BadRequestError(`\`model\` must be at most ${maxChars} characters.`, "model", "invalid_value");
+  }
+}
+
 /** `application/json`, optionally with parameters or a `+json` suffix type. */
 const JSON_CONTENT_TYPE = /^\s*application\/([\w.-]+\+)?json\s*(;|$)/i;
 
-type FieldCheck = (value: unknown) => boolean;
-const isString: FieldCheck = (v) => typeof v === "string";
-const isBoolean: FieldCheck = (v) => typeof v === "boolean";
-const isNumber: FieldCheck = (v) => typeof v === "number" && Number.isFinite(v);
-const isInteger: FieldCheck = (v) => Number.isInteger(v);
-const isPositiveInteger: FieldCheck = (v) => Number.isInteger(v) && (v as number) >= 1;
-const isObject: FieldCheck = (v) => isRecord(v);
-const isArray: FieldCheck = (v) => Array.isArray(v);
+/** A type check of one field; with the phrase that names what it expects ("a boolean"). */
+export type FieldCheck = (value: unknown) => boolean;
+export type FieldTypes = Record<string, [FieldCheck, string]>;
+export const isString: FieldCheck = (v) => typeof v === "string";
+export const isBoolean: FieldCheck = (v) => typeof v === "boolean";
+export const isNumber: FieldCheck = (v) => typeof v === "number" && Number.isFinite(v);
+export const isInteger: FieldCheck = (v) => Number.isInteger(v);
+export const isPositiveInteger: FieldCheck = (v) => Number.isInteger(v) && (v as number) >= 1;
+export const isObject: FieldCheck = (v) => isRecord(v);
+export const isArray: FieldCheck = (v) => Array.isArray(v);
 const isStop: FieldCheck = (v) => typeof v === "string" || (Array.isArray(v) && v.every((s) => typeof s === "string"));
 const isToolChoice: FieldCheck = (v) => typeof v === "string" || isRecord(v);
 
@@ -121,7 +149,7 @@ const isToolChoice: FieldCheck = (v) => typeof v === "string" || isRecord(v);
  * Types of the Chat Completions fields OpenAI documents. Only types are checked (ranges differ between
  * OpenAI-compatible servers); `null` is accepted wherever OpenAI accepts it; unknown fields are not checked.
  */
-const FIELD_TYPES: Record<string, [FieldCheck, string]> = {
+const FIELD_TYPES: FieldTypes = {
   temperature: [isNumber, "a number"],
   top_p: [isNumber, "a number"],
   n: [isPositiveInteger, "an integer from 1 to 128"],
@@ -146,7 +174,15 @@ const FIELD_TYPES: Record<string, [FieldCheck, string]> = {
 };
 
 function checkKnownFieldTypes(body: Record<string, unknown>): void {
-  for (const [field, [check, expected]] of Object.entries(FIELD_TYPES)) {
+  checkFieldTypes(body, FIELD_TYPES);
+}
+
+/**
+ * Checks the type of each field of `types` that `body` has (400 with the field as `param`); `null` and absent
+ * fields pass, as OpenAI accepts `null` for every optional field.
+ */
+export function checkFieldTypes(body: Record<string, unknown>, types: FieldTypes): void {
+  for (const [field, [check, expected]] of Object.entries(types)) {
     const value = body[field];
     if (value === undefined || value === null) continue;
     if (!check(value)) throw new BadRequestError(`\`${field}\` must be ${expected}.`, field, "invalid_type");

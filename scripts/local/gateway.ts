@@ -13,6 +13,10 @@
  * `streamifyResponse` gets a `LocalResponseStream` (functions/ai-chat/lambda-stream.ts, the runtime's contract) whose
  * bytes reach the client as they are written, after the prelude (status, headers). An untagged handler is invoked the
  * buffered way, `handler(event, context)` → proxy result, which some tests' small fakes still use.
+ *
+ * Routes are API Gateway resource templates: a `{name}` segment matches exactly one non-empty path segment, and a
+ * literal resource wins over a template one (`matchRoute`). The event carries the template as `resource`, the path as
+ * sent as `path`, and the decoded segment values as `pathParameters`, as API Gateway's REST proxy event does.
  */
 import { randomUUID } from "node:crypto";
 import http from "node:http";
@@ -49,6 +53,21 @@ export interface GatewayRoute {
   apiKeyRequired?: boolean;
 }
 
+/**
+ * A page the emulator serves itself, before any route matching, without API key, authorizer, throttle or quota: for
+ * pages meant for the person at this machine only (the local dashboard), which exist because the emulator listens on
+ * loopback. API Gateway has no such thing; nothing deployed serves them.
+ */
+export interface LocalPage {
+  /**
+   * A path prefix as the client sends it (stage not implied), e.g. `/_local/dashboard`: the page gets the exact path
+   * and every path below it (`<prefix>/…`, `<prefix>?…`).
+   */
+  prefix: string;
+  /** Answers the request itself (reads the body if it wants it). A rejection or throw before any header: 500. */
+  handler: (req: http.IncomingMessage, res: http.ServerResponse) => void | Promise<void>;
+}
+
 export interface GatewayOptions {
   stage: string;
   routes: ReadonlyArray<GatewayRoute>;
@@ -78,6 +97,8 @@ export interface GatewayOptions {
    * @default 300000
    */
   streamIdleTimeoutMs?: number;
+  /** Loopback-only pages served before route matching, without an API key (see `LocalPage`). @default none */
+  localPages?: ReadonlyArray<LocalPage>;
 }
 
 /** API Gateway's REST payload limit. */
@@ -165,6 +186,11 @@ export class GatewayEmulator extends LoopbackServer {
       path: (req.url ?? "/").split("?")[0],
       requestId: randomUUID(),
     };
+    const page = this.options.localPages?.find((p) => isBelow(exchange.path, p.prefix));
+    if (page) {
+      new Promise<void>((resolve) => resolve(page.handler(req, res))).catch(() => sendGatewayResponse(exchange, "DEFAULT_5XX", 500));
+      return;
+    }
     this.serve(req, exchange).catch(() => sendGatewayResponse(exchange, "DEFAULT_5XX", 500));
   }
 
@@ -173,7 +199,9 @@ export class GatewayEmulator extends LoopbackServer {
     const { method } = exchange;
     const url = new URL(req.url ?? "/", "http://localhost");
     const prefix = `/${this.options.stage}`;
-    const path = url.pathname.startsWith(`${prefix}/`) ? url.pathname.slice(prefix.length) : undefined;
+    // The path as sent (`exchange.path`), not `url.pathname`: WHATWG URL parsing resolves `..` and `%2E%2E` segments,
+    // which would let `/v1/x/%2E%2E/models` reach another resource than the one its segments name.
+    const path = exchange.path.startsWith(`${prefix}/`) ? exchange.path.slice(prefix.length) : undefined;
 
     let body: Buffer | "too large";
     try {
@@ -185,10 +213,11 @@ export class GatewayEmulator extends LoopbackServer {
     if (body === "too large") return sendGatewayResponse(exchange, "REQUEST_TOO_LARGE");
 
     // API Gateway answers an unknown resource or method with 403 "Missing Authentication Token".
-    const route = path === undefined ? undefined : this.options.routes.find((r) => r.path === path && r.method === method);
-    if (!route) return sendGatewayResponse(exchange, "MISSING_AUTHENTICATION_TOKEN");
+    const matched = path === undefined ? undefined : matchRoute(this.options.routes, method, path);
+    if (!matched) return sendGatewayResponse(exchange, "MISSING_AUTHENTICATION_TOKEN");
+    const { route, pathParameters } = matched;
 
-    const event = this.buildEvent(req, url, route.path, method, body, exchange.requestId, started);
+    const event = this.buildEvent(req, url, { resource: route.path, path: path!, pathParameters }, method, body, exchange.requestId, started);
     const stage = this.options.stageThrottle;
     if (stage) this.stageBucket ??= new TokenBucket(stage.rateLimit, stage.burstLimit, started);
 
@@ -257,7 +286,16 @@ export class GatewayEmulator extends LoopbackServer {
     sendResult(exchange, result);
   }
 
-  private buildEvent(req: http.IncomingMessage, url: URL, resource: string, method: string, body: Buffer, requestId: string, now: number): APIGatewayProxyEvent {
+  private buildEvent(
+    req: http.IncomingMessage,
+    url: URL,
+    target: { resource: string; path: string; pathParameters: Record<string, string> | null },
+    method: string,
+    body: Buffer,
+    requestId: string,
+    now: number,
+  ): APIGatewayProxyEvent {
+    const { resource, path, pathParameters } = target;
     // Null-prototype maps: a header or parameter named `__proto__`, `constructor` or `toString` is data, not a
     // property lookup. (JSON.stringify keeps such keys, so the function receives them as own properties, as on AWS.)
     const headers: Record<string, string> = Object.create(null);
@@ -277,13 +315,15 @@ export class GatewayEmulator extends LoopbackServer {
     }
     return {
       resource,
-      path: resource,
+      // The path as sent, percent-encoding kept, without the stage (REST APIs deliver it still encoded, unlike HTTP
+      // APIs: https://github.com/middleapi/standard-server/pull/93, from live captures in hotsock/voker#8).
+      path,
       httpMethod: method,
       headers,
       multiValueHeaders,
       queryStringParameters: hasQuery ? query : null,
       multiValueQueryStringParameters: hasQuery ? multiQuery : null,
-      pathParameters: null,
+      pathParameters,
       stageVariables: null,
       // The REST API has binaryMediaTypes ["*/*"]: API Gateway hands every body over base64-encoded, byte-exact,
       // whatever its Content-Type (invalid UTF-8 included), and the function decodes it.
@@ -295,7 +335,7 @@ export class GatewayEmulator extends LoopbackServer {
         authorizer: undefined,
         protocol: `HTTP/${req.httpVersion}`,
         httpMethod: method,
-        path: `/${this.options.stage}${resource}`,
+        path: `/${this.options.stage}${path}`,
         stage: this.options.stage,
         requestId,
         requestTimeEpoch: now,
@@ -323,17 +363,87 @@ export class GatewayEmulator extends LoopbackServer {
   }
 }
 
+/** Whether `path` is `prefix` or below it (`<prefix>/…`). */
+function isBelow(path: string, prefix: string): boolean {
+  if (path === prefix) return true;
+  return path.startsWith(prefix.endsWith("/") ? prefix : `${prefix}/`);
+}
+
+/** One segment of a resource template: a literal, or a `{name}` variable. */
+type TemplateSegment = { literal: string } | { variable: string };
+
+function templateSegments(resource: string): TemplateSegment[] {
+  return resource
+    .split("/")
+    .slice(1)
+    .map((segment) => {
+      const variable = /^\{([A-Za-z0-9_.-]+)\}$/.exec(segment);
+      return variable ? { variable: variable[1] } : { literal: segment };
+    });
+}
+
+/** A percent-decoded path segment; a malformed escape (`%E0%A4%A`) stays as sent rather than failing the request. */
+function decodeSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return segment;
+  }
+}
+
+/**
+ * The route serving `method` on `path` (the path as sent, without the stage), as API Gateway REST selects it: the
+ * resource whose template matches the path's segments (a `{name}` segment matches exactly one non-empty segment, a
+ * literal segment only itself), the most specific one when several match (at the first segment where they differ, a
+ * literal beats a variable), then that resource's method. A method missing on the selected resource is no match: the
+ * emulator does not fall back to a less specific resource (our reading of API Gateway's resource-then-method
+ * selection; no route of this API has a literal and a template sibling, so nothing here depends on it).
+ * `pathParameters` holds the decoded values of the template's variables, null when it has none (as in API Gateway's
+ * proxy event).
+ */
+export function matchRoute<R extends GatewayRoute>(routes: ReadonlyArray<R>, method: string, path: string): { route: R; pathParameters: Record<string, string> | null } | undefined {
+  if (!path.startsWith("/")) return undefined;
+  const segments = path.split("/").slice(1);
+  let best: { resource: string; template: TemplateSegment[] } | undefined;
+  for (const resource of new Set(routes.map((r) => r.path))) {
+    const template = templateSegments(resource);
+    if (template.length !== segments.length) continue;
+    const matches = template.every((part, i) => ("literal" in part ? part.literal === segments[i] : segments[i].length > 0));
+    if (!matches) continue;
+    if (!best || moreSpecific(template, best.template)) best = { resource, template };
+  }
+  if (!best) return undefined;
+  const route = routes.find((r) => r.path === best!.resource && r.method.toUpperCase() === method);
+  if (!route) return undefined;
+  let pathParameters: Record<string, string> | null = null;
+  best.template.forEach((part, i) => {
+    if ("variable" in part) (pathParameters ??= Object.create(null) as Record<string, string>)[part.variable] = decodeSegment(segments[i]);
+  });
+  return { route, pathParameters };
+}
+
+/** Whether template `a` is more specific than `b` (same length): a literal where `b` has a variable, first. */
+function moreSpecific(a: TemplateSegment[], b: TemplateSegment[]): boolean {
+  for (let i = 0; i < a.length; i++) {
+    const aLiteral = "literal" in a[i];
+    const bLiteral = "literal" in b[i];
+    if (aLiteral !== bLiteral) return aLiteral;
+  }
+  return false;
+}
+
 /** The REQUEST authorizer's event: the request's headers, query and context, plus the method ARN. */
 function authorizerEvent(event: APIGatewayProxyEvent, stage: string): APIGatewayRequestAuthorizerEvent {
   return {
     type: "REQUEST",
-    methodArn: `arn:aws:execute-api:local:000000000000:local/${stage}/${event.httpMethod}${event.resource}`,
+    // The method ARN names the path requested, not the resource template.
+    methodArn: `arn:aws:execute-api:local:000000000000:local/${stage}/${event.httpMethod}${event.path}`,
     resource: event.resource,
     path: event.path,
     httpMethod: event.httpMethod,
     headers: event.headers,
     multiValueHeaders: event.multiValueHeaders,
-    pathParameters: null,
+    pathParameters: event.pathParameters,
     queryStringParameters: event.queryStringParameters,
     multiValueQueryStringParameters: event.multiValueQueryStringParameters,
     stageVariables: null,

@@ -1,8 +1,10 @@
 /**
  * The local DynamoDB: the same API the deployed functions use, served by `dynalite` (LevelDB files under
- * `<dataDir>/ledger/`), with the two tables the Pulumi program creates: the usage ledger (`LEDGER_TABLE_SCHEMA`) and
- * the customers table (`CUSTOMERS_TABLE_SCHEMA`: API keys, prepaid balances, usage counters). One dynalite serves
- * both, so one process (and one LevelDB lock) owns all of a data dir's DynamoDB state.
+ * `<dataDir>/ledger/`), with the tables the Pulumi program creates: the usage ledger (`LEDGER_TABLE_SCHEMA`), the
+ * customers table (`CUSTOMERS_TABLE_SCHEMA`: API keys, prepaid balances, usage counters) and the stored responses'
+ * owners (`RESPONSE_OWNERS_TABLE_SCHEMA`). One dynalite serves them all, so one process (and one LevelDB lock) owns
+ * all of a data dir's DynamoDB state. (dynalite has no TTL: expired owner items stay, and the function treats them as
+ * absent, as it does on AWS before DynamoDB's lazy TTL deletion.)
  *
  * `LedgerDb.start(dataDir, { publish: true })` runs it for `npm start` and writes `<dataDir>/ledger.json` (`{ endpoint, pid }`) while it runs, so
  * scripts (`npm run usage`, `npm run reconcile`) reach the running one with `openLocalLedger`. LevelDB lets one
@@ -21,6 +23,10 @@ import { DeleteCommand, PutCommand, ScanCommand, type DynamoDBDocumentClient, ty
 import { CUSTOMERS_KEY, CUSTOMERS_TABLE_SCHEMA, KEY_ITEM_PREFIX, LOCAL_CUSTOMERS_TABLE, STRIPE_CUSTOMER_INDEX, STRIPE_CUSTOMER_KEY, type KeyItem } from "../../functions/shared/customer-schema";
 import { LEDGER_KEY, LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE, UNDELIVERED_INDEX, UNDELIVERED_KEY, UNDELIVERED_SORT } from "../../functions/shared/ledger-schema";
 import { createLedgerDocumentClient, LedgerStore } from "../../functions/shared/ledger-store";
+import { RESPONSE_OWNERS_TABLE_SCHEMA } from "../../functions/shared/response-owners";
+
+/** The local name of the stored responses' owners table (`RESPONSES_TABLE`), beside `usage-ledger` and `customers`. */
+export const LOCAL_RESPONSES_TABLE = "response-owners";
 
 /** A local ledger problem the user can fix, said in one line (no stack trace). */
 export class LocalLedgerError extends Error {
@@ -76,7 +82,7 @@ parentPort.on("message", (message) => {
 });
 `;
 
-/** A running dynalite (in a worker thread) with the ledger and customers tables. */
+/** A running dynalite (in a worker thread) with the ledger, customers and response owners tables. */
 export class LedgerDb {
   private stopping?: Promise<void>;
 
@@ -94,6 +100,9 @@ export class LedgerDb {
 
   /** The customers table's name (`customers`). */
   readonly customersTable = LOCAL_CUSTOMERS_TABLE;
+
+  /** The stored responses' owners table's name (`response-owners`): the function's `RESPONSES_TABLE`. */
+  readonly responsesTable = LOCAL_RESPONSES_TABLE;
 
   /** LEDGER_TABLE, AWS_ENDPOINT_URL_DYNAMODB and the local credentials, for the functions' environments. */
   get env(): NodeJS.ProcessEnv {
@@ -150,6 +159,7 @@ export class LedgerDb {
     try {
       await ensureTable(endpoint, LOCAL_LEDGER_TABLE, LEDGER_TABLE_SCHEMA);
       await ensureTable(endpoint, LOCAL_CUSTOMERS_TABLE, CUSTOMERS_TABLE_SCHEMA);
+      await ensureTable(endpoint, LOCAL_RESPONSES_TABLE, RESPONSE_OWNERS_TABLE_SCHEMA);
       if (unclean) repaired = await repairIndex(endpoint, LOCAL_LEDGER_TABLE);
       if (options.publish) {
         writeLockFile(lockFile, { endpoint, pid: process.pid });
@@ -266,7 +276,8 @@ async function answers(endpoint: string): Promise<boolean> {
 interface TableSchema {
   attributeDefinitions: ReadonlyArray<{ AttributeName: string; AttributeType: string }>;
   keySchema: ReadonlyArray<{ AttributeName: string; KeyType: string }>;
-  globalSecondaryIndexes: ReadonlyArray<{ IndexName: string; KeySchema: ReadonlyArray<{ AttributeName: string; KeyType: string }>; Projection: { ProjectionType: string } }>;
+  /** Absent for a table without indexes (CreateTable refuses an empty list). */
+  globalSecondaryIndexes?: ReadonlyArray<{ IndexName: string; KeySchema: ReadonlyArray<{ AttributeName: string; KeyType: string }>; Projection: { ProjectionType: string } }>;
 }
 
 async function ensureTable(endpoint: string, table: string, schema: TableSchema): Promise<void> {
@@ -285,11 +296,13 @@ async function ensureTable(endpoint: string, table: string, schema: TableSchema)
           BillingMode: "PAY_PER_REQUEST",
           AttributeDefinitions: schema.attributeDefinitions.map((a) => ({ ...a }) as { AttributeName: string; AttributeType: "S" | "N" | "B" }),
           KeySchema: schema.keySchema.map((k) => ({ ...k }) as { AttributeName: string; KeyType: "HASH" | "RANGE" }),
-          GlobalSecondaryIndexes: schema.globalSecondaryIndexes.map((index) => ({
-            IndexName: index.IndexName,
-            KeySchema: index.KeySchema.map((k) => ({ ...k }) as { AttributeName: string; KeyType: "HASH" | "RANGE" }),
-            Projection: { ...index.Projection } as { ProjectionType: "ALL" | "KEYS_ONLY" | "INCLUDE" },
-          })),
+          GlobalSecondaryIndexes: schema.globalSecondaryIndexes?.length
+            ? schema.globalSecondaryIndexes.map((index) => ({
+                IndexName: index.IndexName,
+                KeySchema: index.KeySchema.map((k) => ({ ...k }) as { AttributeName: string; KeyType: "HASH" | "RANGE" }),
+                Projection: { ...index.Projection } as { ProjectionType: "ALL" | "KEYS_ONLY" | "INCLUDE" },
+              }))
+            : undefined,
         }),
       );
     }

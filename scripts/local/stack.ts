@@ -1,6 +1,6 @@
 /**
- * The local stack: gateway emulator + the real ai-chat handler + a built-in model server + the usage ledger and the
- * customers table (one dynalite) + the usage forwarder's sweep + a Moesif-compatible collector and a Stripe-compatible
+ * The local stack: gateway emulator + the real ai-chat handler + a built-in model server + the usage ledger, the
+ * customers table and the stored responses' owners table (one dynalite) + the usage forwarder's sweep + a Moesif-compatible collector and a Stripe-compatible
  * meter event endpoint, both backed by SQLite, configured from the same stack file `pulumi up` reads.
  *
  * The request path writes each request's usage to the ledger (as on AWS); the forwarder, run here on an interval
@@ -8,7 +8,7 @@
  * process left behind. The customers table holds the stack file's key items (written at every start, as `pulumi up`
  * writes the deployed table's) and each customer's account (prepaid balance, open reservations, usage counters),
  * which outlives restarts and is topped up with `npm run credits` or a signed Stripe event on `/stripe/webhook`.
- * What lives under the data dir (default `.local/`): `api-keys.json`, `ledger/` (LevelDB: both tables) +
+ * What lives under the data dir (default `.local/`): `api-keys.json`, `ledger/` (LevelDB: all three tables) +
  * `ledger.json` while running, `usage.db` (collector events, quota counters), `stripe.db` (meter events).
  */
 import { randomBytes } from "node:crypto";
@@ -49,7 +49,7 @@ export interface LocalStackOptions {
    * STRIPE_API_KEY, STRIPE_BILLING (default `meters`), FORWARDER_INTERVAL_MS (default 1000), SINK_TIMEOUT_MS,
    * FORWARDER_BATCH_SIZE, STRIPE_METER_API, LEDGER_TIMEOUT_MS, LOCAL_SINK_DELAY_MS, FORWARD_MOCK_DIRECTIVES,
    * STRIPE_WEBHOOK_SECRET (default `LOCAL_STRIPE_WEBHOOK_SECRET`), CUSTOMERS_TIMEOUT_MS, CUSTOMER_CACHE_TTL_MS,
-   * HOLD_STALE_AFTER_MS, LOG_LEVEL…
+   * HOLD_STALE_AFTER_MS, RESPONSES_TIMEOUT_MS, LOG_LEVEL…
    */
   env?: NodeJS.ProcessEnv;
   /** Where the function's log lines go. @default stdout */
@@ -82,6 +82,8 @@ export interface LocalStack {
    * credits` use), and what this start changed among its key items.
    */
   customers: { table: string; store: CustomerStore; keys: KeySync };
+  /** The stored responses' owners table (same dynalite): the function's `RESPONSES_TABLE`. */
+  responses: { table: string };
   /** `POST <baseUrl>/stripe/webhook` and the signing secret it verifies Stripe's signatures with. */
   stripeWebhook: { url: string; secret: string };
   /** `meters`: the forwarder sends Stripe meter events; `moesif`: Moesif alone (its billing meter bills). */
@@ -340,6 +342,9 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       CUSTOMERS_TABLE: ledgerDb.customersTable,
       CUSTOMERS_TIMEOUT_MS: env.CUSTOMERS_TIMEOUT_MS?.trim() || String(config.customersTimeoutMs),
       CUSTOMER_CACHE_TTL_MS: env.CUSTOMER_CACHE_TTL_MS?.trim() || String(config.customerCacheTtlMs),
+      // Who created each stored Responses API response (same dynalite); its timeout defaults to CUSTOMERS_TIMEOUT_MS'.
+      RESPONSES_TABLE: ledgerDb.responsesTable,
+      ...(env.RESPONSES_TIMEOUT_MS?.trim() ? { RESPONSES_TIMEOUT_MS: env.RESPONSES_TIMEOUT_MS.trim() } : {}),
       // Given directly (on AWS: STRIPE_WEBHOOK_SECRET_PARAMETER names an SSM SecureString).
       STRIPE_WEBHOOK_SECRET: webhookSecret,
     };
@@ -437,6 +442,7 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
       dataDir,
       ledger: { endpoint: ledgerDb.endpoint, table: ledgerDb.table, store: ledgerStore },
       customers: { table: ledgerDb.customersTable, store: customerStore, keys: keySync },
+      responses: { table: ledgerDb.responsesTable },
       stripeWebhook: { url: `${gateway.baseUrl}/stripe/webhook`, secret: webhookSecret },
       stripeBilling,
       stripe,

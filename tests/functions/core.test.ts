@@ -89,7 +89,7 @@ describe("handleRequest (core)", () => {
   });
 
   it("answers 404 in the OpenAI shape for unknown routes and methods", async () => {
-    for (const request of [proxyRequest({ route: "/v1/embeddings" }), proxyRequest({ method: "GET", route: "/v1/chat/completions" })]) {
+    for (const request of [proxyRequest({ route: "/v1/completions" }), proxyRequest({ method: "GET", route: "/v1/chat/completions" })]) {
       const response = await handleRequest(request, fakeDeps());
       expect(response.statusCode).to.equal(404);
       expect(JSON.parse(response.body).error).to.have.keys("message", "type", "param", "code");

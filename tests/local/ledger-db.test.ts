@@ -8,7 +8,8 @@ import { DescribeTableCommand, DynamoDBClient } from "@aws-sdk/client-dynamodb";
 import { GetCommand, PutCommand, QueryCommand, ScanCommand, UpdateCommand } from "@aws-sdk/lib-dynamodb";
 import { CUSTOMERS_TABLE_SCHEMA, keyItem, LOCAL_CUSTOMERS_TABLE, STRIPE_CUSTOMER_INDEX } from "../../functions/shared/customer-schema";
 import { dynamoClientOptions, LEDGER_TABLE_SCHEMA, LOCAL_LEDGER_TABLE, UNDELIVERED_INDEX } from "../../functions/shared/ledger-schema";
-import { LedgerDb, ledgerDir, ledgerLockFile, LocalLedgerError, openLocalLedger, readLockFile, syncKeyItems } from "../../scripts/local/ledger-db";
+import { RESPONSE_OWNERS_TABLE_SCHEMA } from "../../functions/shared/response-owners";
+import { LedgerDb, LOCAL_RESPONSES_TABLE, ledgerDir, ledgerLockFile, LocalLedgerError, openLocalLedger, readLockFile, syncKeyItems } from "../../scripts/local/ledger-db";
 
 /** A port nothing listens on (bound, then released). */
 async function closedPort(): Promise<number> {
@@ -61,6 +62,22 @@ describe("local usage ledger (dynalite under <dataDir>/ledger)", function () {
       expect(index?.KeySchema).to.deep.equal(CUSTOMERS_TABLE_SCHEMA.globalSecondaryIndexes[0].KeySchema);
       expect(index?.Projection?.ProjectionType).to.equal("ALL");
       expect(db.customersEnv).to.include({ CUSTOMERS_TABLE: LOCAL_CUSTOMERS_TABLE, AWS_ENDPOINT_URL_DYNAMODB: db.endpoint });
+    } finally {
+      dynamo.destroy();
+      await db.stop();
+    }
+  });
+
+  it("creates the stored responses' owners table beside them, as the contract declares it (response_id key, no index)", async () => {
+    const db = await LedgerDb.start(dataDir);
+    const dynamo = new DynamoDBClient(dynamoClientOptions(db.env));
+    try {
+      const { Table } = await dynamo.send(new DescribeTableCommand({ TableName: LOCAL_RESPONSES_TABLE }));
+      expect(Table?.TableStatus).to.equal("ACTIVE");
+      expect(Table?.KeySchema).to.deep.equal(RESPONSE_OWNERS_TABLE_SCHEMA.keySchema);
+      expect(Table?.AttributeDefinitions).to.deep.equal(RESPONSE_OWNERS_TABLE_SCHEMA.attributeDefinitions);
+      expect(Table?.GlobalSecondaryIndexes).to.equal(undefined);
+      expect(db.responsesTable).to.equal(LOCAL_RESPONSES_TABLE);
     } finally {
       dynamo.destroy();
       await db.stop();

@@ -116,10 +116,10 @@ describe("the official OpenAI JS SDK against the local stack", () => {
   });
 
   it("raises PermissionDeniedError naming the method and path for a route the API does not have", async () => {
-    const { error, requests } = await failure(stack, () => client({ apiKey: stack.apiKeys.open }).embeddings.create({ model: "text-embedding-3-small", input: "x" }));
+    const { error, requests } = await failure(stack, () => client({ apiKey: stack.apiKeys.open }).images.generate({ model: "dall-e-3", prompt: "x" }));
     expect(error).to.be.instanceOf(OpenAI.PermissionDeniedError);
     expect((error as InstanceType<typeof OpenAI.PermissionDeniedError>).code).to.equal("unknown_url");
-    expect((error as Error).message).to.include("POST /beta/v1/embeddings");
+    expect((error as Error).message).to.include("POST /beta/v1/images/generations");
     expect(requests).to.equal(1);
   });
 
@@ -139,7 +139,7 @@ describe("the official OpenAI JS SDK against the local stack", () => {
     expect(seen.wrong_key.message).to.include("Authorization: Bearer <key>");
     expect(seen.quota).to.include({ class: "RateLimitError", status: 429, code: "insufficient_quota", type: "insufficient_quota" });
     expect(seen.unknown_route).to.include({ class: "PermissionDeniedError", status: 403, code: "unknown_url" });
-    expect(seen.unknown_route.message).to.include("POST /beta/v1/embeddings");
+    expect(seen.unknown_route.message).to.include("POST /beta/v1/images/generations");
     // 1 completion + 1 wrong key + 2 on the quota key + 1 unknown route: no retry of the spent quota.
     expect(stack.gateway.received - before).to.equal(5);
   });

@@ -28,5 +28,5 @@ seen["wrong_key"] = failure(lambda: openai.OpenAI(base_url=base_url, api_key="w"
 spent = openai.OpenAI(base_url=base_url, api_key=keys["spentpy"])
 spent.chat.completions.create(**hello)
 seen["quota"] = failure(lambda: spent.chat.completions.create(**hello))
-seen["unknown_route"] = failure(lambda: client.embeddings.create(model="text-embedding-3-small", input="x"))
+seen["unknown_route"] = failure(lambda: client.images.generate(model="dall-e-3", prompt="x"))
 print(json.dumps(seen))

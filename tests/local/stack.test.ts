@@ -160,7 +160,7 @@ describe("local stack (gateway emulator + handler + model server + collector)", 
   });
 
   it("answers unknown routes and methods in OpenAI's shape, naming the method and path as sent", async () => {
-    await expectGatewayResponse(await post("/v1/embeddings", {}, stack.apiKeys.globex), "MISSING_AUTHENTICATION_TOKEN", { method: "POST", path: "/beta/v1/embeddings" }, "MissingAuthenticationTokenException");
+    await expectGatewayResponse(await post("/v1/images/generations", {}, stack.apiKeys.globex), "MISSING_AUTHENTICATION_TOKEN", { method: "POST", path: "/beta/v1/images/generations" }, "MissingAuthenticationTokenException");
     const wrongMethod = await fetch(`${stack.baseUrl}/v1/chat/completions?x=1`, { headers: { "x-api-key": stack.apiKeys.globex } });
     await expectGatewayResponse(wrongMethod, "MISSING_AUTHENTICATION_TOKEN", { method: "GET", path: chatPath }, "MissingAuthenticationTokenException");
     const noStage = await fetch(`${stack.baseUrl.replace(/\/beta$/, "")}/v1/models`);
