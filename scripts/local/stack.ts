@@ -25,6 +25,7 @@ import { createLedgerDocumentClient, LedgerStore } from "../../functions/shared/
 import { createForwarderFromEnv, type CreateForwarderOptions, type UsageForwarder } from "../../functions/usage-forwarder/forwarder";
 import { functionPlans, holdStaleAfterMs, ROUTES } from "../../infra/function-env";
 import { parseStackConfig, PROJECT, StackConfigError, type StackConfig } from "../../infra/stack-config";
+import { dashboardPage } from "./dashboard/server";
 import { GatewayEmulator, type GatewayKey } from "./gateway";
 import { LedgerDb, LocalLedgerError, syncKeyItems, type KeySync } from "./ledger-db";
 import { MoesifCollector } from "./moesif-collector";
@@ -363,7 +364,19 @@ export async function startLocalStack(options: LocalStackOptions = {}): Promise<
     });
     started.push({ stop: async () => void (await Promise.allSettled([...invocations])) });
 
+    // The usage dashboard (/_dashboard, loopback, no key) reads the ledger with its own client, so its Scans never
+    // share connections with the request path's writes.
+    const dashboardDoc = createLedgerDocumentClient(ledgerDb.env, { timeoutMs: 10_000 });
+    started.push({ stop: () => dashboardDoc.destroy() });
     const gateway = new GatewayEmulator({
+      localPages: [
+        dashboardPage({
+          ledger: { doc: dashboardDoc, table: ledgerDb.table },
+          customers: customerStore,
+          plans: config.plans,
+          description: `local stack "${options.stack ?? "dev"}": ${path.join(dataDir, "ledger")}`,
+        }),
+      ],
       stage: config.stageName,
       stageThrottle: { rateLimit: config.stageThrottleRateLimit, burstLimit: config.stageThrottleBurstLimit },
       routes: ROUTES,

@@ -4,7 +4,7 @@
  * Routes (below `/v1`; every answer deterministic, with `usage` counted by the tokenizer the function uses):
  *
  * - `POST /chat/completions`: "Hello! You said: <last user message>".
- * - `POST /responses`: a Response object (`resp_mock_<n>`) whose one output message says the same to the last user
+ * - `POST /responses`: a Response object (`resp_mock_<server>_<n>`) whose one output message says the same to the last user
  *   input; `stream: true` answers the Responses API's typed events. `instructions` count as input;
  *   `previous_response_id` must name a stored response (else 400 `previous_response_not_found`) whose input and output
  *   tokens count as input again, as OpenAI counts them; `max_output_tokens` cuts the answer (status `incomplete`,
@@ -49,7 +49,7 @@
  * to `MAX_COUNTED_PROMPT_BYTES` and extrapolated beyond (a 1 MB one-word prompt would otherwise take ~0.3 s of
  * tokenizing, stalling everyone else), and `received` keeps only the most recent requests.
  */
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import http from "node:http";
 import { LoopbackServer, readBody, sendJson as send } from "./loopback";
 import { isRecord } from "../../functions/ai-chat/config";
@@ -84,7 +84,7 @@ export interface MockDirectives {
 export interface StreamRecord {
   /** Which API streamed: chat completions chunks or Responses API events. */
   api: "chat" | "responses";
-  /** The chunk id (`chatcmpl-mock-<n>`) or response id (`resp_mock_<n>`), which the function passes on to its client. */
+  /** The chunk id (`chatcmpl-mock-<n>`) or response id (`resp_mock_<server>_<n>`), which the function passes on to its client. */
   id: string;
   /** The last user message, as received. */
   said: string;
@@ -182,6 +182,8 @@ export class UpstreamServer extends LoopbackServer {
   /** Stored responses by id (the most recent `keepReceived`; `store: false` ones never). */
   readonly responses = new Map<string, StoredResponse>();
   private counter = 0;
+  /** Distinguishes this server's response ids from an earlier run's (see `resp_mock_<server>_<n>`). */
+  private readonly idPrefix = randomBytes(4).toString("hex");
 
   constructor(private readonly options: UpstreamServerOptions = {}) {
     super(options);
@@ -471,7 +473,9 @@ export class UpstreamServer extends LoopbackServer {
       total_tokens: inputTokens + outputTokens,
     };
 
-    const id = `resp_mock_${n}`;
+    // A per-server prefix: the local owners table outlives a restart of this server, whose counter starts again at
+    // 1, and a reused id would belong to whoever created it first (the function answers 404 to anyone else).
+    const id = `resp_mock_${this.idPrefix}_${n}`;
     const status = incomplete ? "incomplete" : "completed";
     const message = { id: `msg_mock_${n}`, type: "message", status, role: "assistant", content: [{ type: "output_text", annotations: [], logprobs: [], text }] };
     const call = { id: `fc_mock_${n}`, type: "function_call", status: "completed", arguments: args, call_id: `call_mock_${n}`, name: tool };

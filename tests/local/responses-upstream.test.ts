@@ -39,7 +39,7 @@ describe("the built-in model server's Responses API, embeddings and model routes
   describe("POST /responses with the openai SDK", () => {
     it("answers a completed Response whose text echoes the input and whose usage the tokenizer counts", async () => {
       const response = await sdk().responses.create({ model: "gpt-4o-mini", input: "Hi there" });
-      expect(response.id).to.match(/^resp_mock_\d+$/);
+      expect(response.id).to.match(/^resp_mock_[0-9a-f]{8}_\d+$/);
       expect(response.object).to.equal("response");
       expect(response.status).to.equal("completed");
       expect(response.output_text).to.equal("Hello! You said: Hi there");
