@@ -82,9 +82,10 @@ export interface ResponseOwners {
 
 /**
  * Response ids the function accepts in a path or `previous_response_id`: OpenAI's are `resp_` + hex; other servers
- * use other shapes, so any short id of URL-safe characters. Anything else is "not found" without a lookup.
+ * use other shapes, so any short id of URL-safe characters, except `.` and `..`, which the upstream URL would resolve
+ * as path segments (`<upstream>/responses/..` is `<upstream>/`). Anything else is "not found" without a lookup.
  */
-export const RESPONSE_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,256}$/;
+export const RESPONSE_ID_PATTERN = /^(?!\.{1,2}$)[A-Za-z0-9_.:-]{1,256}$/;
 
 /** The item for `owner`. */
 export function responseOwnerItem(owner: ResponseOwner): ResponseOwnerItem {
