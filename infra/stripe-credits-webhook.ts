@@ -26,9 +26,18 @@ import * as stripe from "pulumi-stripe";
  * - `checkout.session.async_payment_succeeded`: the same session paid later (bank debits and other delayed methods,
  *   which complete with `payment_status: unpaid` first); one credit per session either way (credit id
  *   `stripe:<session id>`);
- * - `invoice.paid`: an invoiced credit pack, credited when the invoice's `metadata.purpose` is `credits`.
+ * - `invoice.paid`: an invoiced credit pack, credited when the invoice's `metadata.purpose` is `credits`;
+ * - `charge.refunded`, `charge.dispute.created` (event.go `EventTypeChargeRefunded`, `EventTypeChargeDisputeCreated`):
+ *   never debited, logged as errors (`stripe_credit_refunded` / `stripe_credit_disputed`) so the operator debits by
+ *   hand.
  */
-export const STRIPE_CREDIT_EVENTS: readonly string[] = ["checkout.session.completed", "checkout.session.async_payment_succeeded", "invoice.paid"];
+export const STRIPE_CREDIT_EVENTS: readonly string[] = [
+  "checkout.session.completed",
+  "checkout.session.async_payment_succeeded",
+  "invoice.paid",
+  "charge.refunded",
+  "charge.dispute.created",
+];
 
 export interface StripeCreditsWebhookArgs {
   /** The REST API's id (`RestApi.id`). */

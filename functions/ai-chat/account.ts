@@ -14,13 +14,14 @@
  */
 import type { AccountBalance, CustomerStore, UsageIncrement, UsageTotals } from "../shared/customer-port";
 import { DEFAULT_USAGE_PERIOD } from "../shared/customer-schema";
+import { stringifyJson } from "../shared/json";
 import { formatMicros, maxCostOf, type Cost, type ModelPrice } from "../shared/pricing";
 import { quotaPeriodStart, type QuotaPeriod } from "../shared/quota-period";
 import { billingOf, type Customer, type Plan } from "./config";
 import { ConfigurationError, InsufficientQuotaError, ServiceUnavailableError } from "./errors";
 import { describeError, type Logger } from "./logger";
 import type { BillingOutcome } from "./metering";
-import type { TokenUsage } from "./usage";
+import { encodingForModel, TokenTally, type TokenUsage } from "./usage";
 
 /**
  * A chat completion's output-token fields. The first is the one added when the caller sent none (OpenAI's current
@@ -61,6 +62,84 @@ export function capOutputTokens(request: Record<string, unknown>, cap: number | 
   return { request: capped, changed: true, maxOutputTokens: cap };
 }
 
+/**
+ * Output-limit fields that some OpenAI-compatible servers read *instead of* (or before) `max_tokens` /
+ * `max_completion_tokens`, so a caller's value there would override the plan's cap upstream:
+ * - `n_predict`: llama.cpp's server, which reads it first and falls back to `max_tokens`
+ *   (`params.n_predict = json_value(data, "n_predict", json_value(data, "max_tokens", …))`, ggml-org/llama.cpp
+ *   tools/server/server.cpp; tools/server/README.md: "`n_predict`: … -1 = infinity");
+ * - `num_predict`: Ollama (top level here, and in its `options` object as its native API takes it; docs/modelfile.md:
+ *   "num_predict: Maximum number of tokens to predict … (Default: -1, infinite generation)");
+ * - `max_new_tokens`: Hugging Face TGI (`parameters.max_new_tokens` of `/generate`, and top-level on some
+ *   OpenAI-style wrappers; https://huggingface.github.io/text-generation-inference/ GenerateParameters);
+ * - `max_output_tokens` (chat only): the Responses API's and Gemini-style servers' name for the same limit; on a
+ *   chat request no OpenAI field has that name, so it can only be read as a limit by a server that is not OpenAI.
+ * Dropped from prepaid requests before anything is forwarded: the reservation covers the cap, nothing more.
+ */
+export const CHAT_OUTPUT_LIMIT_ALIASES = ["n_predict", "num_predict", "max_new_tokens", "max_output_tokens"] as const;
+/** The same for the Responses API, whose own output field is `max_output_tokens` (kept, and capped). */
+export const RESPONSES_OUTPUT_LIMIT_ALIASES = ["n_predict", "num_predict", "max_new_tokens"] as const;
+
+/**
+ * The request without `aliases` (top level, and `num_predict` inside an `options` object): the same object when it
+ * names none of them. See `CHAT_OUTPUT_LIMIT_ALIASES` for why.
+ */
+export function withoutOutputLimitAliases(request: Record<string, unknown>, aliases: readonly string[]): { request: Record<string, unknown>; dropped: string[] } {
+  const dropped = aliases.filter((field) => Object.prototype.hasOwnProperty.call(request, field));
+  const options = request.options;
+  const optionsAlias = !!options && typeof options === "object" && !Array.isArray(options) && Object.prototype.hasOwnProperty.call(options, "num_predict");
+  if (dropped.length === 0 && !optionsAlias) return { request, dropped };
+  const rest: Record<string, unknown> = { ...request };
+  for (const field of dropped) delete rest[field];
+  if (optionsAlias) {
+    const { num_predict: _numPredict, ...otherOptions } = options as Record<string, unknown>;
+    rest.options = otherOptions;
+    dropped.push("options.num_predict");
+  }
+  return { request: rest, dropped };
+}
+
+/**
+ * The dearest of several prices, field by field (each field at its highest among them): what a request that the
+ * upstream may answer with any of these models (a router's fallback list) can cost at most per token.
+ */
+export function dearestPrice(prices: readonly ModelPrice[]): ModelPrice {
+  const [first, ...rest] = prices;
+  const out: ModelPrice = { input: first.input, output: first.output, cachedInput: first.cachedInput ?? first.input, reasoning: first.reasoning ?? first.output };
+  for (const price of rest) {
+    out.input = Math.max(out.input, price.input);
+    out.output = Math.max(out.output, price.output);
+    out.cachedInput = Math.max(out.cachedInput!, price.cachedInput ?? price.input);
+    out.reasoning = Math.max(out.reasoning!, price.reasoning ?? price.output);
+  }
+  return out;
+}
+
+/**
+ * Tokens of a chat request's `prediction` (OpenAI Predicted Outputs: `{type: "content", content: string | text
+ * parts}`), by the model's tokenizer; 0 without one. OpenAI bills the prediction's rejected tokens as completion
+ * tokens ("still counted in the total completion tokens for purposes of billing",
+ * https://platform.openai.com/docs/guides/predicted-outputs), on top of what the model generates, so every choice
+ * may cost this many output tokens more than the cap. A part that is not text is counted as its JSON text (more
+ * than it can be worth, never less; written without recursion, `stringifyJson`).
+ */
+export function predictionTokensOf(prediction: unknown, model: string): number {
+  if (prediction === undefined || prediction === null) return 0;
+  const tally = new TokenTally(encodingForModel(model));
+  const content = typeof prediction === "object" && !Array.isArray(prediction) ? (prediction as Record<string, unknown>).content : prediction;
+  if (content === undefined || content === null) return 0;
+  if (typeof content === "string") return tally.count(content);
+  if (Array.isArray(content)) {
+    let tokens = 0;
+    for (const part of content) {
+      const text = part && typeof part === "object" ? (part as Record<string, unknown>).text : undefined;
+      tokens += tally.count(typeof text === "string" ? text : stringifyJson(part));
+    }
+    return tokens;
+  }
+  return tally.count(stringifyJson(content));
+}
+
 /** `n`: how many choices the request asks for (validated 1..128; 1 when absent). */
 export function choicesOf(request: Record<string, unknown>): number {
   return typeof request.n === "number" ? request.n : 1;
@@ -81,9 +160,12 @@ export interface Hold {
   state: "requested" | "held" | "refused";
 }
 
-/** What a reservation covers: the prompt (tokenizer count) and `choices` × the output cap, at the model's price. */
-export function reservationFor(promptTokens: number, choices: number, maxOutputTokens: number, price: ModelPrice): number {
-  return maxCostOf(promptTokens, choices * maxOutputTokens, price);
+/**
+ * What a reservation covers: the prompt (tokenizer count) and `choices` × (the output cap + the prediction's tokens,
+ * see `predictionTokensOf`), at the price given (the dearest the request can be answered at).
+ */
+export function reservationFor(promptTokens: number, choices: number, maxOutputTokens: number, price: ModelPrice, predictionTokens = 0): number {
+  return maxCostOf(promptTokens, choices * (maxOutputTokens + predictionTokens), price);
 }
 
 export interface ReserveArgs {
@@ -95,6 +177,8 @@ export interface ReserveArgs {
   /** For the refusal's message: what the reservation covers. */
   choices: number;
   maxOutputTokens: number;
+  /** Tokens of the request's `prediction`, reserved per choice on top of the cap (named in the refusal). */
+  predictionTokens?: number;
   /** The request field that asks for fewer output tokens, named in the refusal. @default "max_completion_tokens" */
   outputField?: string;
 }
@@ -104,7 +188,7 @@ export interface ReserveArgs {
  * when the balance does not cover it, `ServiceUnavailableError` (503 `credit_store_unavailable`) when the store
  * cannot answer: a request that might not be paid for is not served.
  */
-export async function reserveCredit({ store, hold, now, log, requestId, choices, maxOutputTokens, outputField = "max_completion_tokens" }: ReserveArgs): Promise<void> {
+export async function reserveCredit({ store, hold, now, log, requestId, choices, maxOutputTokens, predictionTokens = 0, outputField = "max_completion_tokens" }: ReserveArgs): Promise<void> {
   if (!store) {
     log.error("configuration_invalid", { problems: ["a prepaid plan is served without a customers table (CUSTOMERS_TABLE)"] });
     throw new ConfigurationError("The service is misconfigured and cannot serve prepaid requests; its operator can see why in the function's logs.");
@@ -129,7 +213,8 @@ export async function reserveCredit({ store, hold, now, log, requestId, choices,
   }
   log.info("insufficient_quota", { request_id: requestId, customer_id: hold.customerId, balance_micros: result.balanceMicros, reserved_micros: hold.micros });
   // An embeddings request has no output tokens: only its input is reserved.
-  const covers = maxOutputTokens > 0 ? `its prompt and ${choices === 1 ? "" : `${choices} × `}${maxOutputTokens} output tokens` : "its input";
+  const perChoice = predictionTokens > 0 ? `(${maxOutputTokens} output + ${predictionTokens} prediction) tokens` : `${maxOutputTokens} output tokens`;
+  const covers = maxOutputTokens > 0 ? `its prompt and ${choices === 1 ? "" : `${choices} × `}${perChoice}` : "its input";
   const remedy = maxOutputTokens > 0 ? `Top up your credits, or ask for fewer output tokens (${outputField}).` : "Top up your credits, or send a shorter input.";
   throw new InsufficientQuotaError(
     `Your prepaid balance (${formatMicros(result.balanceMicros)} ${currency}) does not cover the most this request can cost ` +

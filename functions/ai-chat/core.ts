@@ -1,7 +1,22 @@
 import type { Readable } from "node:stream";
 import type { Customer, FunctionConfig, Plan } from "./config";
 import { billingOf, isRecord, outputCapOf } from "./config";
-import { capOutputTokens, choicesOf, RESPONSES_OUTPUT_FIELDS, reservationFor, reserveCredit, settleAndCount, usageAnswer, usagePeriodOf, type Hold } from "./account";
+import {
+  capOutputTokens,
+  CHAT_OUTPUT_LIMIT_ALIASES,
+  choicesOf,
+  dearestPrice,
+  predictionTokensOf,
+  RESPONSES_OUTPUT_FIELDS,
+  RESPONSES_OUTPUT_LIMIT_ALIASES,
+  reservationFor,
+  reserveCredit,
+  settleAndCount,
+  usageAnswer,
+  usagePeriodOf,
+  withoutOutputLimitAliases,
+  type Hold,
+} from "./account";
 import { StaticCustomerDirectory, type CustomerDirectory } from "./customers";
 import {
   ApiError,
@@ -469,23 +484,33 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
 
   const plan = metering.plan;
   const price = allowedPrice(plan, chat.model);
+  const dearest = routedPrice(plan, price, forwarded);
+  const prepaid = billingOf(plan) === "prepaid" && !!price;
+  if (prepaid) forwarded = withoutLimitAliases(call, forwarded, CHAT_OUTPUT_LIMIT_ALIASES);
 
   // The plan's output cap goes upstream, so the upstream cannot produce more than a prepaid request reserved.
   const capped = capOutputTokens(forwarded, outputCapOf(plan));
-  if (capped.changed) {
-    forwarded = capped.request;
+  if (capped.changed) forwarded = capped.request;
+  if (capped.changed || prepaid) {
+    // Prepaid: always what was parsed, never the caller's text. `JSON.parse` keeps the last of duplicate keys and
+    // an upstream parser may keep the first, so the text could ask for more than the reservation covers.
     body = stringifyJson(forwarded);
     metering.requestBody = forwarded;
   }
-  if (billingOf(plan) === "prepaid" && price) {
+  if (prepaid) {
     const estimated: EstimatedRequest = { ...forwarded, messages: chat.messages };
-    await reserve(request, customer, plan!, price, { promptTokens: estimateRequestTokens(estimated, chat.model), choices: choicesOf(estimated), maxOutputTokens: capped.maxOutputTokens! }, call);
+    await reserve(request, customer, plan!, dearest!, {
+      promptTokens: estimateRequestTokens(estimated, chat.model),
+      choices: choicesOf(estimated),
+      maxOutputTokens: capped.maxOutputTokens!,
+      predictionTokens: predictionTokensOf(forwarded.prediction, chat.model),
+    }, call);
   }
 
   if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price ? plan?.pricing : undefined);
 
-  // Otherwise the caller's text goes upstream unchanged (unless the cap rewrote it), so fields this proxy does not
-  // know pass through untouched.
+  // Otherwise the caller's text goes upstream unchanged (unless the cap rewrote it or the plan is prepaid), so fields
+  // this proxy does not know pass through untouched.
   const upstream = await callUpstream(call, { method: "POST", path: "/chat/completions", body });
   if (upstream.status >= 200 && upstream.status < 300) {
     const json = upstream.json;
@@ -536,6 +561,40 @@ function allowedPrice(plan: Plan | undefined, model: string): ModelPrice | undef
 }
 
 /**
+ * The price a prepaid request must be reserved at: the requested model's, or, when the request carries a router's
+ * fallback list — OpenRouter's top-level `models` (https://openrouter.ai/docs/features/model-routing: "the `models`
+ * parameter … if the primary model's providers are down, rate-limited, or refuse to reply … the next model in the
+ * list") — the dearest of it and every model listed, since the upstream may answer with any of them and
+ * `servedCost` then charges the dearer price. On a plan with a model list or prices, every model listed must be
+ * one the plan allows and prices (400 `model_not_found`, param `models`, otherwise), prepaid or not: the list is
+ * the plan's, whichever model answers.
+ */
+function routedPrice(plan: Plan | undefined, price: ModelPrice | undefined, request: Record<string, unknown>): ModelPrice | undefined {
+  if (!Object.prototype.hasOwnProperty.call(request, "models") || request.models === null || (!plan?.models && !plan?.pricing)) return price;
+  const listed = request.models;
+  if (!Array.isArray(listed) || listed.some((model) => typeof model !== "string")) {
+    throw new BadRequestError("`models` must be an array of model names.", "models", "invalid_type");
+  }
+  const prices = price ? [price] : [];
+  for (const model of listed as string[]) {
+    const listedPrice = priceFor(plan.pricing, model);
+    if ((plan.models && !plan.models.includes(model)) || (plan.pricing && !listedPrice)) {
+      const name = model.length > 100 ? `${model.slice(0, 100)}…` : model;
+      throw new BadRequestError(`The model \`${name}\` named in \`models\` does not exist or you do not have access to it.`, "models", "model_not_found");
+    }
+    if (listedPrice) prices.push(listedPrice);
+  }
+  return prices.length > 0 ? dearestPrice(prices) : undefined;
+}
+
+/** A prepaid request without the upstream-specific output-limit fields that could override the cap (`account.ts`). */
+function withoutLimitAliases({ deps, requestId }: UpstreamCall, request: Record<string, unknown>, aliases: readonly string[]): Record<string, unknown> {
+  const { request: rest, dropped } = withoutOutputLimitAliases(request, aliases);
+  if (dropped.length > 0) deps.log.info("output_limit_aliases_dropped", { request_id: requestId, fields: dropped });
+  return rest;
+}
+
+/**
  * Bills a delivered 2xx answer: its usage (reported, or `estimated`), its body for the record and, on a priced plan,
  * its cost (`servedCost`). Any 2xx carrying the work is billed, whichever 2xx an OpenAI-compatible server chose.
  */
@@ -552,20 +611,23 @@ interface ReservationSize {
   promptTokens: number;
   choices: number;
   maxOutputTokens: number;
+  /** Tokens of the request's `prediction`, reserved per choice on top of the cap. */
+  predictionTokens?: number;
   /** The request's output-token field, named when the balance does not cover it. */
   outputField?: string;
 }
 
 /**
- * Holds the most this prepaid request can cost before the upstream is called (see `account.ts`). The hold is on
- * `metering` from the moment it is asked for, so the request settles it whatever happens next.
+ * Holds the most this prepaid request can cost before the upstream is called (see `account.ts`), at `price`: the
+ * dearest model the request may be answered with (`routedPrice`). The hold is on `metering` from the moment it is
+ * asked for, so the request settles it whatever happens next.
  */
 async function reserve(request: ProxyRequest, customer: Customer, plan: Plan, price: ModelPrice, size: ReservationSize, { deps, metering }: UpstreamCall): Promise<void> {
   const hold: Hold = {
     customerId: customer.customerId,
     currency: plan.pricing!.currency,
     transactionId: transactionIdFor(request.requestId),
-    micros: reservationFor(size.promptTokens, size.choices, size.maxOutputTokens, price),
+    micros: reservationFor(size.promptTokens, size.choices, size.maxOutputTokens, price, size.predictionTokens ?? 0),
     periodStart: usagePeriodOf(plan, deps.clock()).start,
     state: "requested",
   };
@@ -578,6 +640,7 @@ async function reserve(request: ProxyRequest, customer: Customer, plan: Plan, pr
     requestId: request.requestId,
     choices: size.choices,
     maxOutputTokens: size.maxOutputTokens,
+    ...(size.predictionTokens ? { predictionTokens: size.predictionTokens } : {}),
     ...(size.outputField ? { outputField: size.outputField } : {}),
   });
 }
@@ -755,12 +818,15 @@ async function createEmbeddings(request: ProxyRequest, customer: Customer, call:
   const { deps, metering } = call;
   const parsed = inspectBody(metering, (facts) => parseEmbeddingsRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts));
   const embeddings = parsed.request;
-  const { forwarded, body } = withoutMockDirectives(deps, embeddings, parsed.text);
+  const { forwarded, body: text } = withoutMockDirectives(deps, embeddings, parsed.text);
   metering.requestBody = forwarded;
   const plan = metering.plan;
   const price = allowedPrice(plan, embeddings.model);
+  const dearest = routedPrice(plan, price, forwarded);
+  // Prepaid: what was parsed (and reserved for), never the caller's text (duplicate keys: see `chatCompletion`).
+  const body = billingOf(plan) === "prepaid" && price ? stringifyJson(forwarded) : text;
   const estimateInput = () => estimateEmbeddingsInputTokens(embeddings, embeddings.model);
-  if (billingOf(plan) === "prepaid" && price) await reserve(request, customer, plan!, price, { promptTokens: estimateInput(), choices: 1, maxOutputTokens: 0 }, call);
+  if (billingOf(plan) === "prepaid" && price) await reserve(request, customer, plan!, dearest!, { promptTokens: estimateInput(), choices: 1, maxOutputTokens: 0 }, call);
 
   const upstream = await callUpstream(call, { method: "POST", path: "/embeddings", body });
   if (upstream.status >= 200 && upstream.status < 300) {
@@ -865,6 +931,9 @@ async function createResponse(request: ProxyRequest, customer: Customer, call: U
 
   const plan = metering.plan;
   const price = allowedPrice(plan, input.model);
+  const dearest = routedPrice(plan, price, forwarded);
+  const prepaid = billingOf(plan) === "prepaid" && !!price;
+  if (prepaid) forwarded = withoutLimitAliases(call, forwarded, RESPONSES_OUTPUT_LIMIT_ALIASES);
 
   let previousContext = 0;
   if (typeof input.previous_response_id === "string") {
@@ -874,16 +943,17 @@ async function createResponse(request: ProxyRequest, customer: Customer, call: U
   }
 
   const capped = capOutputTokens(forwarded, outputCapOf(plan), RESPONSES_OUTPUT_FIELDS);
-  if (capped.changed) {
-    forwarded = capped.request;
+  if (capped.changed) forwarded = capped.request;
+  if (capped.changed || prepaid) {
+    // Prepaid: always what was parsed, never the caller's text (duplicate keys: see `chatCompletion`).
     body = stringifyJson(forwarded);
     metering.requestBody = forwarded;
   }
   const estimated = forwarded as ResponsesRequest;
   // The previous response's input and output go to the model again as this request's input.
   const estimateInput = (tally?: TokenTally) => estimateResponsesInputTokens(estimated, input.model, tally) + previousContext;
-  if (billingOf(plan) === "prepaid" && price) {
-    await reserve(request, customer, plan!, price, { promptTokens: estimateInput(), choices: 1, maxOutputTokens: capped.maxOutputTokens!, outputField: "max_output_tokens" }, call);
+  if (prepaid) {
+    await reserve(request, customer, plan!, dearest!, { promptTokens: estimateInput(), choices: 1, maxOutputTokens: capped.maxOutputTokens!, outputField: "max_output_tokens" }, call);
   }
   const pricing = price ? plan?.pricing : undefined;
   const stored = input.store !== false;

@@ -11,18 +11,23 @@
  * - when the table cannot answer, a key found within the last 10 minutes is served from the cache (an outage of the
  *   table does not stop customers it already knew), and anything else answers 503 `customer_store_unavailable`
  *   (fail closed: usage that cannot be attributed is not served). After a failure the table is asked again at most
- *   once per `retryAfterMs`, so an outage costs one timeout per few seconds, not one per request.
+ *   once per `retryAfterMs`, so an outage costs one timeout per few seconds, not one per request;
+ * - a key whose item the table returned but that cannot be read (`CustomerItemInvalidError`: an unknown status, no
+ *   plan…) is a fact about that key, not an outage: that key answers 403 `customer_invalid` (logged as an error,
+ *   cached like a miss), its earlier cached customer is dropped rather than served stale, and the back-off that
+ *   protects the table from an outage is not armed, so no other key is affected.
  */
-import type { CustomerRecord, CustomerStore } from "../shared/customer-port";
+import { CustomerItemInvalidError, type CustomerRecord, type CustomerStore } from "../shared/customer-port";
 import type { Customer } from "./config";
-import { ServiceUnavailableError } from "./errors";
+import { ForbiddenError, ServiceUnavailableError } from "./errors";
 import { describeError, type Logger } from "./logger";
 
 /** Narrow port: the customer an API Gateway key id belongs to. */
 export interface CustomerDirectory {
   /**
    * The customer, or undefined when the key belongs to none. Rejects with `ServiceUnavailableError`
-   * (`customer_store_unavailable`) when it cannot tell.
+   * (`customer_store_unavailable`) when it cannot tell, and with `ForbiddenError` (`customer_invalid`) when the key's
+   * item exists but cannot be read.
    */
   lookup(apiKeyId: string): Promise<Customer | undefined>;
 }
@@ -60,7 +65,14 @@ export interface CachedCustomerDirectoryOptions {
 
 interface Entry {
   customer?: Customer;
+  /** The key's item was found but could not be read: the key is refused until the entry expires (as a miss). */
+  invalid?: boolean;
   fetchedAt: number;
+}
+
+/** The answer for a key whose item cannot be read: the operator has to fix the item; nothing the caller does helps. */
+function invalidCustomer(): ForbiddenError {
+  return new ForbiddenError("This API key's customer record is invalid; ask the service's operator.", "customer_invalid");
 }
 
 /** Customers from the customers table, cached per container (see the module's notes for the rules). */
@@ -87,7 +99,10 @@ export class CachedCustomerDirectory implements CustomerDirectory {
   async lookup(apiKeyId: string): Promise<Customer | undefined> {
     const now = this.clock();
     const entry = this.entries.get(apiKeyId);
-    if (entry && now - entry.fetchedAt < (entry.customer ? this.ttlMs : this.missTtlMs)) return entry.customer;
+    if (entry && now - entry.fetchedAt < (entry.customer ? this.ttlMs : this.missTtlMs)) {
+      if (entry.invalid) throw invalidCustomer();
+      return entry.customer;
+    }
     if (now < this.failedUntil) return this.fallback(apiKeyId, entry, now, "the customers table failed moments ago");
     // One read per key at a time: a burst of requests from one key after its entry expired waits for the same read.
     let pending = this.inflight.get(apiKeyId);
@@ -104,6 +119,13 @@ export class CachedCustomerDirectory implements CustomerDirectory {
       record = await this.options.store.getCustomer(apiKeyId);
     } catch (err) {
       const now = this.clock();
+      if (err instanceof CustomerItemInvalidError) {
+        // The table answered: this key's item is broken (a hand edit, a bad import). Only this key is refused, and
+        // its earlier `active` entry goes with it: a botched suspension must not keep serving the key.
+        this.options.log.error("customer_item_invalid", { api_key_id: apiKeyId, error: describeError(err) });
+        this.remember(apiKeyId, { invalid: true, fetchedAt: now });
+        throw invalidCustomer();
+      }
       this.failedUntil = now + this.retryAfterMs;
       this.options.log.warn("customer_lookup_failed", { api_key_id: apiKeyId, error: describeError(err), retry_after_ms: this.retryAfterMs });
       return this.fallback(apiKeyId, this.entries.get(apiKeyId), now, describeError(err).message);

@@ -1,7 +1,9 @@
 /**
- * `POST /stripe/webhook`: Stripe's signed events → prepaid credit. A paid Checkout Session in payment mode (or a paid
- * invoice marked `metadata.purpose = "credits"`) adds its amount to the balance of the customer whose Stripe
- * customer id it names, once.
+ * `POST /stripe/webhook`: Stripe's signed events → prepaid credit. A paid Checkout Session in payment mode or a paid
+ * invoice, either marked `metadata.purpose = "credits"`, adds its amount to the balance of the customer whose Stripe
+ * customer id it names, once. Refunds and disputes (`charge.refunded`, `charge.dispute.created`) are not debited:
+ * they are logged as errors (`stripe_credit_refunded` / `stripe_credit_disputed`) for the operator to debit by hand
+ * (`npm run credits -- add <customer> -<amount>`).
  *
  * What Stripe expects of an endpoint (https://docs.stripe.com/webhooks): a 2xx for every event it accepted,
  * including events it chooses to ignore; any other answer is retried, in live mode for up to three days. So a bad
@@ -46,6 +48,9 @@ export type WebhookOutcome =
   | "not_payment_mode"
   | "not_paid"
   | "not_credit_invoice"
+  | "not_credit_session"
+  | "refund_not_debited"
+  | "dispute_not_debited"
   | "no_customer"
   | "unknown_customer"
   | "currency_mismatch"
@@ -82,6 +87,20 @@ export class CreditStoreFailedError extends ApiError {
   }
 }
 
+/**
+ * The payment's currency is not the one the customer's balance is kept in (and no conversion Stripe reported
+ * applies). The money was taken, so this must not look like an accepted event: a 500 keeps the delivery failing —
+ * Stripe "automatically resends the undelivered events to your endpoint for up to three days"
+ * (https://docs.stripe.com/webhooks/process-undelivered-events; https://docs.stripe.com/webhooks#automatic-retries)
+ * and the Dashboard lists it as failed — until the operator fixes the plan or account and the retry credits it, or
+ * credits it by hand.
+ */
+export class CreditCurrencyMismatchError extends ApiError {
+  constructor() {
+    super(500, "The payment's currency is not the currency of this customer's prepaid balance; the service's operator has to resolve it.", "server_error", "currency_mismatch");
+  }
+}
+
 /** The fields of a crediting event this handler reads, as it found them. */
 interface Purchase {
   /** Checkout Session id (`cs_…`) or invoice id (`in_…`): the credit's idempotency key. */
@@ -91,6 +110,29 @@ interface Purchase {
   currency?: string;
   /** In the currency's minor unit, as Stripe's API writes amounts. */
   amount: unknown;
+  /**
+   * Adaptive Pricing on Checkout Sessions created before 2025-03-31 (and under API versions before 2025-09-30, such as
+   * the 2024-04-10 the webhook endpoint pins): `currency`/`amount_total` are what the customer paid in their own
+   * currency, and `currency_conversion.{source_currency, amount_total}` the same total in the currency the Session
+   * was created in (https://docs.stripe.com/changelog/basil/2025-03-31/add_presentment_details;
+   * https://docs.stripe.com/api/checkout/sessions/object#checkout_session_object-currency_conversion).
+   */
+  conversion?: { currency?: string; amount: unknown };
+}
+
+/** A refund or dispute of a charge: logged for the operator, never debited here. */
+interface Reversal {
+  kind: "refund" | "dispute";
+  /** `ch_…` (refund) or `dp_…` (dispute). */
+  objectId?: string;
+  chargeId?: string;
+  paymentIntentId?: string;
+  stripeCustomerId?: string;
+  currency?: string;
+  /** Minor units: the charge's total refunded so far (refund), or the disputed amount. */
+  amount: unknown;
+  /** `metadata.purpose` of the charge, when it carries one (`payment_intent_data[metadata][purpose]=credits`). */
+  purpose?: string;
 }
 
 interface LogFields {
@@ -106,6 +148,8 @@ interface LogFields {
   status?: number;
   balance_micros?: number;
   plan_currency?: string;
+  /** The Session's `currency_conversion` applied (Adaptive Pricing): its source currency and amount were credited. */
+  converted_from?: string;
   error?: ReturnType<typeof describeError>;
 }
 
@@ -158,6 +202,8 @@ export async function handleStripeWebhook(body: Buffer, headers: Record<string, 
 
   const data = isRecord(event.data) ? event.data : {};
   const object = isRecord(data.object) ? data.object : {};
+  const reversal = readReversal(event.type, object);
+  if (reversal) return finish(await reportReversal(reversal, fields, deps));
   const found = readPurchase(event.type, object);
   if (typeof found === "string") return finish(received(fields, found), found === "missing_object_id" ? "warn" : "info");
   fields.object_id = found.objectId;
@@ -167,18 +213,37 @@ export async function handleStripeWebhook(body: Buffer, headers: Record<string, 
   if (!found.stripeCustomerId) return finish(received(fields, "no_customer"));
 
   if (!deps.store) return fail(new WebhookNotConfiguredError("customers table"), "no_customers_table", "error");
+  // A payment that cannot be credited in the balance's currency: an error line of its own (alarmable), and a 500.
+  const currencyMismatch = (): ProxyResponse => {
+    deps.log.error("stripe_credit_currency_mismatch", {
+      event_id: fields.event_id,
+      object_id: fields.object_id,
+      stripe_customer_id: fields.stripe_customer_id,
+      customer_id: fields.customer_id,
+      currency: fields.currency,
+      amount: fields.amount,
+      plan_currency: fields.plan_currency,
+    });
+    return fail(new CreditCurrencyMismatchError(), "currency_mismatch", "error");
+  };
   try {
     const customer = await deps.store.findByStripeCustomer(found.stripeCustomerId);
     if (!customer) return finish(received(fields, "unknown_customer"), "warn");
     fields.customer_id = customer.customerId;
 
-    // The balance is kept in the plan's currency; a payment in any other currency has no exact conversion here.
+    // The balance is kept in the plan's currency; a payment in any other currency has no exact conversion here,
+    // except the one Stripe itself made and reported (Adaptive Pricing's `currency_conversion`).
     const planCurrency = deps.plans[customer.plan]?.pricing?.currency?.toLowerCase();
     fields.plan_currency = planCurrency;
-    if (!planCurrency || !found.currency || found.currency.toLowerCase() !== planCurrency) {
-      return finish(received(fields, "currency_mismatch"), "error");
+    let amount = found.amount;
+    if (planCurrency && found.currency?.toLowerCase() !== planCurrency && found.conversion?.currency?.toLowerCase() === planCurrency) {
+      fields.converted_from = found.currency;
+      amount = found.conversion.amount;
+      fields.amount = amount;
+    } else if (!planCurrency || !found.currency || found.currency.toLowerCase() !== planCurrency) {
+      return currencyMismatch();
     }
-    const micros = creditMicros(found.amount, planCurrency);
+    const micros = creditMicros(amount, planCurrency);
     if (micros === undefined) return finish(received(fields, "invalid_amount"), "warn");
 
     const result = await deps.store.credit({
@@ -194,7 +259,7 @@ export async function handleStripeWebhook(body: Buffer, headers: Record<string, 
     fields.balance_micros = result.balanceMicros;
     if (!result.applied) {
       // `currency_mismatch` here: the account was first written in another currency (the plan's changed since).
-      return finish(received(fields, result.reason === "duplicate" ? "duplicate" : "currency_mismatch"), result.reason === "duplicate" ? "info" : "error");
+      return result.reason === "duplicate" ? finish(received(fields, "duplicate")) : currencyMismatch();
     }
     fields.credited_micros = micros;
     return finish(received(fields, "credited"));
@@ -213,9 +278,22 @@ function readPurchase(type: string, object: Record<string, unknown>): Purchase |
     case "checkout.session.async_payment_succeeded":
       // `subscription` and `setup` Sessions sell something else; `payment` is a one-time purchase.
       if (object.mode !== "payment") return "not_payment_mode";
+      // A payment-mode Session may sell anything else the operator sells through Checkout (a support pack, a setup
+      // fee, a postpaid bill settled by hand): only the ones marked as credit purchases count, as for invoices.
+      if (!isRecord(object.metadata) || object.metadata.purpose !== "credits") return "not_credit_session";
       if (object.payment_status !== "paid") return "not_paid";
       if (typeof object.id !== "string" || !object.id) return "missing_object_id";
-      return { objectId: object.id, source: "stripe_checkout", stripeCustomerId: customerId(object.customer), currency: stringOrUndefined(object.currency), amount: object.amount_total };
+      const conversion = isRecord(object.currency_conversion)
+        ? { currency: stringOrUndefined(object.currency_conversion.source_currency), amount: object.currency_conversion.amount_total }
+        : undefined;
+      return {
+        objectId: object.id,
+        source: "stripe_checkout",
+        stripeCustomerId: customerId(object.customer),
+        currency: stringOrUndefined(object.currency),
+        amount: object.amount_total,
+        ...(conversion ? { conversion } : {}),
+      };
     case "invoice.paid": {
       // Subscription and metered invoices are paid too: only the ones the operator marked as credit packs count.
       const metadata = isRecord(object.metadata) ? object.metadata : {};
@@ -226,6 +304,80 @@ function readPurchase(type: string, object: Record<string, unknown>): Purchase |
     default:
       return "ignored_event_type";
   }
+}
+
+/** A refund or a dispute of a charge (the two events subscribed for them), or undefined for any other event. */
+function readReversal(type: string, object: Record<string, unknown>): Reversal | undefined {
+  const metadata = isRecord(object.metadata) ? object.metadata : {};
+  const purpose = stringOrUndefined(metadata.purpose);
+  switch (type) {
+    case "charge.refunded":
+      // `amount_refunded` is the charge's total refunded so far: each partial refund sends the event again.
+      return {
+        kind: "refund",
+        objectId: stringOrUndefined(object.id),
+        chargeId: stringOrUndefined(object.id),
+        paymentIntentId: customerId(object.payment_intent),
+        stripeCustomerId: customerId(object.customer),
+        currency: stringOrUndefined(object.currency),
+        amount: object.amount_refunded,
+        ...(purpose ? { purpose } : {}),
+      };
+    case "charge.dispute.created": {
+      // A Dispute names its charge, not the customer (unless the event was built with `charge` expanded).
+      const charge = isRecord(object.charge) ? object.charge : undefined;
+      return {
+        kind: "dispute",
+        objectId: stringOrUndefined(object.id),
+        chargeId: customerId(object.charge),
+        paymentIntentId: customerId(object.payment_intent),
+        stripeCustomerId: charge ? customerId(charge.customer) : undefined,
+        currency: stringOrUndefined(object.currency),
+        amount: object.amount,
+        ...(purpose ? { purpose } : {}),
+      };
+    }
+    default:
+      return undefined;
+  }
+}
+
+/**
+ * Logs a refund or dispute as an error line (`stripe_credit_refunded` / `stripe_credit_disputed`) with what the
+ * operator needs to debit by hand: the Stripe customer, our customer when the table knows it, the charge and the
+ * amount. Credit may already be spent, and a debit cannot make a balance negative, so this service does not guess
+ * what to take back. Always 200: a retry would change nothing.
+ */
+async function reportReversal(reversal: Reversal, fields: LogFields, deps: StripeWebhookDeps): Promise<ProxyResponse> {
+  fields.object_id = reversal.objectId;
+  fields.stripe_customer_id = reversal.stripeCustomerId;
+  fields.currency = reversal.currency;
+  fields.amount = reversal.amount;
+  let customer: string | undefined;
+  if (reversal.stripeCustomerId && deps.store) {
+    try {
+      customer = (await deps.store.findByStripeCustomer(reversal.stripeCustomerId))?.customerId;
+    } catch (err) {
+      // Only for the log line: the operator can still find the customer from the Stripe customer id.
+      fields.error = describeError(err);
+    }
+  }
+  fields.customer_id = customer;
+  const minorUnits = typeof reversal.amount === "number" && reversal.currency ? reversal.amount : undefined;
+  deps.log.error(reversal.kind === "refund" ? "stripe_credit_refunded" : "stripe_credit_disputed", {
+    event_id: fields.event_id,
+    object_id: reversal.objectId,
+    charge_id: reversal.chargeId,
+    payment_intent_id: reversal.paymentIntentId,
+    stripe_customer_id: reversal.stripeCustomerId,
+    customer_id: customer,
+    currency: reversal.currency,
+    amount: reversal.amount,
+    ...(minorUnits !== undefined && Number.isSafeInteger(minorUnits) ? { amount_micros: minorUnits * microsPerMinorUnit(reversal.currency!) } : {}),
+    purpose: reversal.purpose,
+    action: "not debited: debit it by hand with `npm run credits -- add <customer> -<amount>` if it was a credit purchase",
+  });
+  return received(fields, reversal.kind === "refund" ? "refund_not_debited" : "dispute_not_debited");
 }
 
 /** `amount` Stripe minor units in micro-units, or undefined when it is not a positive integer that stays exact. */

@@ -147,4 +147,14 @@ export class CustomerStoreError extends Error {
   override name = "CustomerStoreError";
 }
 
+/**
+ * The store answered, but the key item it returned cannot be read (an unknown `status` such as a hand-typed
+ * `"Suspended"`, no `customer_id` or no `plan`). A fact about that one key, not an outage: the function refuses
+ * that key (403 `customer_invalid`) and keeps serving every other one. A `CustomerStoreError`, so code that only
+ * knows the base class still fails closed.
+ */
+export class CustomerItemInvalidError extends CustomerStoreError {
+  override name = "CustomerItemInvalidError";
+}
+
 export type { UsagePeriod };

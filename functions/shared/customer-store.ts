@@ -34,6 +34,7 @@ import {
   type UsageCounterName,
 } from "./customer-schema";
 import {
+  CustomerItemInvalidError,
   CustomerStoreError,
   type AccountBalance,
   type CreditArgs,
@@ -187,13 +188,16 @@ function balanceOf(item: Record<string, unknown> | undefined, customerId: string
   return { customerId, ...(state.currency ? { currency: state.currency } : {}), balanceMicros: state.balance, reservedMicros: state.reserved, holds };
 }
 
-/** A key item as the function uses it; an item without the fields it needs is a store error, not an unknown key. */
+/**
+ * A key item as the function uses it; an item without the fields it needs is `CustomerItemInvalidError` (that key
+ * is refused), neither an unknown key nor an outage.
+ */
 function customerOf(item: Record<string, unknown>): CustomerRecord {
   const pk = typeof item[CUSTOMERS_KEY] === "string" ? (item[CUSTOMERS_KEY] as string) : "";
   const apiKeyId = typeof item.api_key_id === "string" && item.api_key_id ? item.api_key_id : pk.slice(KEY_ITEM_PREFIX.length);
   const status = item.status ?? "active";
   if (typeof item.customer_id !== "string" || !item.customer_id || typeof item.plan !== "string" || !item.plan || (status !== "active" && status !== "suspended") || !apiKeyId) {
-    throw new CustomerStoreError(`customer store: key item ${JSON.stringify(pk)} lacks customer_id, plan or a known status`);
+    throw new CustomerItemInvalidError(`customer store: key item ${JSON.stringify(pk)} lacks customer_id, plan or a known status`);
   }
   const stripeCustomerId = typeof item[STRIPE_CUSTOMER_KEY] === "string" && item[STRIPE_CUSTOMER_KEY] ? (item[STRIPE_CUSTOMER_KEY] as string) : undefined;
   return { apiKeyId, customerId: item.customer_id, plan: item.plan, ...(stripeCustomerId ? { stripeCustomerId } : {}), status: status as CustomerStatus };

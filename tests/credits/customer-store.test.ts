@@ -3,7 +3,7 @@ import { DynamoDBDocumentClient } from "@aws-sdk/lib-dynamodb";
 import { expect } from "chai";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
-import { CustomerStoreError, type CustomerStore } from "../../functions/shared/customer-port";
+import { CustomerItemInvalidError, CustomerStoreError, type CustomerStore } from "../../functions/shared/customer-port";
 import { accountItemKey, keyItem, usageCounterName, type HoldEntry } from "../../functions/shared/customer-schema";
 import { createCustomerStoreFromEnv, DynamoCustomerStore } from "../../functions/shared/customer-store";
 import { recordForScan, registerSecret } from "../helpers/secret-scan";
@@ -317,6 +317,26 @@ describe("DynamoCustomerStore on dynalite", function () {
       await db.putCustomerItem({ pk: "key#broken", api_key_id: "broken", plan: "starter" });
       const err = await storeErrorOf(store.getCustomer("broken"));
       expect(err.message).to.match(/customer_id/);
+    });
+
+    it("says a readable answer about an unreadable key item (unknown status, no plan) apart from an outage: CustomerItemInvalidError", async () => {
+      await db.putCustomerItem({ pk: "key#typo", api_key_id: "typo", customer_id: "acme", plan: "starter", status: "Suspended" });
+      await db.putCustomerItem({ pk: "key#noplan", api_key_id: "noplan", customer_id: "acme" });
+      for (const key of ["typo", "noplan"]) {
+        const err = await storeErrorOf(store.getCustomer(key));
+        expect(err, key).to.be.instanceOf(CustomerItemInvalidError);
+      }
+      // An outage stays a plain CustomerStoreError (the directory's global back-off is for that one only).
+      const hung = await new HungServer().start();
+      try {
+        const doc = DynamoDBDocumentClient.from(new DynamoDBClient({ region: "us-east-1", endpoint: hung.endpoint, credentials: { accessKeyId: "local", secretAccessKey: "local" } }));
+        const down = new DynamoCustomerStore({ doc, table: "customers", timeoutMs: 150 });
+        const err = await storeErrorOf(down.getCustomer("typo"));
+        expect(err).to.not.be.instanceOf(CustomerItemInvalidError);
+        down.destroy();
+      } finally {
+        await hung.stop();
+      }
     });
 
     it("lists every key with its balance, page by page", async () => {

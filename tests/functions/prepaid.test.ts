@@ -655,7 +655,7 @@ describe("prepaid credits (core, in-memory customer store)", () => {
         object: "event",
         type: "checkout.session.completed",
         created: Math.floor(Date.now() / 1000),
-        data: { object: { id: `cs_${id}`, object: "checkout.session", mode: "payment", payment_status: "paid", customer: "cus_acme", currency: "usd", amount_total: 500 } },
+        data: { object: { id: `cs_${id}`, object: "checkout.session", mode: "payment", payment_status: "paid", customer: "cus_acme", currency: "usd", amount_total: 500, metadata: { purpose: "credits" } } },
       });
     const webhook = (body: string, signature?: string) =>
       proxyRequest({ route: "/stripe/webhook", uri: "https://example.test/stripe/webhook", apiKeyId: undefined, headers: { "content-type": "application/json", ...(signature ? { "stripe-signature": signature } : {}) }, body: Buffer.from(body) });

@@ -91,6 +91,7 @@ function session(overrides: Record<string, unknown> = {}): Record<string, unknow
     amount_subtotal: 2500,
     amount_total: 2500,
     customer_details: { email: "buyer-private@example.com" },
+    metadata: { purpose: "credits" },
     ...overrides,
   };
 }
@@ -294,8 +295,8 @@ describe("handleStripeWebhook", () => {
       ["a subscription-mode Session", "checkout.session.completed", session({ mode: "subscription" }), "not_payment_mode", false],
       ["a Session without a customer (a Payment Link's guest)", "checkout.session.completed", session({ customer: null }), "no_customer", false],
       ["an unknown Stripe customer", "checkout.session.completed", session({ customer: "cus_nobody" }), "unknown_customer", true],
-      ["a payment in another currency than the plan's", "checkout.session.completed", session({ currency: "eur" }), "currency_mismatch", true],
-      ["a customer whose plan has no currency", "checkout.session.completed", session({ customer: "cus_free" }), "currency_mismatch", true],
+      ["a payment-mode Session not marked metadata.purpose = credits", "checkout.session.completed", session({ metadata: { purpose: "support-pack" } }), "not_credit_session", false],
+      ["a payment-mode Session without metadata", "checkout.session.completed", session({ metadata: undefined }), "not_credit_session", false],
       ["an amount of zero", "checkout.session.completed", session({ amount_total: 0 }), "invalid_amount", true],
       ["an amount that is not an integer", "checkout.session.completed", session({ amount_total: 12.5 }), "invalid_amount", true],
       ["an amount whose micro-units are not exact", "checkout.session.completed", session({ amount_total: 2 ** 52 }), "invalid_amount", true],
@@ -321,13 +322,35 @@ describe("handleStripeWebhook", () => {
       expect(webhookLine(h.logs)).to.deep.include({ level: "error", reason: "currency_mismatch", currency: "eur", plan_currency: "usd", customer_id: "acme" });
     });
 
-    it("answers currency_mismatch when the account was first written in another currency", async () => {
+  });
+
+  describe("a payment it cannot credit in the balance's currency (500: Stripe retries, the Dashboard shows it failing)", () => {
+    const cases: Array<[string, Record<string, unknown>]> = [
+      ["a payment in another currency than the plan's", session({ currency: "eur" })],
+      ["a customer whose plan has no currency", session({ customer: "cus_free" })],
+    ];
+    for (const [name, object] of cases) {
+      it(`answers 500 currency_mismatch for ${name}, crediting nothing`, async () => {
+        const h = harness();
+
+        const result = await h.deliver(stripeEvent("checkout.session.completed", object));
+
+        expect(result.status).to.equal(500);
+        expect((result.body.error as Record<string, unknown>).code).to.equal("currency_mismatch");
+        expect(h.store.applied.size).to.equal(0);
+        const lines = h.logs.map((l) => JSON.parse(l) as Record<string, unknown>);
+        expect(lines.filter((l) => l.message === "stripe_credit_currency_mismatch" && l.level === "error")).to.have.length(1);
+      });
+    }
+
+    it("answers 500 currency_mismatch when the account was first written in another currency", async () => {
       const h = harness();
       h.store.balances.set("acme", { currency: "eur", micros: 5 });
 
       const result = await h.deliver(stripeEvent("checkout.session.completed", session()));
 
-      expect(result.body).to.deep.equal({ received: true, credited: false, reason: "currency_mismatch" });
+      expect(result.status).to.equal(500);
+      expect((result.body.error as Record<string, unknown>).code).to.equal("currency_mismatch");
       expect(h.store.balance("acme")).to.equal(5);
     });
   });

@@ -23,9 +23,13 @@ const API_KEY = "aws:apigateway/apiKey:ApiKey";
 /**
  * Every `checkout.session.*` event and `invoice.paid` of Stripe API version 2024-04-10, the version the Stripe
  * provider pins (pulumi-stripe 0.0.28 → lukasaron/terraform-provider-stripe → stripe-go v78.12.0, api_version.go:
- * "2024-04-10"), copied verbatim from that tag's event.go:48-51 and :107.
+ * "2024-04-10"), copied verbatim from that tag's event.go:48-51 and :107; and the two charge events the webhook
+ * logs for a manual debit (`EventTypeChargeRefunded` "charge.refunded", `EventTypeChargeDisputeCreated`
+ * "charge.dispute.created", in stripe-go's event.go EventType list since long before that version).
  */
 const STRIPE_2024_04_10_CREDIT_CANDIDATES = [
+  "charge.dispute.created",
+  "charge.refunded",
   "checkout.session.async_payment_failed",
   "checkout.session.async_payment_succeeded",
   "checkout.session.completed",
@@ -230,7 +234,7 @@ describe("customers table, key items and the Stripe credits webhook (infra/index
     });
 
     it("enables exactly the credit events, each one known to the Stripe API version the provider pins", () => {
-      expect(endpoint().inputs.enabledEvents).to.deep.equal(["checkout.session.completed", "checkout.session.async_payment_succeeded", "invoice.paid"]);
+      expect(endpoint().inputs.enabledEvents).to.deep.equal(["checkout.session.completed", "checkout.session.async_payment_succeeded", "invoice.paid", "charge.refunded", "charge.dispute.created"]);
       expect(endpoint().inputs.enabledEvents).to.deep.equal([...STRIPE_CREDIT_EVENTS]);
       for (const event of STRIPE_CREDIT_EVENTS) expect(STRIPE_2024_04_10_CREDIT_CANDIDATES, event).to.include(event);
       expect(endpoint().inputs.description).to.match(/credits/i);

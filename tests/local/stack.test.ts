@@ -546,7 +546,7 @@ describe("local stack customers table", function () {
         id: "evt_local_1",
         object: "event",
         type: "checkout.session.completed",
-        data: { object: { id: "cs_test_local_1", object: "checkout.session", mode: "payment", payment_status: "paid", customer: "cus_initech", amount_total: 500, currency: "usd" } },
+        data: { object: { id: "cs_test_local_1", object: "checkout.session", mode: "payment", payment_status: "paid", customer: "cus_initech", amount_total: 500, currency: "usd", metadata: { purpose: "credits" } } },
       });
       const post = (headers: Record<string, string>) => fetch(stack.stripeWebhook.url, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: payload });
 
