@@ -491,12 +491,11 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   // The plan's output cap goes upstream, so the upstream cannot produce more than a prepaid request reserved.
   const capped = capOutputTokens(forwarded, outputCapOf(plan));
   if (capped.changed) forwarded = capped.request;
-  if (capped.changed || prepaid) {
-    // Prepaid: always what was parsed, never the caller's text. `JSON.parse` keeps the last of duplicate keys and
-    // an upstream parser may keep the first, so the text could ask for more than the reservation covers.
-    body = stringifyJson(forwarded);
-    metering.requestBody = forwarded;
-  }
+  // Always what was parsed, never the caller's text: `JSON.parse` keeps the last of duplicate keys and an upstream
+  // parser may keep the first, so the text could name another model, limit or response id than the one checked,
+  // priced and reserved for. Fields this proxy does not know still pass through (re-serialised).
+  body = stringifyJson(forwarded);
+  metering.requestBody = forwarded;
   if (prepaid) {
     const estimated: EstimatedRequest = { ...forwarded, messages: chat.messages };
     await reserve(request, customer, plan!, dearest!, {
@@ -509,8 +508,6 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
 
   if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price ? plan?.pricing : undefined);
 
-  // Otherwise the caller's text goes upstream unchanged (unless the cap rewrote it or the plan is prepaid), so fields
-  // this proxy does not know pass through untouched.
   const upstream = await callUpstream(call, { method: "POST", path: "/chat/completions", body });
   if (upstream.status >= 200 && upstream.status < 300) {
     const json = upstream.json;
@@ -818,13 +815,13 @@ async function createEmbeddings(request: ProxyRequest, customer: Customer, call:
   const { deps, metering } = call;
   const parsed = inspectBody(metering, (facts) => parseEmbeddingsRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts));
   const embeddings = parsed.request;
-  const { forwarded, body: text } = withoutMockDirectives(deps, embeddings, parsed.text);
+  const { forwarded } = withoutMockDirectives(deps, embeddings, parsed.text);
   metering.requestBody = forwarded;
   const plan = metering.plan;
   const price = allowedPrice(plan, embeddings.model);
   const dearest = routedPrice(plan, price, forwarded);
-  // Prepaid: what was parsed (and reserved for), never the caller's text (duplicate keys: see `chatCompletion`).
-  const body = billingOf(plan) === "prepaid" && price ? stringifyJson(forwarded) : text;
+  // What was parsed (and checked, priced, reserved for), never the caller's text (duplicate keys: see `chatCompletion`).
+  const body = stringifyJson(forwarded);
   const estimateInput = () => estimateEmbeddingsInputTokens(embeddings, embeddings.model);
   if (billingOf(plan) === "prepaid" && price) await reserve(request, customer, plan!, dearest!, { promptTokens: estimateInput(), choices: 1, maxOutputTokens: 0 }, call);
 
@@ -944,22 +941,27 @@ async function createResponse(request: ProxyRequest, customer: Customer, call: U
 
   const capped = capOutputTokens(forwarded, outputCapOf(plan), RESPONSES_OUTPUT_FIELDS);
   if (capped.changed) forwarded = capped.request;
-  if (capped.changed || prepaid) {
-    // Prepaid: always what was parsed, never the caller's text (duplicate keys: see `chatCompletion`).
-    body = stringifyJson(forwarded);
-    metering.requestBody = forwarded;
-  }
+  // What was parsed, never the caller's text: with duplicate keys an upstream that keeps the first could continue
+  // another customer's `previous_response_id` or ignore the cap (see `chatCompletion`).
+  body = stringifyJson(forwarded);
+  metering.requestBody = forwarded;
   const estimated = forwarded as ResponsesRequest;
   // The previous response's input and output go to the model again as this request's input.
   const estimateInput = (tally?: TokenTally) => estimateResponsesInputTokens(estimated, input.model, tally) + previousContext;
+  // A streamed response is recorded at its first event, before its usage is known: until the stream ends, its
+  // context is recorded as the most it can be (this input plus the cap), so a continuation started meanwhile is
+  // held for enough (it would otherwise find no context and hold for its own input only).
+  let provisionalContext: number | undefined;
   if (prepaid) {
-    await reserve(request, customer, plan!, dearest!, { promptTokens: estimateInput(), choices: 1, maxOutputTokens: capped.maxOutputTokens!, outputField: "max_output_tokens" }, call);
+    const promptTokens = estimateInput();
+    provisionalContext = promptTokens + capped.maxOutputTokens!;
+    await reserve(request, customer, plan!, dearest!, { promptTokens, choices: 1, maxOutputTokens: capped.maxOutputTokens!, outputField: "max_output_tokens" }, call);
   }
   const pricing = price ? plan?.pricing : undefined;
   const stored = input.store !== false;
   const owners = stored ? deps.responseOwners : undefined;
 
-  if (input.stream === true) return streamResponse(call, customer, body, input.model, pricing, estimateInput, stored);
+  if (input.stream === true) return streamResponse(call, customer, body, input.model, pricing, estimateInput, stored, provisionalContext);
 
   // The owner is recorded after the upstream answers and before the caller has the answer: its time is kept back.
   const upstream = await callUpstream({ ...call, keepBackMs: owners ? deps.config.responseOwners.timeoutMs : 0 }, { method: "POST", path: "/responses", body });
@@ -1030,6 +1032,7 @@ async function streamResponse(
   pricing: PlanPricing | undefined,
   estimateInput: (tally: TokenTally) => number,
   stored: boolean,
+  provisionalContext: number | undefined,
 ): Promise<ProxyResponse> {
   const { deps, metering, redactor, responder } = call;
   const streamDeadline = streamDeadlineOf(call);
@@ -1056,7 +1059,7 @@ async function streamResponse(
     ...(stored
       ? {
           onResponseId: async (id: string) => {
-            await recordOwner(call, customer, id, model);
+            await recordOwner(call, customer, id, model, provisionalContext);
             recordedId = id;
           },
         }
