@@ -196,6 +196,21 @@ describe("Responses API in the core", () => {
       expect(h.upstream.requests).to.have.length(0);
     });
 
+    it("forwards what it checked, not the caller's text: with duplicate keys the upstream sees only the last value", async () => {
+      const h = harness();
+      await create(h, {});
+      // Bob names Alice's response first and his own last: JSON.parse (and the ownership check) reads the last; an
+      // upstream keeping the first must never see Alice's id.
+      await create(h, {}, BOB);
+      const raw = `{"model":"${MODEL}","input":"hi","previous_response_id":"resp_1","previous_response_id":"resp_2","max_output_tokens":100000,"max_output_tokens":10}`;
+      const response = await handleRequest(proxyRequest({ route: "/v1/responses", apiKeyId: BOB, json: raw }), h.deps);
+      expect(response.statusCode).to.equal(200);
+      const sent = h.upstream.requests[h.upstream.requests.length - 1].body!;
+      expect(sent).not.to.include("resp_1");
+      expect(sent.match(/previous_response_id/g)).to.have.length(1);
+      expect(JSON.parse(sent)).to.include({ previous_response_id: "resp_2", max_output_tokens: 10 });
+    });
+
     it("redacts the upstream key an upstream echoes in a response body", async () => {
       const h = harness(responsesUpstream({ echoKey: true }));
       const response = await create(h, {});
@@ -423,6 +438,18 @@ describe("Responses API in the core", () => {
         expect(p.store.violations).to.deep.equal([]);
       });
     }
+
+    it("records a streamed response's context as its input plus the cap until its usage is known", async () => {
+      const p = await prepaid(1_000);
+      // The usage update is lost: what a continuation started during the stream would find.
+      p.owners.fail.add("setContextTokens");
+      const response = await send(p.deps, { stream: true });
+      expect(response.statusCode).to.equal(200);
+      const estimate = estimateResponsesInputTokens(capOutputTokens(body({ stream: true }), CAP, RESPONSES_OUTPUT_FIELDS).request as never, MODEL);
+      expect((await p.owners.lookup("resp_1", Date.now()))!.contextTokens).to.equal(estimate + CAP);
+      await send(p.deps, { previous_response_id: "resp_1" });
+      expect(p.store.reserved[1]).to.be.greaterThan(maxCostOf(estimate, CAP, PRICE) + (estimate + CAP - 1) * PRICE.input / 1_000_000);
+    });
 
     it("counts the previous response's context tokens in the reservation of a continuation", async () => {
       const p = await prepaid(1_000);
