@@ -137,6 +137,14 @@ export function plannedCustomersTableName(): string {
   return `${CUSTOMERS_COMPONENT_NAME}-table-xxxxxxx`;
 }
 
+/** Logical name of the responses table component (`infra/responses-table.ts`); its table is `<this>-table`. */
+export const RESPONSES_COMPONENT_NAME = "responses";
+
+/** The responses table's name as Pulumi auto-names it: RESPONSES_TABLE's size. */
+export function plannedResponsesTableName(): string {
+  return `${RESPONSES_COMPONENT_NAME}-table-xxxxxxx`;
+}
+
 /**
  * How old a prepaid reservation must be before the forwarder's sweep treats it as left behind by a crash and settles
  * it from the ledger (or releases it): the longest a function invocation can live, plus a minute for the ledger item
@@ -180,7 +188,8 @@ export function forwarderEnvironment(config: StackConfig): Record<string, string
 }
 
 /**
- * The function's environment on AWS, except the generated names the component adds: LEDGER_TABLE, CUSTOMERS_TABLE and
+ * The function's environment on AWS, except the generated names the component adds: LEDGER_TABLE, CUSTOMERS_TABLE,
+ * RESPONSES_TABLE and
  * the SSM parameters'. No secret is in it: the upstream key, the Moesif application id and the Stripe webhook's
  * signing secret are SSM parameters, named (by the component, which creates them) in UPSTREAM_API_KEY_PARAMETER /
  * MOESIF_APPLICATION_ID_PARAMETER / STRIPE_WEBHOOK_SECRET_PARAMETER and read at the first request that needs them;
@@ -216,6 +225,7 @@ export function plannedEnvironment(config: StackConfig, stack: string): Record<s
     ...parameters,
     LEDGER_TABLE: plannedLedgerTableName(),
     CUSTOMERS_TABLE: plannedCustomersTableName(),
+    RESPONSES_TABLE: plannedResponsesTableName(),
     // The parameters' versions, e.g. "12.3.1"; room for five digits each.
     SECRETS_VERSION: FUNCTION_SECRET_PARAMETERS.map(() => "99999").join("."),
   };

@@ -14,11 +14,13 @@ import {
   functionPlans,
   LEDGER_COMPONENT_NAME,
   PLANS_FILE,
+  RESPONSES_COMPONENT_NAME,
   sanitizeStackName,
   SECRET_PARAMETERS,
 } from "./function-env";
 import { MeteredAiApi } from "./metered-ai-api";
 import { MoesifStripeWebhook } from "./moesif-stripe-webhook";
+import { ResponsesTable } from "./responses-table";
 import { billingCurrencies } from "./stack-config";
 import { StripeMeteredBilling } from "./stripe-meters";
 import { UsageLedger } from "./usage-ledger";
@@ -41,6 +43,9 @@ const forwarder = bundleFunction(path.join(root, "functions", "usage-forwarder",
 // customer's account (balance, reservations, usage counters), which only the functions and the `credits` command write.
 const customers = new CustomersTable(CUSTOMERS_COMPONENT_NAME, { deletionProtection: config.ledgerDeletionProtection });
 const customersTable = { tableName: customers.tableName, tableArn: customers.tableArn };
+
+// Who created each stored Responses API response: only its creator may read, continue, cancel or delete it.
+const responses = new ResponsesTable(RESPONSES_COMPONENT_NAME);
 
 // The ledger first: the chat function is told its table and may only PutItem there.
 const forwarderSecrets: Record<string, pulumi.Output<string> | undefined> = {
@@ -79,6 +84,7 @@ const api = new MeteredAiApi("metered-ai-api", {
   manageApiGatewayAccount: config.manageApiGatewayAccount,
   ledger: { tableName: ledger.tableName, tableArn: ledger.tableArn },
   customersTable,
+  responsesTable: { tableName: responses.tableName, tableArn: responses.tableArn },
   // The second Stripe webhook endpoint: paid credit purchases → the function, which credits the balance.
   stripeCreditsWebhook: {},
 });
@@ -117,6 +123,9 @@ export const forwarderLogGroupName = ledger.forwarderLogGroupName;
 /** The customers table (DynamoDB): key items (API key id → customer, plan) and accounts (prepaid balances, usage). */
 export const customersTableName = customers.tableName;
 export const customersTableArn = customers.tableArn;
+/** The responses table (DynamoDB, TTL 30 days): the creator of each stored Responses API response. */
+export const responsesTableName = responses.tableName;
+export const responsesTableArn = responses.tableArn;
 /** Where Stripe posts paid credit purchases (the second webhook endpoint), and that endpoint's id. */
 export const stripeCreditsWebhookUrl = api.stripeCreditsWebhookUrl!;
 export const stripeCreditsWebhookEndpointId = api.stripeCreditsWebhookEndpointId!;

@@ -3,6 +3,7 @@ import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import { chatCustomersStatements, keyItemArgs } from "./customers-table";
 import { ROUTES, sanitizeStackName, STRIPE_WEBHOOK_PATH, STRIPE_WEBHOOK_SECRET_PARAMETER } from "./function-env";
+import { chatResponsesStatements } from "./responses-table";
 import { GATEWAY_RESPONSES, gatewayResponseParameters, gatewayResponseTemplate, KEEPS_STATUS } from "./gateway-responses";
 import { type CustomerConfig, type PlanConfig } from "./stack-config";
 import { StripeCreditsWebhook } from "./stripe-credits-webhook";
@@ -89,6 +90,11 @@ export interface MeteredAiApiArgs {
    * may read key and account items, update account items and query the Stripe customer index (`chatCustomersStatements`).
    */
   customersTable?: { tableName: pulumi.Input<string>; tableArn: pulumi.Input<string> };
+  /**
+   * The responses table (`RESPONSES_TABLE`): who created each stored Responses API response; the function may
+   * Get/Put/UpdateItem there (`chatResponsesStatements`). Absent: the function keeps owners in memory per instance.
+   */
+  responsesTable?: { tableName: pulumi.Input<string>; tableArn: pulumi.Input<string> };
   /**
    * Creates the Stripe webhook endpoint for credit purchases at `<stage>/stripe/webhook` and gives the function its
    * signing secret as an SSM parameter (STRIPE_WEBHOOK_SECRET_PARAMETER). Needs the Stripe provider's key.
@@ -226,8 +232,10 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       {
         role: role.id,
         policy: pulumi
-          .all([logGroup.arn, pulumi.all(parameters.map((p) => p.arn)), args.ledger?.tableArn, args.customersTable?.tableArn])
-          .apply(([logArn, parameterArns, ledgerTableArn, customersTableArn]) => functionPolicy(logArn, parameterArns, { ledgerTableArn, customersTableArn })),
+          .all([logGroup.arn, pulumi.all(parameters.map((p) => p.arn)), args.ledger?.tableArn, args.customersTable?.tableArn, args.responsesTable?.tableArn])
+          .apply(([logArn, parameterArns, ledgerTableArn, customersTableArn, responsesTableArn]) =>
+            functionPolicy(logArn, parameterArns, { ledgerTableArn, customersTableArn, responsesTableArn }),
+          ),
       },
       parent,
     );
@@ -235,11 +243,12 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     // every container: the configuration update replaces the warm ones, which cache the secrets for their life.
     // No customer is in it: the function looks keys up in the customers table, so its size does not grow with them.
     const environment = pulumi
-      .all([pulumi.all(parameters.map((p) => p.version)), pulumi.all(parameters.map((p) => p.name)), args.ledger?.tableName, args.customersTable?.tableName])
-      .apply(([versions, names, ledgerTable, customersTable]) => ({
+      .all([pulumi.all(parameters.map((p) => p.version)), pulumi.all(parameters.map((p) => p.name)), args.ledger?.tableName, args.customersTable?.tableName, args.responsesTable?.tableName])
+      .apply(([versions, names, ledgerTable, customersTable, responsesTable]) => ({
         ...args.environment,
         ...(ledgerTable ? { LEDGER_TABLE: ledgerTable } : {}),
         ...(customersTable ? { CUSTOMERS_TABLE: customersTable } : {}),
+        ...(responsesTable ? { RESPONSES_TABLE: responsesTable } : {}),
         ...Object.fromEntries(secretParameters.map((p, i) => [p.envVar, names[i]])),
         ...(parameters.length > 0 ? { SECRETS_VERSION: secretsVersion(versions) } : {}),
       }));
@@ -319,7 +328,7 @@ export class MeteredAiApi extends pulumi.ComponentResource {
       const existing = resources.get(path);
       if (existing) return existing.id;
       const slash = path.lastIndexOf("/");
-      const resourceName = `${name}-res${path.replace(/\//g, "-")}`;
+      const resourceName = `${name}-res${routeSlug(path)}`;
       const resource = new aws.apigateway.Resource(
         resourceName,
         tracked(resourceName, { restApi: api.id, parentId: resourceFor(path.slice(0, slash)), pathPart: path.slice(slash + 1) }),
@@ -332,7 +341,7 @@ export class MeteredAiApi extends pulumi.ComponentResource {
     const snapshotParts: pulumi.Resource[] = [authorizer];
     const permissions: pulumi.Resource[] = [authorizerPermission];
     for (const route of ROUTES) {
-      const slug = `${route.method.toLowerCase()}${route.path.replace(/\//g, "-")}`;
+      const slug = `${route.method.toLowerCase()}${routeSlug(route.path)}`;
       const resourceId = resourceFor(route.path);
       const methodName = `${name}-method-${slug}`;
       const method = new aws.apigateway.Method(
@@ -390,7 +399,7 @@ export class MeteredAiApi extends pulumi.ComponentResource {
             action: "lambda:InvokeFunction",
             function: fn.name,
             principal: "apigateway.amazonaws.com",
-            sourceArn: pulumi.interpolate`${api.executionArn}/${stageName}/${route.method}${route.path}`,
+            sourceArn: pulumi.interpolate`${api.executionArn}/${stageName}/${route.method}${permissionPath(route.path)}`,
           },
           parent,
         ),
@@ -554,17 +563,37 @@ export function apiGatewayAssumeRolePolicy(): string {
  * A function's permissions: write to its own log group, read exactly the given SSM parameters, with a ledger put
  * items into the ledger table (nothing else there: no read, no update, no delete, and not its indexes), and with a
  * customers table what `chatCustomersStatements` lists (key and account items read, account items updated, the
- * Stripe customer index queried). No kms:Decrypt: SecureStrings use the AWS managed key, which "grants Decrypt
+ * Stripe customer index queried), and with a responses table what `chatResponsesStatements` lists. No kms:Decrypt: SecureStrings use the AWS managed key, which "grants Decrypt
  * permission to all IAM principals in the AWS account" (Systems Manager user guide, ps-restrict-decryption), so
  * ssm:GetParameters is the whole grant; the tables use DynamoDB's default encryption (an AWS owned key), which needs
  * no grant either.
  */
-export function functionPolicy(logGroupArn: string, parameterArns: string[], options: { ledgerTableArn?: string; customersTableArn?: string } = {}): string {
+export function functionPolicy(logGroupArn: string, parameterArns: string[], options: { ledgerTableArn?: string; customersTableArn?: string; responsesTableArn?: string } = {}): string {
   const statements: object[] = [{ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroupArn}:*` }];
   if (parameterArns.length > 0) statements.push({ Effect: "Allow", Action: ["ssm:GetParameters", "ssm:GetParameter"], Resource: [...parameterArns] });
   if (options.ledgerTableArn) statements.push({ Effect: "Allow", Action: ["dynamodb:PutItem"], Resource: options.ledgerTableArn });
   if (options.customersTableArn) statements.push(...chatCustomersStatements(options.customersTableArn));
+  if (options.responsesTableArn) statements.push(...chatResponsesStatements(options.responsesTableArn));
   return JSON.stringify({ Version: "2012-10-17", Statement: statements });
+}
+
+/**
+ * A route's path in Pulumi resource names: `/v1/responses/{id}/cancel` → `-v1-responses-by-id-cancel`. Paths without
+ * parameters keep the names they always had (`-v1-chat-completions`), so existing stacks update in place.
+ */
+export function routeSlug(path: string): string {
+  return path.replace(/\{([^}]+)\}/g, "by-$1").replace(/\//g, "-");
+}
+
+/**
+ * A route's path in the Lambda permission's source ARN. API Gateway invokes with the ARN of the request as made
+ * (`…/beta/GET/v1/responses/resp_123`), not of the resource template, so each path parameter is a `*` there
+ * ("execute-api:/stage/METHOD/resource-path"; the AWS console itself writes `*` for path parameters:
+ * https://docs.aws.amazon.com/apigateway/latest/developerguide/arn-format-reference.html). A literal `{id}` would
+ * match no request, and API Gateway would answer 500 "Invalid permissions on Lambda function".
+ */
+export function permissionPath(path: string): string {
+  return path.replace(/\{[^}]+\}/g, "*");
 }
 
 /** Lets a function write to its own log group and nothing else (the authorizer's whole policy). */

@@ -57,17 +57,24 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       const authorizer = one("aws:apigateway/authorizer:Authorizer");
       const methods = ofType("aws:apigateway/method:Method");
       expect(methods.map((m) => `${m.inputs.httpMethod} ${m.name}`).sort()).to.deep.equal([
+        "DELETE metered-ai-api-method-delete-v1-responses-by-id",
         "GET metered-ai-api-method-get-v1-models",
+        "GET metered-ai-api-method-get-v1-models-by-model",
+        "GET metered-ai-api-method-get-v1-responses-by-id",
+        "GET metered-ai-api-method-get-v1-responses-by-id-input_items",
         "GET metered-ai-api-method-get-v1-usage",
         "POST metered-ai-api-method-post-ai-chat",
         "POST metered-ai-api-method-post-stripe-webhook",
         "POST metered-ai-api-method-post-v1-chat-completions",
+        "POST metered-ai-api-method-post-v1-embeddings",
+        "POST metered-ai-api-method-post-v1-responses",
+        "POST metered-ai-api-method-post-v1-responses-by-id-cancel",
       ]);
       for (const method of methods.filter((m) => m.name !== "metered-ai-api-method-post-stripe-webhook")) {
         expect(method.inputs, method.name).to.include({ authorization: "CUSTOM", authorizerId: authorizer.id, apiKeyRequired: true });
       }
       const paths = ofType("aws:apigateway/resource:Resource").map((r) => r.inputs.pathPart).sort();
-      expect(paths).to.deep.equal(["ai-chat", "chat", "completions", "models", "stripe", "usage", "v1", "webhook"]);
+      expect(paths).to.deep.equal(["ai-chat", "cancel", "chat", "completions", "embeddings", "input_items", "models", "responses", "stripe", "usage", "v1", "webhook", "{id}", "{model}"]);
     });
 
     it("serves GET /v1/usage with the caller's key, like the chat routes", () => {
@@ -117,7 +124,7 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
 
     it("integrates every method as a streamed AWS_PROXY integration with the function's response-streaming ARN", () => {
       const integrations = ofType("aws:apigateway/integration:Integration");
-      expect(integrations).to.have.length(ROUTES.length).and.have.length(5);
+      expect(integrations).to.have.length(ROUTES.length).and.have.length(12);
       for (const integration of integrations) {
         expect(integration.inputs).to.include({
           type: "AWS_PROXY",
@@ -144,8 +151,48 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
         .map((p) => p.inputs.sourceArn)
         .sort();
       const base = `${api.executionArn}/beta`;
-      expect(arns).to.deep.equal([`${base}/GET/v1/models`, `${base}/GET/v1/usage`, `${base}/POST/ai-chat`, `${base}/POST/stripe/webhook`, `${base}/POST/v1/chat/completions`]);
-      for (const arn of arns) expect(arn).to.not.include("*");
+      expect(arns).to.deep.equal(
+        [
+          `${base}/DELETE/v1/responses/*`,
+          `${base}/GET/v1/models`,
+          `${base}/GET/v1/models/*`,
+          `${base}/GET/v1/responses/*`,
+          `${base}/GET/v1/responses/*/input_items`,
+          `${base}/GET/v1/usage`,
+          `${base}/POST/ai-chat`,
+          `${base}/POST/stripe/webhook`,
+          `${base}/POST/v1/chat/completions`,
+          `${base}/POST/v1/embeddings`,
+          `${base}/POST/v1/responses`,
+          `${base}/POST/v1/responses/*/cancel`,
+        ].sort(),
+      );
+      // A wildcard only where the path has a parameter: API Gateway invokes with the request's own path
+      // (…/GET/v1/responses/resp_123), which a literal `{id}` in the source ARN would never match.
+      for (const arn of arns) expect(arn).to.not.match(/[{}]/);
+      expect(arns.filter((arn) => arn.includes("*"))).to.have.length(5);
+    });
+
+    it("builds one resource per path segment, shared by the routes below it, with {id} and {model} as path parameters", () => {
+      const resource = (name: string) => named("aws:apigateway/resource:Resource", `metered-ai-api-res${name}`);
+      expect(resource("-v1-responses").inputs).to.include({ pathPart: "responses", parentId: resource("-v1").id });
+      expect(resource("-v1-responses-by-id").inputs).to.include({ pathPart: "{id}", parentId: resource("-v1-responses").id });
+      expect(resource("-v1-responses-by-id-input_items").inputs).to.include({ pathPart: "input_items", parentId: resource("-v1-responses-by-id").id });
+      expect(resource("-v1-responses-by-id-cancel").inputs).to.include({ pathPart: "cancel", parentId: resource("-v1-responses-by-id").id });
+      expect(resource("-v1-models-by-model").inputs).to.include({ pathPart: "{model}", parentId: resource("-v1-models").id });
+      // GET and DELETE of one response share its resource.
+      const method = (name: string) => named("aws:apigateway/method:Method", `metered-ai-api-method-${name}`).inputs;
+      expect(method("get-v1-responses-by-id").resourceId).to.equal(resource("-v1-responses-by-id").id);
+      expect(method("delete-v1-responses-by-id")).to.include({ httpMethod: "DELETE", resourceId: resource("-v1-responses-by-id").id, authorization: "CUSTOM", apiKeyRequired: true });
+      // Routes that existed before keep their logical names (an update in place, no replacement).
+      for (const name of ["-v1", "-v1-models", "-v1-usage", "-v1-chat", "-v1-chat-completions", "-ai-chat", "-stripe-webhook"]) expect(resource(name)).to.not.equal(undefined);
+    });
+
+    it("creates the responses table with its hash key and TTL on expires_at, and tells the function its name", () => {
+      const table = named("aws:dynamodb/table:Table", "responses-table");
+      expect(table.inputs).to.deep.include({ billingMode: "PAY_PER_REQUEST", hashKey: "response_id", ttl: { attributeName: "expires_at", enabled: true } });
+      expect(table.inputs.attributes).to.deep.equal([{ name: "response_id", type: "S" }]);
+      expect(variables().RESPONSES_TABLE).to.equal(table.state.name).and.match(/^responses-table-[0-9a-f]{7}$/);
     });
 
     it("serves exactly the routes the function routes", () => {
@@ -316,14 +363,20 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       expect(parameterArns).to.have.length(3);
       for (const arn of parameterArns) expect(arn).to.match(/^arn:aws:ssm:us-east-1:123456789012:parameter\/metered-ai-api-param-[a-z-]+-[0-9a-f]{7}$/);
       const logGroup = named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-fn-logs");
-      expect(policy.Statement).to.have.length(6);
+      expect(policy.Statement).to.have.length(7);
       expect(policy.Statement[0]).to.deep.equal({ Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: `${logGroup.state.arn}:*` });
       expect(policy.Statement[1]).to.deep.include({ Effect: "Allow", Action: ["ssm:GetParameters", "ssm:GetParameter"] });
       expect([...policy.Statement[1].Resource].sort()).to.deep.equal(parameterArns);
       expect(policy.Statement[2]).to.deep.equal({ Effect: "Allow", Action: ["dynamodb:PutItem"], Resource: named("aws:dynamodb/table:Table", "usage-ledger-table").state.arn });
       // The customers table's three statements: see customers.test.ts.
       const customersArn = named("aws:dynamodb/table:Table", "customers-table").state.arn;
-      for (const statement of policy.Statement.slice(3)) expect(String(statement.Resource).startsWith(customersArn)).to.equal(true);
+      for (const statement of policy.Statement.slice(3, 6)) expect(String(statement.Resource).startsWith(customersArn)).to.equal(true);
+      // The responses table: exactly the three commands the owner store sends, on that table only.
+      expect(policy.Statement[6]).to.deep.equal({
+        Effect: "Allow",
+        Action: ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"],
+        Resource: named("aws:dynamodb/table:Table", "responses-table").state.arn,
+      });
       expect(JSON.stringify(policy)).to.not.include("kms:");
       expect(ofType("aws:iam/rolePolicyAttachment:RolePolicyAttachment").map((a) => a.inputs.policyArn)).to.not.include("arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole");
     });
@@ -441,6 +494,12 @@ describe("Pulumi program (infra/index.ts under mocks)", function () {
       expect(await promiseOf(program.accessLogGroupName)).to.equal(named("aws:cloudwatch/logGroup:LogGroup", "metered-ai-api-access-logs").state.name);
       expect(await promiseOf(program.functionLogGroupName)).to.equal(chatFn().inputs.loggingConfig.logGroup);
       expect(await promiseOf(program.stripeWebhookEndpointId)).to.equal(named("stripe:index/webhookEndpoint:WebhookEndpoint", "moesif-stripe-endpoint").id).and.match(/^we_/);
+    });
+
+    it("outputs the responses table's name and ARN", async () => {
+      const table = named("aws:dynamodb/table:Table", "responses-table");
+      expect(await promiseOf(program.responsesTableName)).to.equal(table.state.name);
+      expect(await promiseOf(program.responsesTableArn)).to.equal(table.state.arn);
     });
 
     it("hands the whole plain-text state and every non-secret output to the secret scan", async () => {
