@@ -462,6 +462,18 @@ describe("npm start lifecycle", () => {
       expect(output).to.include(`new OpenAI({ baseURL: "${url}/v1", apiKey: "${keys.acme}" })`);
       const response = await fetch(`${url}/v1/models`, { headers: { authorization: `Bearer ${keys.globex}` } });
       expect(response.status).to.equal(200);
+      expect(output).to.include(`POST ${url}/v1/responses`);
+      expect(output).to.include(`POST ${url}/v1/embeddings`);
+      // The dashboard's link, served by the same process with no key; its JSON names the customers, never a key.
+      const dashboard = /dashboard +(http:\/\/127\.0\.0\.1:\d+\/_dashboard\/) /.exec(output);
+      expect(dashboard, output).to.not.equal(null);
+      const page = await fetch(dashboard![1]);
+      expect(page.status).to.equal(200);
+      expect(page.headers.get("content-type")).to.match(/^text\/html/);
+      const summary = await fetch(new URL("api/summary?bucket=day", dashboard![1]));
+      expect(summary.status).to.equal(200);
+      const summaryText = await summary.text();
+      for (const key of Object.values(keys)) expect(summaryText).to.not.include(key);
       const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
       child.kill("SIGTERM");
       expect(await exited, errors).to.equal(0);
