@@ -665,6 +665,31 @@ function streamDeadlineOf({ deps, deadline }: UpstreamCall): number | undefined 
  * Opens a streamed upstream call within the time left. The caller may leave while the upstream thinks: it is
  * aborted then too. A non-2xx answer comes back read and redacted (`answer`); a 2xx one as its stream.
  */
+/**
+ * What both stream relays (chat completions, the Responses API) are given alike: the upstream's body, the redactor,
+ * the caller's 200 once the first event arrives (from then on the record says 200 and what arrives is billed), the
+ * caller's going away, the idle timeout, the deadline by which the stream must end to be metered, and the tokenizer.
+ */
+function relayOptions(call: UpstreamCall, opened: { stream: Readable; status: number }, model: string) {
+  const { deps, metering, redactor, responder } = call;
+  const headers = { ...SSE_HEADERS, "x-request-id": call.requestId };
+  return {
+    upstream: opened.stream,
+    redactor,
+    start: () => {
+      metering.streamed = true;
+      return responder.startStream(200, headers);
+    },
+    clientGone: responder.clientGone,
+    idleTimeoutMs: deps.config.upstreamIdleTimeoutMs,
+    // The whole stream must end in time to meter it before the invocation's deadline.
+    deadline: streamDeadlineOf(call),
+    clock: deps.clock,
+    newTally: () => new TokenTally(encodingForModel(model)),
+    onEchoedSecret: () => deps.log.warn("upstream_echoed_secret", { upstream_status: opened.status, in_body: true, in_headers: false }),
+  };
+}
+
 async function openUpstreamStream(call: UpstreamCall, path: string, body: string): Promise<{ stream: Readable; status: number; answer?: undefined } | { answer: UpstreamAnswer; stream?: undefined }> {
   const { deps, metering, responder } = call;
   const started = deps.clock();
@@ -713,35 +738,19 @@ async function streamChatCompletion(
   model: string,
   pricing: PlanPricing | undefined,
 ): Promise<ProxyResponse> {
-  const { deps, metering, redactor, responder } = call;
+  const { deps, metering } = call;
   const callerOptions = isRecord(forwarded.stream_options) ? forwarded.stream_options : {};
   const callerWantsUsage = callerOptions.include_usage === true;
   const body = stringifyJson({ ...forwarded, stream: true, stream_options: { ...callerOptions, include_usage: true } });
-  // The whole stream must end in time to meter it before the invocation's deadline.
-  const streamDeadline = streamDeadlineOf(call);
-
   const started = deps.clock();
   const opened = await openUpstreamStream(call, "/chat/completions", body);
   if (!opened.stream) return upstreamFailure(opened.answer, call);
 
   const request = { ...forwarded, messages };
-  const headers = { ...SSE_HEADERS, "x-request-id": call.requestId };
   const outcome = await relayChatStream({
-    upstream: opened.stream,
-    redactor,
-    start: () => {
-      // From here the caller has a 200: the record says so, and what arrives is billed.
-      metering.streamed = true;
-      return responder.startStream(200, headers);
-    },
-    clientGone: responder.clientGone,
-    idleTimeoutMs: deps.config.upstreamIdleTimeoutMs,
-    deadline: streamDeadline,
-    clock: deps.clock,
+    ...relayOptions(call, opened, model),
     callerWantsUsage,
-    newTally: () => new TokenTally(encodingForModel(model)),
     estimatePrompt: (tally) => estimateRequestTokens(request, model, tally),
-    onEchoedSecret: () => deps.log.warn("upstream_echoed_secret", { upstream_status: opened.status, in_body: true, in_headers: false }),
   });
   metering.upstreamMs = deps.clock() - started;
   if (!outcome.started) metering.clientDisconnected = outcome.clientDisconnected || undefined;
@@ -756,7 +765,7 @@ async function streamChatCompletion(
     choices: [{ index: 0, message: { role: "assistant", content: outcome.content } }],
     usage: outcome.usage,
   };
-  return { statusCode: 200, headers, body: "" };
+  return { statusCode: 200, headers: { ...SSE_HEADERS, "x-request-id": call.requestId }, body: "" };
 }
 
 /** A model object as OpenAI's `GET /v1/models` lists it, for a model the plan names. */
@@ -1034,27 +1043,14 @@ async function streamResponse(
   stored: boolean,
   provisionalContext: number | undefined,
 ): Promise<ProxyResponse> {
-  const { deps, metering, redactor, responder } = call;
-  const streamDeadline = streamDeadlineOf(call);
+  const { deps, metering } = call;
   const started = deps.clock();
   const opened = await openUpstreamStream(call, "/responses", body);
   if (!opened.stream) return upstreamFailure(opened.answer, call);
 
   let recordedId: string | undefined;
-  const headers = { ...SSE_HEADERS, "x-request-id": call.requestId };
   const outcome = await relayResponsesStream({
-    upstream: opened.stream,
-    redactor,
-    start: () => {
-      // From here the caller has a 200: the record says so, and what arrives is billed.
-      metering.streamed = true;
-      return responder.startStream(200, headers);
-    },
-    clientGone: responder.clientGone,
-    idleTimeoutMs: deps.config.upstreamIdleTimeoutMs,
-    deadline: streamDeadline,
-    clock: deps.clock,
-    newTally: () => new TokenTally(encodingForModel(model)),
+    ...relayOptions(call, opened, model),
     estimateInput,
     ...(stored
       ? {
@@ -1064,7 +1060,6 @@ async function streamResponse(
           },
         }
       : {}),
-    onEchoedSecret: () => deps.log.warn("upstream_echoed_secret", { upstream_status: opened.status, in_body: true, in_headers: false }),
   });
   metering.upstreamMs = deps.clock() - started;
   if (!outcome.started) metering.clientDisconnected = outcome.clientDisconnected || undefined;
@@ -1089,7 +1084,7 @@ async function streamResponse(
       deps.log.warn("response_context_not_recorded", { request_id: call.requestId, customer_id: customer.customerId, error: describeError(err) });
     });
   }
-  return { statusCode: 200, headers, body: "" };
+  return { statusCode: 200, headers: { ...SSE_HEADERS, "x-request-id": call.requestId }, body: "" };
 }
 
 /**
