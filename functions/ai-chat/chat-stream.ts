@@ -100,15 +100,19 @@ export class StreamText {
   /** Bytes of all text seen: for `isPlausibleUsage`. */
   relayedBytes = 0;
   eventText = "";
+  /** The current event's new text per key: what a client concatenates per item or choice (see SplitSecretGuard). */
+  readonly eventTexts = new Map<string, string>();
 
-  /** Starts a new event's `eventText`. */
+  /** Starts a new event's `eventText` and `eventTexts`. */
   beginEvent(): void {
     this.eventText = "";
+    this.eventTexts.clear();
   }
 
   append(key: string, value: unknown): void {
     if (typeof value !== "string" || value === "") return;
     this.eventText += value;
+    this.eventTexts.set(key, (this.eventTexts.get(key) ?? "") + value);
     const bytes = Buffer.byteLength(value, "utf8");
     this.relayedBytes += bytes;
     if (this.talliedChars + value.length > MAX_TALLIED_CHARS) {
@@ -145,14 +149,23 @@ export class StreamText {
   }
 }
 
+/** Most text keys whose recent text a SplitSecretGuard keeps; the least recently written are forgotten first. */
+export const MAX_GUARDED_KEYS = 1024;
+/** Most characters a SplitSecretGuard holds back; past it the hold is released (a prefix is not the secret). */
+export const MAX_HELD_CHARS = 256 * 1024;
+
 /**
- * Holds back what could be part of a secret split across events (each event is redacted on its own): the last few
- * characters plus the new text are checked; an event whose text ends like the start of a secret is held until the
- * next one shows whether it completes.
+ * Holds back what could be part of a secret split across events (each event is redacted on its own). The last few
+ * characters are kept for the stream as a whole and per text key (one output item's part in responses, one choice's
+ * field in chat: what a client concatenates), since a secret can be split across deltas of one item with another
+ * item's delta between them. The new text is checked against each window; while any window ends like the start of a
+ * secret, events are held until the next text shows whether it completes (bounded by MAX_HELD_CHARS).
  */
 export class SplitSecretGuard {
   private readonly windowLength: number;
   private recentText = "";
+  private readonly recentByKey = new Map<string, string>();
+  private readonly pendingKeys = new Set<string>();
   private held = "";
 
   constructor(private readonly redactor: SecretRedactor) {
@@ -160,22 +173,47 @@ export class SplitSecretGuard {
   }
 
   /**
-   * What may go out now of one event's forwarded `text` whose new generated text is `eventText`; undefined when
-   * the window holds a secret (nothing of it may go out: the stream must fail).
+   * What may go out now of one event's forwarded `text` whose new generated text is `eventText` (per key:
+   * `eventTexts`); undefined when a window holds a secret (nothing of it may go out: the stream must fail).
    */
-  pass(text: string, eventText: string): string | undefined {
-    if (this.windowLength === 0 || eventText === "") return this.release(text);
-    const window = this.recentText + eventText;
-    this.recentText = window.slice(-this.windowLength);
-    if (this.redactor.containsSecret(window)) {
-      this.held = "";
-      return undefined;
+  pass(text: string, eventText: string, eventTexts?: ReadonlyMap<string, string>): string | undefined {
+    if (this.windowLength === 0) return this.release(text);
+    let hold = false;
+    if (eventText !== "") {
+      const window = this.recentText + eventText;
+      this.recentText = window.slice(-this.windowLength);
+      if (this.redactor.containsSecret(window)) return this.fail();
+      hold = this.redactor.endsWithSecretPrefix(window);
     }
-    if (this.redactor.endsWithSecretPrefix(window)) {
-      this.held += text;
-      return "";
+    for (const [key, added] of eventTexts ?? []) {
+      if (added === "") continue;
+      const window = (this.recentByKey.get(key) ?? "") + added;
+      // Re-inserted so the Map's order is least recently written first.
+      this.recentByKey.delete(key);
+      this.recentByKey.set(key, window.slice(-this.windowLength));
+      if (this.redactor.containsSecret(window)) return this.fail();
+      if (this.redactor.endsWithSecretPrefix(window)) this.pendingKeys.add(key);
+      else this.pendingKeys.delete(key);
+    }
+    for (const key of this.recentByKey.keys()) {
+      if (this.recentByKey.size <= MAX_GUARDED_KEYS) break;
+      this.recentByKey.delete(key);
+      this.pendingKeys.delete(key);
+    }
+    if (hold || this.pendingKeys.size > 0) {
+      if (this.held.length + text.length <= MAX_HELD_CHARS) {
+        this.held += text;
+        return "";
+      }
+      // An item that ended on a secret's first characters must not stall the rest of the stream for ever.
+      this.pendingKeys.clear();
     }
     return this.release(text);
+  }
+
+  private fail(): undefined {
+    this.held = "";
+    return undefined;
   }
 
   /** Held-back text plus `text`, releasing the hold. */
@@ -340,7 +378,7 @@ export async function relayChatStream(options: RelayOptions): Promise<RelayOutco
 
   /** What may go out now of one event's text, holding back (or refusing) what could be part of a split secret. */
   const guard = (text: string): string => {
-    const out = secretGuard.pass(text, seen.eventText);
+    const out = secretGuard.pass(text, seen.eventText, seen.eventTexts);
     if (out !== undefined) return out;
     options.onEchoedSecret?.();
     failure = new StreamFailedError("The upstream model server's answer contained a secret of this service; it was not sent.", "upstream_echoed_secret", "api_error");

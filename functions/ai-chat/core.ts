@@ -37,13 +37,14 @@ import {
   toErrorResponse,
 } from "./errors";
 import { relayChatStream } from "./chat-stream";
-import { estimateEmbeddingsInputTokens, extractEmbeddingsUsage, parseEmbeddingsRequest } from "./embeddings";
+import { estimateEmbeddingsInputTokens, extractEmbeddingsUsage, isPlausibleEmbeddingsUsage, parseEmbeddingsRequest } from "./embeddings";
 import {
   estimateResponsesInputTokens,
   estimateResponsesUsage,
   extractResponsesUsage,
   parseResponsesRequest,
   responsesOutputTextBytes,
+  unknowableInput,
   type ResponsesRequest,
 } from "./responses";
 import { relayResponsesStream } from "./responses-stream";
@@ -840,7 +841,8 @@ async function createEmbeddings(request: ProxyRequest, customer: Customer, call:
     // A 2xx without `data` delivered no embeddings, so it is not billed.
     if (!isRecord(json) || !Array.isArray(json.data)) throw new UpstreamError("The upstream model server returned a response that is not an embeddings list.", "upstream_bad_response");
     const extracted = extractEmbeddingsUsage(json);
-    const reported = extracted && extracted.prompt_tokens > 0 ? extracted : undefined;
+    // A count below one token per input, or per 128 bytes of input, cannot be true: estimated instead.
+    const reported = extracted && isPlausibleEmbeddingsUsage(extracted, embeddings) ? extracted : undefined;
     const usage = reported ?? { prompt_tokens: estimateInput(), completion_tokens: 0, total_tokens: estimateInput() };
     billAnswer(call, usage, !reported, json, price ? plan?.pricing : undefined, embeddings.model);
     return { statusCode: upstream.status, headers: { ...JSON_HEADERS }, body: upstream.text };
@@ -939,7 +941,18 @@ async function createResponse(request: ProxyRequest, customer: Customer, call: U
   const price = allowedPrice(plan, input.model);
   const dearest = routedPrice(plan, price, forwarded);
   const prepaid = billingOf(plan) === "prepaid" && !!price;
-  if (prepaid) forwarded = withoutLimitAliases(call, forwarded, RESPONSES_OUTPUT_LIMIT_ALIASES);
+  if (prepaid) {
+    // The hold must cover the whole input before the upstream reads it: a file fetched by URL is sized only then.
+    const unknowable = unknowableInput(input);
+    if (unknowable !== undefined) {
+      throw new BadRequestError(
+        `Prepaid plans cannot reserve for an input whose size is only known after the answer (${unknowable}: a file by URL); send the file inline as file_data.`,
+        unknowable,
+        "unsupported_parameter",
+      );
+    }
+    forwarded = withoutLimitAliases(call, forwarded, RESPONSES_OUTPUT_LIMIT_ALIASES);
+  }
 
   let previousContext = 0;
   if (typeof input.previous_response_id === "string") {

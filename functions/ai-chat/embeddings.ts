@@ -6,7 +6,7 @@
 import { isRecord } from "./config";
 import { BadRequestError } from "./errors";
 import { MAX_MODEL_NAME_CHARS, checkFieldTypes, checkModel, isPositiveInteger, isString, parseJsonBody, type FieldTypes, type RequestFacts } from "./validate";
-import { TokenTally, encodingForModel, isCount, type TokenUsage } from "./usage";
+import { MAX_TOKEN_BYTES, TokenTally, encodingForModel, isCount, type TokenUsage } from "./usage";
 
 /** A validated embeddings request. Unknown fields pass through to the upstream untouched. */
 export interface EmbeddingsRequest {
@@ -101,4 +101,25 @@ export function extractEmbeddingsUsage(body: unknown): TokenUsage | undefined {
   const prompt = body.usage.prompt_tokens;
   if (!isCount(prompt)) return undefined;
   return { prompt_tokens: prompt, completion_tokens: 0, total_tokens: prompt };
+}
+
+/**
+ * Whether an upstream's reported embeddings usage can be true of `request`: every input is at least one token, and
+ * no token is longer than MAX_TOKEN_BYTES (the loose bound `isPlausibleUsage` uses for chat), so `prompt_tokens` is
+ * at least the number of inputs and at least ceil(input bytes / MAX_TOKEN_BYTES) for text; for token ids it is at
+ * least their number. An implausible usage is estimated instead of believed (an upstream reporting 1 token for 2048
+ * long inputs would otherwise bill 1 token).
+ */
+export function isPlausibleEmbeddingsUsage(usage: TokenUsage, request: EmbeddingsRequest): boolean {
+  const input: unknown = request.input;
+  const items: unknown[] = Array.isArray(input) ? input : [input];
+  let textBytes = 0;
+  let ids = 0;
+  for (const item of items) {
+    if (typeof item === "string") textBytes += Buffer.byteLength(item, "utf8");
+    else if (Array.isArray(item)) ids += item.length;
+    else if (typeof item === "number") ids += 1;
+  }
+  const floor = Math.max(items.length, ids + Math.ceil(textBytes / MAX_TOKEN_BYTES));
+  return usage.prompt_tokens >= floor;
 }

@@ -220,7 +220,7 @@ export async function relayResponsesStream(options: ResponsesRelayOptions): Prom
           await record(responseId);
           if (failure || stopper.reason) break;
         }
-        const passed = secretGuard.pass(text, seen.eventText);
+        const passed = secretGuard.pass(text, seen.eventText, seen.eventTexts);
         if (passed === undefined) {
           options.onEchoedSecret?.();
           failure = new StreamFailedError("The upstream model server's answer contained a secret of this service; it was not sent.", "upstream_echoed_secret", "api_error");

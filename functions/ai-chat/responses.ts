@@ -7,8 +7,10 @@
 import { isRecord } from "./config";
 import { BadRequestError } from "./errors";
 import {
+  BUILT_IN_TOOLS_REASON,
   MAX_MODEL_NAME_CHARS,
   checkFieldTypes,
+  checkServiceTier,
   checkModel,
   isArray,
   isBoolean,
@@ -18,6 +20,7 @@ import {
   isPositiveInteger,
   isString,
   parseJsonBody,
+  storedObjectRefused,
   type FieldTypes,
   type RequestFacts,
 } from "./validate";
@@ -94,6 +97,11 @@ export function parseResponsesRequest(raw: Buffer, maxBytes: number, contentType
   checkModel(body, MAX_MODEL_NAME_CHARS);
   checkInput(body.input);
   checkFieldTypes(body, RESPONSES_FIELD_TYPES);
+  checkServiceTier(body);
+  checkTools(body);
+  if (body.prompt !== undefined && body.prompt !== null) {
+    throw new BadRequestError(storedObjectRefused("A stored prompt (`prompt`)"), "prompt", "unsupported_parameter");
+  }
   if (body.background === true) {
     throw new BadRequestError(
       "Background responses (background: true) are not supported by this service: their usage would only be known after this request ended.",
@@ -117,7 +125,53 @@ export function parseResponsesRequest(raw: Buffer, maxBytes: number, contentType
   return { request: body as ResponsesRequest, text };
 }
 
-/** `input`: absent, null, a string, or an array whose items are objects; a message's content is text or typed parts. */
+/**
+ * Tool types a caller may send: tools the caller's own code runs, which cost tokens only. Every other type is an
+ * OpenAI built-in billed per call (see `BUILT_IN_TOOLS_REASON`); an allow-list, as new built-ins appear often.
+ */
+export const ALLOWED_TOOL_TYPES: ReadonlySet<string> = new Set(["function", "custom"]);
+
+/**
+ * `tools[i].type` in `ALLOWED_TOOL_TYPES` (400 param `tools[i].type`); a `tool_choice` object naming a type outside
+ * it, or an `allowed_tools` choice listing one, is refused the same way (400 param `tool_choice`). Built-ins also
+ * carry project-scoped ids (containers, vector stores), so refusing them covers those too.
+ */
+function checkTools(body: Record<string, unknown>): void {
+  const tools = body.tools;
+  if (Array.isArray(tools)) {
+    tools.forEach((tool, index) => {
+      const type = isRecord(tool) ? tool.type : undefined;
+      if (typeof type !== "string") throw new BadRequestError(`\`tools[${index}].type\` must be a string.`, `tools[${index}].type`, "invalid_type");
+      if (!ALLOWED_TOOL_TYPES.has(type)) throw builtInToolRefused(`tools[${index}].type`, type);
+    });
+  }
+  const choice = body.tool_choice;
+  if (!isRecord(choice)) return;
+  if (choice.type === "allowed_tools") {
+    const listed = Array.isArray(choice.tools) ? choice.tools : [];
+    for (const tool of listed) {
+      const type = isRecord(tool) ? tool.type : undefined;
+      if (typeof type !== "string" || !ALLOWED_TOOL_TYPES.has(type)) throw builtInToolRefused("tool_choice", String(type));
+    }
+    return;
+  }
+  if (typeof choice.type !== "string" || !ALLOWED_TOOL_TYPES.has(choice.type)) throw builtInToolRefused("tool_choice", String(choice.type));
+}
+
+function builtInToolRefused(param: string, type: string): BadRequestError {
+  const shown = type.length > 64 ? `${type.slice(0, 64)}…` : type;
+  return new BadRequestError(`The tool type "${shown}" is not supported by this service (only "function" and "custom"): ${BUILT_IN_TOOLS_REASON}`, param, "unsupported_parameter");
+}
+
+/** A `file_id` that is present (not absent or null): an uploaded file of the shared project. */
+const hasFileId = (value: unknown): boolean => isRecord(value) && value.file_id !== undefined && value.file_id !== null;
+
+/**
+ * `input`: absent, null, a string, or an array whose items are objects; a message's content is text or typed parts.
+ * Ids of stored objects are refused (400 `unsupported_parameter`, see `storedObjectRefused`): `item_reference` items
+ * (also written as an object with neither `type` nor `role`, as the API reads one), and a `file_id` on an item, on
+ * its `output` object (a computer screenshot), or on a part of its `content` or `output` (`input_file`, `input_image`).
+ */
 function checkInput(input: unknown): void {
   if (input === undefined || input === null || typeof input === "string") return;
   if (!Array.isArray(input)) throw new BadRequestError("`input` must be a string or an array of input items.", "input", "invalid_type");
@@ -127,6 +181,18 @@ function checkInput(input: unknown): void {
     if (!isRecord(item)) throw new BadRequestError(`\`input[${index}]\` must be an object.`, `input[${index}]`, "invalid_type");
     if (item.type !== undefined && typeof item.type !== "string") {
       throw new BadRequestError(`\`input[${index}].type\` must be a string.`, `input[${index}].type`, "invalid_type");
+    }
+    if (item.type === "item_reference" || (item.type === undefined && item.role === undefined)) {
+      throw new BadRequestError(storedObjectRefused("An item reference (`item_reference`)"), `input[${index}]`, "unsupported_parameter");
+    }
+    if (hasFileId(item)) throw new BadRequestError(storedObjectRefused("A file by `file_id`"), `input[${index}].file_id`, "unsupported_parameter");
+    if (hasFileId(item.output)) throw new BadRequestError(storedObjectRefused("A file by `file_id`"), `input[${index}].output.file_id`, "unsupported_parameter");
+    for (const field of ["content", "output"]) {
+      const parts = item[field];
+      if (!Array.isArray(parts)) continue;
+      parts.forEach((part, j) => {
+        if (hasFileId(part)) throw new BadRequestError(storedObjectRefused("A file by `file_id`"), `input[${index}].${field}[${j}].file_id`, "unsupported_parameter");
+      });
     }
     const isMessage = item.type === "message" || (item.type === undefined && item.role !== undefined);
     if (!isMessage) continue;
@@ -186,11 +252,41 @@ function inputItemTokens(item: unknown, model: string, tally: TokenTally): numbe
     case "reasoning":
       return partsTokens(item.summary, model, tally) + partsTokens(item.content, model, tally);
     case "item_reference":
-      // The referenced item is part of a stored response; its tokens are in that response's context.
+      // Refused by parseResponsesRequest (see checkInput); kept at 0 for requests built elsewhere.
       return 0;
+    case "computer_call_output":
+      // A screenshot is an image: by OpenAI's vision rules (the largest figure for a remote URL), not as URL text.
+      return isRecord(item.output) ? imageTokens({ url: typeof item.output.image_url === "string" ? item.output.image_url : "", detail: item.output.detail }, model) : 0;
     default:
       return tally.count(stringifyJson(item));
   }
+}
+
+/**
+ * The param path of the first part of `request.input` whose size the tokenizer cannot know, or undefined: an
+ * `input_file` by `file_url` (without `file_data`), which OpenAI fetches itself (a 300-page PDF counts as one page
+ * here). Other inputs are counted or bounded: inline files and audio by their size, images by OpenAI's vision rules
+ * (the largest figure for a remote URL); `file_id`, `item_reference` and `prompt` are refused by
+ * `parseResponsesRequest`. The core refuses what this names on prepaid plans, whose reservation must cover the request.
+ */
+export function unknowableInput(request: ResponsesRequest): string | undefined {
+  const input = request.input;
+  if (!Array.isArray(input)) return undefined;
+  for (let index = 0; index < input.length; index++) {
+    const item = input[index];
+    if (!isRecord(item)) continue;
+    for (const field of ["content", "output"]) {
+      const parts = item[field];
+      if (!Array.isArray(parts)) continue;
+      for (let j = 0; j < parts.length; j++) {
+        const part = parts[j];
+        if (isRecord(part) && part.type === "input_file" && typeof part.file_data !== "string" && part.file_url !== undefined && part.file_url !== null) {
+          return `input[${index}].${field}[${j}].file_url`;
+        }
+      }
+    }
+  }
+  return undefined;
 }
 
 /** A string as text; anything else (arguments sent as an object) as its JSON; absent as nothing. */

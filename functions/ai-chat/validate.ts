@@ -69,6 +69,14 @@ export function parseChatCompletionRequest(raw: Buffer, maxBytes: number, conten
   checkKnownFieldTypes(body);
   checkChoiceCount(body);
   checkStreamOptions(body);
+  checkServiceTier(body);
+  if (body.web_search_options !== undefined && body.web_search_options !== null) {
+    throw new BadRequestError(
+      `\`web_search_options\` is not supported by this service: ${BUILT_IN_TOOLS_REASON}`,
+      "web_search_options",
+      "unsupported_parameter",
+    );
+  }
   return { request: body as ChatCompletionRequest, text };
 }
 
@@ -216,6 +224,43 @@ function checkStreamOptions(body: Record<string, unknown>): void {
   }
 }
 
+/**
+ * Why built-in (hosted) tools are refused, for the messages that refuse them: OpenAI bills them per call or per session (web
+ * search and file search per 1,000 calls, code-interpreter containers, generated images; https://openai.com/api/pricing/),
+ * on top of tokens, and this service bills tokens only.
+ */
+export const BUILT_IN_TOOLS_REASON =
+  "built-in tools (web search, file search, code interpreter, image generation, MCP, computer use, …) are billed per call by OpenAI and this service does not meter them. Use function tools and run the tool yourself.";
+
+/**
+ * `service_tier` values that cost no more per token than the plan's price: `auto` and `default` are standard
+ * processing, `flex` is cheaper. `priority` costs more per token (e.g. gpt-4.1: $3.50 instead of $2.00 per million
+ * input tokens, https://openai.com/api-priority-processing/) and `scale` draws on reserved capacity the operator pays
+ * for separately; the plan prices neither, so both (and any value OpenAI adds later) are refused.
+ */
+export const ALLOWED_SERVICE_TIERS: ReadonlySet<string> = new Set(["auto", "default", "flex"]);
+
+/** `service_tier` absent, null, or one of `ALLOWED_SERVICE_TIERS` (400 param `service_tier` otherwise). */
+export function checkServiceTier(body: Record<string, unknown>): void {
+  const tier = body.service_tier;
+  if (tier === undefined || tier === null) return;
+  if (typeof tier === "string" && ALLOWED_SERVICE_TIERS.has(tier)) return;
+  throw new BadRequestError(
+    `\`service_tier\` must be "auto", "default" or "flex" on this service: other tiers (priority, scale) cost more per token than your plan's price.`,
+    "service_tier",
+    typeof tier === "string" ? "unsupported_parameter" : "invalid_type",
+  );
+}
+
+/**
+ * The message for an id of a stored OpenAI object (a file, a stored item, a prompt…) that the caller cannot own here:
+ * every customer shares the service's OpenAI project, which resolves such ids project-wide, and none of the APIs that
+ * create them is proxied, so the id can only be someone else's (or the operator's).
+ */
+export function storedObjectRefused(what: string): string {
+  return `${what} is not supported by this service: the objects such ids name live in the service's shared OpenAI project, which this service does not let callers create or reference. Send the content inline instead.`;
+}
+
 /** Content is a string, null, or an array of typed parts; `name` and `tool_call_id` are strings. */
 function checkMessageFields(messages: Array<Record<string, unknown>>): void {
   messages.forEach((message, index) => {
@@ -231,6 +276,15 @@ function checkMessageFields(messages: Array<Record<string, unknown>>): void {
         `messages[${index}].content`,
         "invalid_type",
       );
+    }
+    if (Array.isArray(content)) {
+      content.forEach((part, j) => {
+        // A file part by id names an upload in the shared project (the Files API is not proxied): see storedObjectRefused.
+        const file = (part as Record<string, unknown>).file;
+        if (isRecord(file) && file.file_id !== undefined && file.file_id !== null) {
+          throw new BadRequestError(storedObjectRefused("A file by `file_id`"), `messages[${index}].content[${j}].file.file_id`, "unsupported_parameter");
+        }
+      });
     }
     for (const field of ["name", "tool_call_id"]) {
       if (message[field] !== undefined && typeof message[field] !== "string") {

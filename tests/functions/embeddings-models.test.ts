@@ -67,6 +67,15 @@ describe("POST /v1/embeddings in the core", () => {
     expect(record.usage.completion_tokens).to.equal(0);
   });
 
+  it("does not believe a count below one token per input or per 128 bytes: estimates instead", async () => {
+    const h = harness(() => jsonResponse(200, embeddingsAnswer(1)));
+    const body = { model: MODEL, input: Array.from({ length: 20 }, (_, i) => `text number ${i} to embed, long enough to be several tokens`) };
+    await embed(h.deps, body);
+    const record = last(h.meter);
+    expect(record.usageEstimated).to.equal(true);
+    expect(record.usage.prompt_tokens).to.equal(estimateEmbeddingsInputTokens(body, MODEL)).and.be.greaterThan(20);
+  });
+
   it("answers 502 upstream_bad_response, unbilled, for a 2xx without a data list", async () => {
     const h = harness(() => jsonResponse(200, { object: "list", usage: { prompt_tokens: 3, total_tokens: 3 } }));
     const response = await embed(h.deps, { model: MODEL, input: "hi" });

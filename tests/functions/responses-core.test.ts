@@ -451,6 +451,16 @@ describe("Responses API in the core", () => {
       expect(p.store.reserved[1]).to.be.greaterThan(maxCostOf(estimate, CAP, PRICE) + (estimate + CAP - 1) * PRICE.input / 1_000_000);
     });
 
+    it("refuses, on a prepaid plan, an input file fetched by URL (its size is only known after the answer), without calling the upstream", async () => {
+      const p = await prepaid(1_000_000);
+      const input = [{ role: "user", content: [{ type: "input_text", text: "Summarise" }, { type: "input_file", file_url: "https://example.com/book.pdf" }] }];
+      const response = await send(p.deps, { input });
+      expect(response.statusCode).to.equal(400);
+      expect(JSON.parse(response.body).error).to.include({ code: "unsupported_parameter", param: "input[0].content[1].file_url" });
+      expect(p.upstream.requests).to.have.length(0);
+      expect(p.store.reserved).to.deep.equal([]);
+    });
+
     it("counts the previous response's context tokens in the reservation of a continuation", async () => {
       const p = await prepaid(1_000);
       await send(p.deps);

@@ -96,7 +96,8 @@ describe("parseResponsesRequest", () => {
     expectBadRequest(nested, "input[0]");
     const nestedContent = `{"model":"m","input":[{"role":"user","content":${"[".repeat(20000)}${"]".repeat(20000)}}]}`;
     expectBadRequest(nestedContent, "input[0].content");
-    const deepTools = `{"model":"m","input":"x","tools":[${"[".repeat(20000)}${"]".repeat(20000)}]}`;
+    expectBadRequest(`{"model":"m","input":"x","tools":[${"[".repeat(20000)}${"]".repeat(20000)}]}`, "tools[0].type");
+    const deepTools = `{"model":"m","input":"x","tools":[{"type":"function","name":"f","parameters":${"[".repeat(20000)}${"]".repeat(20000)}}]}`;
     const parsed = parse(deepTools);
     expect(estimateResponsesInputTokens(parsed.request, "gpt-4o")).to.be.greaterThan(0);
 
