@@ -426,6 +426,7 @@ function parseCustomers(raw: unknown, plans: Record<string, PlanConfig>): Record
   if (raw === undefined || raw === null) return {};
   if (!isRecord(raw)) throw new StackConfigError("customers", "must be a map of customer id → {plan, stripeCustomerId}");
   const customers: Record<string, CustomerConfig> = {};
+  const byStripeId = new Map<string, string>();
   for (const [id, customer] of Object.entries(raw)) {
     const key = `customers.${id}`;
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(id)) throw new StackConfigError(key, "customer ids use letters, digits, '-' and '_' only");
@@ -439,6 +440,13 @@ function parseCustomers(raw: unknown, plans: Record<string, PlanConfig>): Record
     }
     if (customer.stripeCustomerId !== undefined && (typeof customer.stripeCustomerId !== "string" || customer.stripeCustomerId === "")) {
       throw new StackConfigError(`${key}.stripeCustomerId`, "must be a Stripe customer id such as cus_123");
+    }
+    // Stripe's events name a Stripe customer: shared by two customers, a credit purchase (and Moesif's company) could
+    // land on either of them.
+    if (typeof customer.stripeCustomerId === "string") {
+      const other = byStripeId.get(customer.stripeCustomerId);
+      if (other !== undefined) throw new StackConfigError(`${key}.stripeCustomerId`, `${customer.stripeCustomerId} is already customer "${other}"'s; each customer needs its own Stripe customer`);
+      byStripeId.set(customer.stripeCustomerId, id);
     }
     if (customer.status !== undefined && !(CUSTOMER_STATUSES as readonly unknown[]).includes(customer.status)) {
       throw new StackConfigError(`${key}.status`, `must be "active" or "suspended" (got ${JSON.stringify(customer.status)})`);

@@ -206,6 +206,12 @@ describe("stack config (infra/stack-config.ts)", () => {
       expect(parse({ ledgerDeletionProtection: "false", forwarderReservedConcurrency: "5" })).to.include({ ledgerDeletionProtection: false, forwarderReservedConcurrency: 5 });
     });
 
+    it("refuses one Stripe customer id for two customers (a credit purchase could land on either)", () => {
+      const customers = { acme: { plan: "paid", stripeCustomerId: "cus_shared" }, globex: { plan: "paid", stripeCustomerId: "cus_shared" } };
+      expect(refusal({ ...billing, customers })).to.match(/"metered-ai-api:customers\.globex\.stripeCustomerId": cus_shared is already customer "acme"'s/);
+      expect(Object.keys(parse({ ...billing, customers: { ...customers, globex: { plan: "paid", stripeCustomerId: "cus_globex" } } }).customers)).to.deep.equal(["acme", "globex"]);
+    });
+
     it("accepts only moesif or meters, never both", () => {
       expect(parse({ stripeBilling: "meters" }).stripeBilling).to.equal("meters");
       expect(refusal({ stripeBilling: "both" })).to.match(/"metered-ai-api:stripeBilling": must be "moesif".*or "meters"/);
