@@ -18,6 +18,7 @@
  * (`createLedgerDocumentClient`). Every failure rejects with `CustomerStoreError`, whose message names the operation
  * and DynamoDB's error, never a secret.
  */
+import { boundedCall } from "./bounded-call";
 import { GetCommand, QueryCommand, ScanCommand, UpdateCommand, type DynamoDBDocumentClient, type QueryCommandOutput, type ScanCommandOutput } from "@aws-sdk/lib-dynamodb";
 import {
   ACCOUNT_ITEM_PREFIX,
@@ -610,24 +611,13 @@ export class DynamoCustomerStore implements CustomerStore {
    * Runs `work` with an abort signal that fires at the timeout, and rejects at the timeout even if the SDK call
    * ignores the signal. Every failure becomes a `CustomerStoreError`.
    */
-  private async bounded<T>(operation: string, work: (signal: AbortSignal) => Promise<T>): Promise<T> {
-    const controller = new AbortController();
-    let timer: NodeJS.Timeout | undefined;
-    const deadline = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        const err = new CustomerStoreError(`customer store ${operation} failed: no answer within ${this.timeoutMs} ms`);
-        controller.abort(err);
-        reject(err);
-      }, this.timeoutMs);
-      timer.unref?.();
-    });
-    try {
-      return await Promise.race([work(controller.signal), deadline]);
-    } catch (err) {
-      throw storeError(operation, err);
-    } finally {
-      clearTimeout(timer);
-    }
+  private bounded<T>(operation: string, work: (signal: AbortSignal) => Promise<T>): Promise<T> {
+    return boundedCall(
+      this.timeoutMs,
+      work,
+      () => new CustomerStoreError(`customer store ${operation} failed: no answer within ${this.timeoutMs} ms`),
+      (err) => storeError(operation, err),
+    );
   }
 }
 

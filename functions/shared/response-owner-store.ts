@@ -13,6 +13,7 @@
  * (as `index.ts` keeps the customers table's SDK off the cold start of a function without that table).
  */
 import type { DynamoDBDocumentClient } from "@aws-sdk/lib-dynamodb";
+import { boundedCall } from "./bounded-call";
 import {
   RESPONSE_OWNERS_KEY,
   RESPONSE_OWNERS_TTL_ATTRIBUTE,
@@ -151,25 +152,13 @@ export class DynamoResponseOwners implements ResponseOwners {
    * Runs `work` with an abort signal that fires at the timeout, and rejects at the timeout even if the SDK call
    * ignores the signal. Every failure becomes a `ResponseOwnersError` naming the operation and DynamoDB's error.
    */
-  private async bounded<T>(operation: string, work: (signal: AbortSignal) => Promise<T>): Promise<T> {
-    const controller = new AbortController();
-    let timer: NodeJS.Timeout | undefined;
-    const deadline = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        const err = new ResponseOwnersError(`response owners ${operation} failed: no answer within ${this.timeoutMs} ms`);
-        controller.abort(err);
-        reject(err);
-      }, this.timeoutMs);
-      timer.unref?.();
-    });
-    try {
-      return await Promise.race([work(controller.signal), deadline]);
-    } catch (err) {
-      if (err instanceof ResponseOwnersError) throw err;
-      throw new ResponseOwnersError(`response owners ${operation} failed: ${describe(err)}`, { cause: err });
-    } finally {
-      clearTimeout(timer);
-    }
+  private bounded<T>(operation: string, work: (signal: AbortSignal) => Promise<T>): Promise<T> {
+    return boundedCall(
+      this.timeoutMs,
+      work,
+      () => new ResponseOwnersError(`response owners ${operation} failed: no answer within ${this.timeoutMs} ms`),
+      (err) => (err instanceof ResponseOwnersError ? err : new ResponseOwnersError(`response owners ${operation} failed: ${describe(err)}`, { cause: err })),
+    );
   }
 }
 
