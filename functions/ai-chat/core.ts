@@ -480,7 +480,7 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   const { deps, metering } = call;
   const parsed = inspectBody(metering, (facts) => parseChatCompletionRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts));
   const { request: chat } = parsed;
-  let { forwarded, body } = withoutMockDirectives(deps, chat, parsed.text);
+  let forwarded = withoutMockDirectives(deps, chat);
   metering.requestBody = forwarded;
 
   const plan = metering.plan;
@@ -492,10 +492,6 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   // The plan's output cap goes upstream, so the upstream cannot produce more than a prepaid request reserved.
   const capped = capOutputTokens(forwarded, outputCapOf(plan));
   if (capped.changed) forwarded = capped.request;
-  // Always what was parsed, never the caller's text: `JSON.parse` keeps the last of duplicate keys and an upstream
-  // parser may keep the first, so the text could name another model, limit or response id than the one checked,
-  // priced and reserved for. Fields this proxy does not know still pass through (re-serialised).
-  body = stringifyJson(forwarded);
   metering.requestBody = forwarded;
   if (prepaid) {
     const estimated: EstimatedRequest = { ...forwarded, messages: chat.messages };
@@ -508,6 +504,11 @@ async function chatCompletion(request: ProxyRequest, customer: Customer, call: U
   }
 
   if (chat.stream === true) return streamChatCompletion(call, forwarded, chat.messages, chat.model, price ? plan?.pricing : undefined);
+
+  // Always what was parsed, never the caller's text: `JSON.parse` keeps the last of duplicate keys and an upstream
+  // parser may keep the first, so the text could name another model, limit or response id than the one checked,
+  // priced and reserved for. Fields this proxy does not know still pass through (re-serialised).
+  const body = stringifyJson(forwarded);
 
   const upstream = await callUpstream(call, { method: "POST", path: "/chat/completions", body });
   if (upstream.status >= 200 && upstream.status < 300) {
@@ -539,11 +540,14 @@ function inspectBody<T>(metering: Metering, parse: (facts: RequestFacts) => T): 
   }
 }
 
-/** The request without the built-in model server's `mock` directives, which would make a real upstream answer 400 (unknown field). */
-function withoutMockDirectives<T extends Record<string, unknown>>(deps: CoreDeps, parsed: T, text: string): { forwarded: Record<string, unknown>; body: string } {
-  if (!Object.prototype.hasOwnProperty.call(parsed, "mock") || deps.config.forwardMockDirectives) return { forwarded: parsed, body: text };
+/**
+ * The request without the built-in model server's `mock` directives, which would make a real upstream answer 400
+ * (unknown field). The body sent upstream is always serialised from this (never the caller's text).
+ */
+function withoutMockDirectives<T extends Record<string, unknown>>(deps: CoreDeps, parsed: T): Record<string, unknown> {
+  if (!Object.prototype.hasOwnProperty.call(parsed, "mock") || deps.config.forwardMockDirectives) return parsed;
   const { mock: _mock, ...rest } = parsed;
-  return { forwarded: rest, body: stringifyJson(rest) };
+  return rest;
 }
 
 /**
@@ -825,7 +829,7 @@ async function createEmbeddings(request: ProxyRequest, customer: Customer, call:
   const { deps, metering } = call;
   const parsed = inspectBody(metering, (facts) => parseEmbeddingsRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts));
   const embeddings = parsed.request;
-  const { forwarded } = withoutMockDirectives(deps, embeddings, parsed.text);
+  const forwarded = withoutMockDirectives(deps, embeddings);
   metering.requestBody = forwarded;
   const plan = metering.plan;
   const price = allowedPrice(plan, embeddings.model);
@@ -931,11 +935,8 @@ async function createResponse(request: ProxyRequest, customer: Customer, call: U
   const { deps, metering } = call;
   const parsed = inspectBody(metering, (facts) => parseResponsesRequest(request.body, deps.config.maxRequestBytes, request.headers["content-type"], facts));
   const input = parsed.request;
-  let { forwarded, body } = withoutMockDirectives(deps, input, parsed.text);
+  let forwarded = withoutMockDirectives(deps, input);
   metering.requestBody = forwarded;
-  // Refused here as well as by validation: each would deliver work this function cannot meter or cannot attribute.
-  if (input.background === true) throw new BadRequestError("Background responses (background: true) are not supported by this service: their usage would only be known after this request ended.", "background");
-  if (input.conversation !== undefined && input.conversation !== null) throw new BadRequestError("Conversations (conversation) are not supported by this service; continue a response with previous_response_id.", "conversation");
 
   const plan = metering.plan;
   const price = allowedPrice(plan, input.model);
@@ -965,7 +966,7 @@ async function createResponse(request: ProxyRequest, customer: Customer, call: U
   if (capped.changed) forwarded = capped.request;
   // What was parsed, never the caller's text: with duplicate keys an upstream that keeps the first could continue
   // another customer's `previous_response_id` or ignore the cap (see `chatCompletion`).
-  body = stringifyJson(forwarded);
+  const body = stringifyJson(forwarded);
   metering.requestBody = forwarded;
   const estimated = forwarded as ResponsesRequest;
   // The previous response's input and output go to the model again as this request's input.
