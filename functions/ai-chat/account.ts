@@ -306,7 +306,7 @@ export interface UsagePeriodBounds {
 }
 
 /** The period the counters are kept in: the plan's quota period, or the calendar month (UTC) without one. */
-export function usagePeriodOf(plan: Plan | undefined, now: number): UsagePeriodBounds {
+export function usagePeriodOf(plan: { quota?: { limit?: number; period: QuotaPeriod; offset: number } } | undefined, now: number): UsagePeriodBounds {
   const { period, offset } = plan?.quota ?? DEFAULT_USAGE_PERIOD;
   const start = quotaPeriodStart(period, offset, now);
   const [year, month, day] = start.split("-").map(Number);

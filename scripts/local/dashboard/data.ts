@@ -11,10 +11,10 @@
  */
 import { ScanCommand, type DynamoDBDocumentClient, type ScanCommandOutput } from "@aws-sdk/lib-dynamodb";
 import type { CustomerAccount, CustomerStore } from "../../../functions/shared/customer-port";
-import { DEFAULT_USAGE_PERIOD } from "../../../functions/shared/customer-schema";
 import { SINKS, UNDELIVERED_INDEX, type LedgerItem, type SinkName } from "../../../functions/shared/ledger-schema";
 import { formatMicros } from "../../../functions/shared/pricing";
-import { quotaPeriodStart, type QuotaPeriod } from "../../../functions/shared/quota-period";
+import type { QuotaPeriod } from "../../../functions/shared/quota-period";
+import { usagePeriodOf } from "../../../functions/ai-chat/account";
 import type { PlanConfig } from "../../../infra/stack-config";
 import { creditRows } from "../../credits";
 import { deliveryMarks, type DeliveryMarks } from "../../reconcile";
@@ -182,8 +182,8 @@ export function bucketStarts(since: number, until: number, bucket: Bucket): numb
 
 /** The usage period the function keeps a plan's counters in (its quota period, else the calendar month). */
 export function usagePeriodStart(plan: DashboardPlan | undefined, now: number): { period: QuotaPeriod; start: string } {
-  const { period, offset } = plan?.quota ?? DEFAULT_USAGE_PERIOD;
-  return { period, start: quotaPeriodStart(period, offset, now) };
+  const { type, start } = usagePeriodOf(plan, now);
+  return { period: type, start };
 }
 
 const own = <T>(record: Record<string, T>, key: string | null | undefined): T | undefined =>
